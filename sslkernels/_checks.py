@@ -1,0 +1,184 @@
+"""Argument validation shared by every public op: one place for the error messages.
+
+Public functions validate once at the boundary; implementations assume valid input. Value checks on
+tensors (temperature > 0, targets in range) cost one small host sync; they are skipped while a CUDA
+graph is being captured, where a sync is illegal.
+"""
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Optional, Sequence, Union
+
+import torch
+
+REDUCTIONS = ("mean", "sum", "none")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+Scalar = Union[float, torch.Tensor]
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def tensor(x, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def features(x, name: str, *, ndim: int = 2, min_rows: int = 1) -> torch.Tensor:
+    """A floating-point feature tensor with ``ndim`` dims and at least ``min_rows`` rows and one column."""
+    tensor(x, name)
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor (float16/bfloat16/float32/float64), got {x.dtype}")
+    if x.dim() != ndim:
+        want = "[N, D]" if ndim == 2 else f"{ndim}-d"
+        raise ValueError(f"{name} must be {want}, got shape {tuple(x.shape)}")
+    if x.shape[0] < min_rows:
+        what = "is empty (0 rows)" if x.shape[0] == 0 else f"has {x.shape[0]} rows"
+        raise ValueError(f"{name} {what}; at least {min_rows} needed")
+    if ndim == 2 and x.shape[1] == 0:
+        raise ValueError(f"{name} has feature dimension 0")
+    return x
+
+
+def same_device(*named: tuple) -> None:
+    """``named`` are (name, tensor) pairs; all tensors must share one device."""
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t is not None and t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; move them to one device")
+
+
+def same_dtype(*named: tuple) -> None:
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.dtype != first.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; cast them to one dtype")
+
+
+def same_dim(a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor) -> None:
+    if a.shape[-1] != b.shape[-1]:
+        raise ValueError(f"{b_name} has feature dimension {b.shape[-1]} but {a_name} has {a.shape[-1]}")
+
+
+def same_shape(a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{b_name} has shape {tuple(b.shape)} but {a_name} has {tuple(a.shape)}; they must match")
+
+
+def reduction(r) -> str:
+    if r not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {r!r}")
+    return r
+
+
+def positive_scalar(value, name: str, device: torch.device, *, per_row: Optional[int] = None) -> Scalar:
+    """A positive float, a 0-d floating tensor, or (``per_row=N``) a 1-d tensor of N positive values.
+
+    Returns a Python float or the tensor itself (kept as is so it receives a gradient).
+    """
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a float or a floating-point tensor, got bool")
+    if isinstance(value, Real):
+        v = float(value)
+        if not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{name} must be positive and finite, got {value!r}")
+        return v
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a float or a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    allowed = "a 0-d tensor" if per_row is None else f"a 0-d tensor or a 1-d tensor of length {per_row}"
+    if value.dim() == 1 and per_row is not None:
+        if value.shape[0] != per_row:
+            raise ValueError(f"{name} has length {value.shape[0]}; a per-anchor {name} needs one value per row ({per_row})")
+    elif value.dim() != 0:
+        raise ValueError(f"{name} must be {allowed}, got shape {tuple(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but the features are on {device}")
+    if not _capturing():
+        v = value.detach()
+        if not bool(torch.isfinite(v).all()) or not bool((v > 0).all()):
+            raise ValueError(f"{name} must be positive and finite, got {v.flatten()[:4].tolist()}")
+    return value
+
+
+def finite_scalar(value, name: str, device: torch.device) -> Scalar:
+    """A float or 0-d floating tensor of any sign (e.g. SigLIP's logit_bias)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a float or a floating-point tensor, got bool")
+    if isinstance(value, Real):
+        if not math.isfinite(float(value)):
+            raise ValueError(f"{name} must be finite, got {value!r}")
+        return float(value)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a float or a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    if value.dim() != 0:
+        raise ValueError(f"{name} must be a 0-d tensor, got shape {tuple(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but the features are on {device}")
+    return value
+
+
+def momentum(value, name: str = "momentum", device: Optional[torch.device] = None) -> Scalar:
+    """A float in [0, 1] or a 0-d floating tensor (read on the device: not checked by value, no sync)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a float or a 0-d tensor, got bool")
+    if isinstance(value, Real):
+        v = float(value)
+        if not (0.0 <= v <= 1.0):
+            raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+        return v
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a float or a 0-d torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point() or value.dim() != 0:
+        raise ValueError(f"{name} must be a 0-d floating-point tensor, got {value.dtype} of shape {tuple(value.shape)}")
+    if device is not None and value.device != device and value.device.type != "cpu":
+        raise ValueError(f"{name} is on {value.device} but the tensors are on {device}")
+    return value
+
+
+def index_vector(idx, name: str, n: int, device: torch.device, *, upper: Optional[int] = None) -> torch.Tensor:
+    """An integer tensor of shape [n] (class labels, or targets in [0, upper) when ``upper`` is given)."""
+    tensor(idx, name)
+    if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor (e.g. torch.long), got {idx.dtype}")
+    if idx.dim() != 1 or idx.shape[0] != n:
+        raise ValueError(f"{name} must have shape [{n}] (one per row), got {tuple(idx.shape)}")
+    if idx.device != device:
+        raise ValueError(f"{name} is on {idx.device} but the features are on {device}")
+    if upper is not None and n and not _capturing():
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= upper:
+            raise ValueError(f"{name} must lie in [0, {upper}); got values in [{lo}, {hi}]")
+    return idx
+
+
+def tensor_list(xs, name: str) -> list:
+    if isinstance(xs, torch.Tensor):
+        raise TypeError(f"{name} must be an iterable of tensors (or an nn.Module), not a single tensor")
+    try:
+        out = list(xs)
+    except TypeError:
+        raise TypeError(f"{name} must be an iterable of tensors or an nn.Module, got {type(xs).__name__}") from None
+    for i, t in enumerate(out):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+    return out
+
+
+def ema_pairs(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
+    if len(targets) != len(sources):
+        raise ValueError(f"target has {len(targets)} tensors but source has {len(sources)}; they must pair up")
+    for i, (t, s) in enumerate(zip(targets, sources)):
+        if t.shape != s.shape:
+            raise ValueError(f"target[{i}] has shape {tuple(t.shape)} but source[{i}] has {tuple(s.shape)}")
+        if not t.is_floating_point() or not s.is_floating_point():
+            raise TypeError(f"target[{i}] and source[{i}] must be floating-point, got {t.dtype} and {s.dtype}")
+        if t.device != s.device:
+            raise ValueError(f"target[{i}] is on {t.device} but source[{i}] is on {s.device}")

@@ -1,0 +1,299 @@
+"""Public functional API (shared/API.md): validate arguments once, pick a backend, call the op.
+
+Every function takes ``backend=None`` ("auto" unless set_backend / SSLKERNELS_BACKEND say otherwise).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+from . import _checks as check
+from . import distributed as _dist
+from .backends import dispatch
+
+Scalar = Union[float, torch.Tensor]
+
+__all__ = [
+    "info_nce", "nt_xent", "clip_loss", "siglip_loss", "moco_loss", "supcon_loss",
+    "negative_cosine_similarity", "dino_loss", "update_center_", "sinkhorn_knopp",
+    "barlow_twins_loss", "vicreg_loss", "ema_update_", "similarity", "knn_topk", "rankme",
+]
+
+
+def _single_process(op: str, gather_distributed, distributed, process_group) -> None:
+    if _dist.requested(gather_distributed, distributed, process_group):
+        raise NotImplementedError(
+            f"{op}: gather_distributed / distributed='ring' across {_dist.world_size(process_group)} ranks is not "
+            "implemented yet; call it without them to get each rank's local loss")
+
+
+def _pair(a_name, a, b_name, b, *, same_rows: bool) -> None:
+    check.features(a, a_name)
+    check.features(b, b_name)
+    check.same_device((a_name, a), (b_name, b))
+    check.same_dtype((a_name, a), (b_name, b))
+    check.same_dim(a_name, a, b_name, b)
+    if same_rows and a.shape[0] != b.shape[0]:
+        raise ValueError(f"{b_name} has {b.shape[0]} rows but {a_name} has {a.shape[0]}; they must pair up row by row")
+
+
+# --------------------------------------------------------------------------------------- contrastive
+
+
+def info_nce(query, key, temperature: Scalar = 0.1, *, targets=None, symmetric: bool = False, decoupled: bool = False,
+             reduction: str = "mean", gather_distributed: bool = False, distributed: Optional[str] = None,
+             process_group=None, backend: Optional[str] = None) -> torch.Tensor:
+    """InfoNCE over logits = query @ key.T / τ (never materialized on the fused paths); see shared/API.md."""
+    _pair("query", query, "key", key, same_rows=False)
+    n, m = query.shape[0], key.shape[0]
+    temperature = check.positive_scalar(temperature, "temperature", query.device, per_row=n)
+    check.reduction(reduction)
+    if symmetric:
+        if targets is not None:
+            raise ValueError("targets must be None when symmetric=True (the positive of row i is column i)")
+        if n != m:
+            raise ValueError(f"symmetric=True needs as many keys as queries; query has {n} rows, key has {m}")
+    if targets is None:
+        if n != m:
+            raise ValueError(f"targets is None, so key must have as many rows as query ({n}), got {m}; "
+                             "pass targets to pick each query's positive")
+    else:
+        targets = check.index_vector(targets, "targets", n, query.device, upper=m)
+    if decoupled and m < 2:
+        raise ValueError("decoupled=True needs at least 2 keys: with the positive left out, 1 key leaves no negative")
+    _single_process("info_nce", gather_distributed, distributed, process_group)
+    impl = dispatch("info_nce", backend, query.device)
+    return impl(query, key, temperature, targets, bool(symmetric), bool(decoupled), reduction)
+
+
+def nt_xent(z1, z2, temperature: Scalar = 0.5, *, decoupled: bool = False, reduction: str = "mean",
+            gather_distributed: bool = False, distributed: Optional[str] = None, process_group=None,
+            backend: Optional[str] = None) -> torch.Tensor:
+    """SimCLR's NT-Xent over Z = cat([z1, z2]); the positive of row i is row (i + N) mod 2N."""
+    _pair("z1", z1, "z2", z2, same_rows=True)
+    temperature = check.positive_scalar(temperature, "temperature", z1.device)
+    check.reduction(reduction)
+    if decoupled and z1.shape[0] < 2:
+        raise ValueError("decoupled=True needs a batch of at least 2 pairs: with 1 pair there is no negative")
+    _single_process("nt_xent", gather_distributed, distributed, process_group)
+    impl = dispatch("nt_xent", backend, z1.device)
+    return impl(z1, z2, temperature, bool(decoupled), reduction)
+
+
+def clip_loss(image_features, text_features, logit_scale: Scalar, *, reduction: str = "mean",
+              gather_distributed: bool = False, distributed: Optional[str] = None, process_group=None,
+              backend: Optional[str] = None) -> torch.Tensor:
+    """CLIP's symmetric loss; ``logit_scale`` is already exponentiated (OpenCLIP passes logit_scale.exp())."""
+    _pair("image_features", image_features, "text_features", text_features, same_rows=True)
+    logit_scale = check.positive_scalar(logit_scale, "logit_scale", image_features.device)
+    check.reduction(reduction)
+    _single_process("clip_loss", gather_distributed, distributed, process_group)
+    impl = dispatch("clip_loss", backend, image_features.device)
+    return impl(image_features, text_features, logit_scale, reduction)
+
+
+def siglip_loss(image_features, text_features, logit_scale: Scalar, logit_bias: Scalar, *, reduction: str = "mean",
+                gather_distributed: bool = False, distributed: Optional[str] = None, process_group=None,
+                backend: Optional[str] = None) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss (OpenCLIP's SigLipLoss on one device)."""
+    _pair("image_features", image_features, "text_features", text_features, same_rows=True)
+    logit_scale = check.positive_scalar(logit_scale, "logit_scale", image_features.device)
+    logit_bias = check.finite_scalar(logit_bias, "logit_bias", image_features.device)
+    check.reduction(reduction)
+    _single_process("siglip_loss", gather_distributed, distributed, process_group)
+    impl = dispatch("siglip_loss", backend, image_features.device)
+    return impl(image_features, text_features, logit_scale, logit_bias, reduction)
+
+
+def moco_loss(query, key, queue, temperature: Scalar = 0.2, *, reduction: str = "mean",
+              gather_distributed: bool = False, distributed: Optional[str] = None, process_group=None,
+              backend: Optional[str] = None) -> torch.Tensor:
+    """MoCo v1/v2: positive q·k at index 0, the K rows of ``queue`` (a tensor or MemoryQueue) as negatives."""
+    if isinstance(queue, nn.Module) and hasattr(queue, "queue"):
+        queue = queue.queue
+    _pair("query", query, "key", key, same_rows=True)
+    check.features(queue, "queue")
+    check.same_device(("query", query), ("queue", queue))
+    check.same_dtype(("query", query), ("queue", queue))
+    check.same_dim("query", query, "queue", queue)
+    temperature = check.positive_scalar(temperature, "temperature", query.device)
+    check.reduction(reduction)
+    _single_process("moco_loss", gather_distributed, distributed, process_group)
+    impl = dispatch("moco_loss", backend, query.device)
+    return impl(query, key, queue, temperature, reduction)
+
+
+def supcon_loss(features, labels, temperature: Scalar = 0.1, *, reduction: str = "mean",
+                gather_distributed: bool = False, distributed: Optional[str] = None, process_group=None,
+                backend: Optional[str] = None) -> torch.Tensor:
+    """Supervised contrastive loss (L_out); anchors without a positive give 0 and leave the mean."""
+    check.features(features, "features")
+    labels = check.index_vector(labels, "labels", features.shape[0], features.device)
+    temperature = check.positive_scalar(temperature, "temperature", features.device)
+    check.reduction(reduction)
+    _single_process("supcon_loss", gather_distributed, distributed, process_group)
+    impl = dispatch("supcon_loss", backend, features.device)
+    return impl(features, labels, temperature, reduction)
+
+
+# --------------------------------------------------------------------------------- non-contrastive
+
+
+def negative_cosine_similarity(p, z, *, reduction: str = "mean", backend: Optional[str] = None) -> torch.Tensor:
+    """BYOL / SimSiam: −cos(p_i, z_i) with a stop-gradient on ``z``."""
+    _pair("p", p, "z", z, same_rows=True)
+    check.reduction(reduction)
+    return dispatch("negative_cosine_similarity", backend, p.device)(p, z, reduction)
+
+
+def dino_loss(student_output, teacher_output, center, *, student_temp: float = 0.1, teacher_temp: Scalar = 0.04,
+              n_global_crops: int = 2, reduction: str = "mean", backend: Optional[str] = None) -> torch.Tensor:
+    """DINO's cross-entropy between centred, sharpened teacher crops and every other student crop."""
+    check.features(student_output, "student_output")
+    check.features(teacher_output, "teacher_output")
+    check.tensor(center, "center")
+    check.same_device(("student_output", student_output), ("teacher_output", teacher_output), ("center", center))
+    check.same_dim("student_output", student_output, "teacher_output", teacher_output)
+    p = student_output.shape[1]
+    if center.numel() != p or center.dim() not in (1, 2):
+        raise ValueError(f"center must have shape [1, {p}] (or [{p}]), got {tuple(center.shape)}")
+    if isinstance(n_global_crops, bool) or not isinstance(n_global_crops, int) or n_global_crops < 1:
+        raise ValueError(f"n_global_crops must be a positive int, got {n_global_crops!r}")
+    t_rows, s_rows = teacher_output.shape[0], student_output.shape[0]
+    if t_rows % n_global_crops:
+        raise ValueError(f"teacher_output has {t_rows} rows, not a multiple of n_global_crops={n_global_crops}")
+    b = t_rows // n_global_crops
+    if s_rows % b:
+        raise ValueError(f"student_output has {s_rows} rows, not a multiple of the batch size {b} "
+                         f"(= teacher rows {t_rows} / n_global_crops {n_global_crops})")
+    if s_rows // b < 2 and n_global_crops >= s_rows // b:
+        raise ValueError("dino_loss needs at least one (teacher crop, student crop) pair with different crops; "
+                         f"got {s_rows // b} student crop(s) and {n_global_crops} teacher crop(s)")
+    student_temp = check.positive_scalar(student_temp, "student_temp", student_output.device)
+    if isinstance(student_temp, torch.Tensor):
+        raise TypeError("student_temp must be a float")
+    teacher_temp = check.positive_scalar(teacher_temp, "teacher_temp", student_output.device)
+    check.reduction(reduction)
+    impl = dispatch("dino_loss", backend, student_output.device)
+    return impl(student_output, teacher_output, center, student_temp, teacher_temp, n_global_crops, reduction)
+
+
+def update_center_(center, teacher_output, momentum: Scalar = 0.9, *, backend: Optional[str] = None) -> torch.Tensor:
+    """In place: center ← m·center + (1−m)·mean over rows of teacher_output (over all ranks when distributed)."""
+    check.tensor(center, "center")
+    check.features(teacher_output, "teacher_output")
+    check.same_device(("center", center), ("teacher_output", teacher_output))
+    if not center.is_floating_point():
+        raise TypeError(f"center must be a floating-point tensor, got {center.dtype}")
+    if center.numel() != teacher_output.shape[1]:
+        raise ValueError(f"center has {center.numel()} values but teacher_output has {teacher_output.shape[1]} columns")
+    momentum = check.momentum(momentum, device=center.device)
+    return dispatch("update_center_", backend, center.device)(center, teacher_output, momentum)
+
+
+def sinkhorn_knopp(scores, *, epsilon: float = 0.05, iterations: int = 3, backend: Optional[str] = None) -> torch.Tensor:
+    """SwAV / DINOv2 equipartition assignments (B×P, rows sum to 1), stable for any score range."""
+    check.features(scores, "scores")
+    epsilon = check.positive_scalar(epsilon, "epsilon", scores.device)
+    if isinstance(epsilon, torch.Tensor):
+        raise TypeError("epsilon must be a float")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+        raise ValueError(f"iterations must be a non-negative int, got {iterations!r}")
+    return dispatch("sinkhorn_knopp", backend, scores.device)(scores, epsilon, iterations)
+
+
+def barlow_twins_loss(z1, z2, lambda_offdiag: float = 5e-3, *, backend: Optional[str] = None) -> torch.Tensor:
+    """Barlow Twins: batch-normalized cross-correlation pushed to the identity."""
+    _pair("z1", z1, "z2", z2, same_rows=True)
+    if z1.shape[0] < 2:
+        raise ValueError("z1 needs at least 2 rows: Barlow Twins normalizes each feature over the batch")
+    return dispatch("barlow_twins_loss", backend, z1.device)(z1, z2, float(lambda_offdiag))
+
+
+def vicreg_loss(z1, z2, sim_weight: float = 25.0, var_weight: float = 25.0, cov_weight: float = 1.0, *,
+                backend: Optional[str] = None) -> torch.Tensor:
+    """VICReg: invariance (MSE) + variance hinge + covariance off-diagonal penalty."""
+    _pair("z1", z1, "z2", z2, same_rows=True)
+    if z1.shape[0] < 2:
+        raise ValueError("z1 needs at least 2 rows: VICReg's variance and covariance terms are over the batch")
+    return dispatch("vicreg_loss", backend, z1.device)(z1, z2, float(sim_weight), float(var_weight), float(cov_weight))
+
+
+# -------------------------------------------------------------------------------------- state ops
+
+BUFFER_MODES = ("copy", "ema", "skip")
+
+
+def _module_pairs(target: nn.Module, source: nn.Module, buffers: str):
+    """(ema targets, ema sources, copy targets, copy sources) for two modules of one architecture."""
+    if buffers not in BUFFER_MODES:
+        raise ValueError(f"buffers must be one of {BUFFER_MODES}, got {buffers!r}")
+    tp, sp = dict(target.named_parameters()), dict(source.named_parameters())
+    tb, sb = dict(target.named_buffers()), dict(source.named_buffers())
+    for kind, t, s in (("parameters", tp, sp), ("buffers", tb, sb)):
+        if t.keys() != s.keys():
+            missing = sorted(set(t) ^ set(s))[:4]
+            raise ValueError(f"target and source modules differ in {kind}: {missing}")
+    ema_t, ema_s = [tp[k] for k in tp], [sp[k] for k in tp]
+    copy_t, copy_s = [], []
+    for k in tb:
+        if tb[k].is_floating_point() and buffers == "ema":
+            ema_t.append(tb[k])
+            ema_s.append(sb[k])
+        elif not tb[k].is_floating_point() or buffers == "copy":
+            copy_t.append(tb[k])  # integer buffers (e.g. num_batches_tracked) are always copied
+            copy_s.append(sb[k])
+    return ema_t, ema_s, copy_t, copy_s
+
+
+@torch.no_grad()
+def ema_update_(target, source, momentum: Scalar, *, buffers: str = "copy", backend: Optional[str] = None) -> None:
+    """In place, for every pair: t ← m·t + (1 − m)·s. ``target``/``source``: tensor iterables or nn.Modules."""
+    if isinstance(target, nn.Module) or isinstance(source, nn.Module):
+        if not (isinstance(target, nn.Module) and isinstance(source, nn.Module)):
+            raise TypeError("target and source must both be nn.Modules or both be iterables of tensors")
+        targets, sources, copy_t, copy_s = _module_pairs(target, source, buffers)
+        for t, s in zip(copy_t, copy_s):
+            if t.shape != s.shape:
+                raise ValueError(f"a target buffer has shape {tuple(t.shape)} but its source has {tuple(s.shape)}")
+            t.copy_(s)
+    else:
+        targets, sources = check.tensor_list(target, "target"), check.tensor_list(source, "source")
+    check.ema_pairs(targets, sources)
+    if not targets:
+        return
+    device = targets[0].device
+    for i, t in enumerate(targets):
+        if t.device != device:
+            raise ValueError(f"target[{i}] is on {t.device} but target[0] is on {device}; ema_update_ takes one device")
+    momentum = check.momentum(momentum, device=device)
+    if isinstance(momentum, torch.Tensor) and momentum.device != device:
+        momentum = momentum.to(device)
+    dispatch("ema_update_", backend, device)([t.data for t in targets], [s.data for s in sources], momentum)
+
+
+# ----------------------------------------------------------------------------- similarity and eval
+
+
+def similarity(a, b, *, normalize: bool = True, backend: Optional[str] = None) -> torch.Tensor:
+    """Cosine (``normalize=True``) or dot-product similarity matrix a @ b.T."""
+    _pair("a", a, "b", b, same_rows=False)
+    return dispatch("similarity", backend, a.device)(a, b, bool(normalize))
+
+
+def knn_topk(query, bank, k: int = 20, *, normalize: bool = True, backend: Optional[str] = None):
+    """(values, indices) of the ``k`` most similar rows of ``bank`` per query, without the N×M matrix."""
+    _pair("query", query, "bank", bank, same_rows=False)
+    if isinstance(k, bool) or not isinstance(k, int) or not (1 <= k <= bank.shape[0]):
+        raise ValueError(f"k must be an int in [1, {bank.shape[0]}] (the bank's rows), got {k!r}")
+    return dispatch("knn_topk", backend, query.device)(query, bank, k, bool(normalize))
+
+
+def rankme(embeddings, eps: float = 1e-7, *, backend: Optional[str] = None) -> float:
+    """RankMe (Garrido et al. 2023): exp of the entropy of the normalized singular values."""
+    check.features(embeddings, "embeddings")
+    if not (isinstance(eps, (int, float)) and eps >= 0):
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    return dispatch("rankme", backend, embeddings.device)(embeddings, float(eps))
