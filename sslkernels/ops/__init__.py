@@ -13,4 +13,4 @@ _OPS = (
 for _name in _OPS:
     _register(_name, "torch")(getattr(_reference, _name))
 
-from . import knn_cpu  # noqa: E402,F401
+from . import contrastive_cpu, knn_cpu  # noqa: E402,F401
