@@ -223,6 +223,23 @@ def ema_update_(targets: List[torch.Tensor], sources: List[torch.Tensor], moment
         t.copy_(t.to(ct) * m + s.to(ct) * (1 - m))
 
 
+@torch.no_grad()
+def queue_enqueue_(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor, normalize: bool) -> None:
+    """Write ``keys`` into the ring buffer ``queue`` at the device index ``ptr``; advance ``ptr``.
+
+    A batch larger than the queue leaves only its last ``size`` rows: only those are written, at the
+    positions they would have reached, so the result equals writing every row in order.
+    """
+    size, b = queue.shape[0], keys.shape[0]
+    keep = min(b, size)
+    rows = keys[b - keep:].to(compute_dtype(keys.dtype))
+    if normalize:
+        rows = F.normalize(rows, dim=1)
+    idx = (ptr + (b - keep) + torch.arange(keep, device=keys.device)) % size
+    queue.index_copy_(0, idx, rows.to(queue.dtype))
+    ptr.copy_((ptr + b) % size)
+
+
 # ----------------------------------------------------------------------------- similarity and eval
 
 

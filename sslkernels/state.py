@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _checks as check
+from .backends import dispatch
 from .distributed import all_gather_rows
 from .functional import ema_update_
 
@@ -47,24 +48,19 @@ class MemoryQueue(nn.Module):
         return self.queue.shape[1]
 
     @torch.no_grad()
-    def enqueue_(self, keys: torch.Tensor, *, normalize: bool = False, process_group=None) -> "MemoryQueue":
-        """Write ``keys`` (all ranks' keys, when distributed) at ``ptr`` with wrap-around; advance ``ptr``."""
+    def enqueue_(self, keys: torch.Tensor, *, normalize: bool = False, process_group=None,
+                 backend: Optional[str] = None) -> "MemoryQueue":
+        """Write ``keys`` (all ranks' keys, when distributed) at ``ptr`` with wrap-around; advance ``ptr``.
+
+        ``normalize=True`` L2-normalizes the rows on the way in (fused with the cast on the GPU).
+        """
         check.features(keys, "keys")
         if keys.shape[1] != self.dim:
             raise ValueError(f"keys have dimension {keys.shape[1]} but the queue holds rows of dimension {self.dim}")
         if keys.device != self.queue.device:
             raise ValueError(f"keys are on {keys.device} but the queue is on {self.queue.device}")
         keys = all_gather_rows(keys.detach(), process_group)
-        if normalize:
-            keys = F.normalize(keys.float(), dim=1)
-        b = keys.shape[0]
-        # A batch larger than the queue leaves only its last `size` rows: write just those, at the
-        # positions they would have reached, so the result equals writing every row in order.
-        keep = min(b, self.size)
-        start = self.ptr + (b - keep)
-        idx = (start + torch.arange(keep, device=keys.device)) % self.size
-        self.queue.index_copy_(0, idx, keys[b - keep:].to(self.queue.dtype))
-        self.ptr.copy_((self.ptr + b) % self.size)
+        dispatch("queue_enqueue_", backend, keys.device)(self.queue, self.ptr, keys, bool(normalize))
         return self
 
     def forward(self) -> torch.Tensor:
