@@ -101,7 +101,7 @@ def _usable(kind: str, device: torch.device) -> bool:
     if kind == "cuda":
         return device.type == "cuda" and cuda_extension() is not None
     if kind == "cpu":
-        return device.type != "cuda"
+        return device.type == "cpu"
     return True
 
 

@@ -1,16 +1,21 @@
 """Memory-efficient contrastive losses for CPU tensors (what backend="auto" runs off the GPU).
 
-The N×M logits are never held whole: rows are processed in chunks of ``c`` queries, each chunk's
-[c, M] logits live only inside a checkpointed function, and the backward recomputes them chunk by
-chunk. Peak extra memory is O(c·M) with c·M ≈ CHUNK_ELEMENTS, whatever N is. Autograd supplies every
-gradient (features, 0-d and per-anchor temperatures, logit scale and bias) from the same code.
+The N×M logits are never held whole: rows are processed in chunks of ``c`` queries, so peak extra
+memory is O(c·M) with c·M ≈ CHUNK_ELEMENTS, whatever N is.
 
-Temperatures are folded into the queries first: logits_ij = (q_i / τ_i)·k_j, which makes per-anchor
-temperatures and the column (key-side) loss of symmetric losses the same row computation.
+* Scalar losses ("mean"/"sum"): the upstream gradient is one number, so each chunk computes its input
+  gradients during the forward while its logits are hot (dQ = dS·K, dK += dSᵀ·Q), and the backward only
+  scales them — no recomputation, about the same matmul work as eager autograd.
+* ``reduction="none"``: the upstream gradient is a vector known only in the backward, so each chunk runs
+  inside a checkpoint and the backward recomputes it.
+
+Temperatures are folded into the queries first: logits_ij = (q_i / τ_i)·k_j. Per-anchor temperatures,
+the column (key-side) loss of symmetric losses and the τ / logit_scale gradients then all come from one
+row computation plus autograd through that scaling.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,70 +24,124 @@ from torch.utils.checkpoint import checkpoint
 from ..backends import register
 from ..reference import compute_dtype, reduce
 
-CHUNK_ELEMENTS = 1 << 22  # 16 MiB of fp32 logits per chunk
+CHUNK_ELEMENTS = 1 << 21  # 8 MiB of fp32 logits per chunk: past this, bigger chunks stop paying (N=8192, D=128)
 
 
 def _chunk_rows(m: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(m, 1))
 
 
-def _scaled(x: torch.Tensor, inv_temperature) -> torch.Tensor:
-    """x / τ row-wise in the compute dtype; τ a float, a 0-d tensor or a per-row vector."""
+def _scaled(x: torch.Tensor, factor) -> torch.Tensor:
+    """x · factor row-wise in the compute dtype; factor a float, a 0-d tensor or a per-row vector."""
     x = x.to(compute_dtype(x.dtype))
-    if isinstance(inv_temperature, torch.Tensor):
-        inv = inv_temperature.to(x.dtype)
-        return x * (inv[:, None] if inv.dim() == 1 else inv)
-    return x * inv_temperature
+    if isinstance(factor, torch.Tensor):
+        f = factor.to(x.dtype)
+        return x * (f[:, None] if f.dim() == 1 else f)
+    return x * factor
 
 
 def _inverse(t):
     return 1.0 / t
 
 
-def _by_chunks(row_fn: Callable, n: int, m: int, *tensors) -> torch.Tensor:
-    """Per-row losses [n] from ``row_fn(start, stop, *tensors)``, one checkpointed chunk at a time."""
+# A chunk function maps (start, stop, weights, want_grads, *tensors) to (row losses [stop-start],
+# gradient pieces). A piece is (input index, row slice or None for the whole tensor, value) and holds
+# d(Σ_i weights_i·loss_i)/d(input) restricted to this chunk's rows. With want_grads False it returns no pieces.
+ChunkFn = Callable[..., tuple]
+
+
+class _GradInForward(torch.autograd.Function):
+    """Σ_i w_i·loss_i with the input gradients accumulated chunk by chunk during the forward."""
+
+    @staticmethod
+    def forward(ctx, chunk_fn: ChunkFn, n: int, step: int, weights: torch.Tensor, *tensors):
+        want = [t.requires_grad for t in tensors]
+        grads: List[Optional[torch.Tensor]] = [torch.zeros_like(t) if w else None for t, w in zip(tensors, want)]
+        total = torch.zeros((), dtype=weights.dtype)
+        with torch.no_grad():
+            for start in range(0, n, step):
+                stop = min(n, start + step)
+                loss, pieces = chunk_fn(start, stop, weights[start:stop], any(want), *tensors)
+                total = total + (weights[start:stop] * loss).sum()
+                for idx, rows, value in pieces:
+                    if grads[idx] is not None:
+                        (grads[idx] if rows is None else grads[idx][rows]).add_(value)
+        ctx.save_for_backward(*[g if g is not None else torch.empty(0) for g in grads])
+        ctx.want = want
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        saved = ctx.saved_tensors
+        out = [g * s if w else None for s, w in zip(saved, ctx.want)]
+        return (None, None, None, None, *out)
+
+
+def _run(chunk_fn: ChunkFn, n: int, m: int, reduction: str, tensors: Sequence[torch.Tensor],
+         weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Reduce chunk_fn's per-row losses; ``weights`` overrides the mean's 1/n (SupCon's valid-anchor mean)."""
     step = _chunk_rows(m)
+    dtype = tensors[0].dtype
+    if reduction != "none":
+        if weights is None:
+            weights = torch.full((n,), 1.0 / n if reduction == "mean" else 1.0, dtype=dtype, device=tensors[0].device)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return _GradInForward.apply(chunk_fn, n, step, weights, *tensors)
+        with torch.no_grad():
+            return sum((weights[s:min(n, s + step)] * chunk_fn(s, min(n, s + step), None, False, *tensors)[0]).sum()
+                       for s in range(0, n, step))
+
+    def rows(start, stop, *ts):
+        return chunk_fn(start, stop, None, False, *ts)[0]
+
     if step >= n:
-        return row_fn(0, n, *tensors)
-    need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors if isinstance(t, torch.Tensor))
-    parts = []
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        if need_grad:
-            parts.append(checkpoint(row_fn, start, stop, *tensors, use_reentrant=False))
-        else:
-            parts.append(row_fn(start, stop, *tensors))
+        return rows(0, n, *tensors)
+    use_ckpt = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    parts = [checkpoint(rows, s, min(n, s + step), *tensors, use_reentrant=False) if use_ckpt
+             else rows(s, min(n, s + step), *tensors) for s in range(0, n, step)]
     return torch.cat(parts)
 
 
-def _cross_entropy_rows(qs, k, targets: Optional[torch.Tensor], decoupled: bool, exclude_self: bool):
-    """Per-row LSE_j(qs_i·k_j) − qs_i·k_{t_i}; ``exclude_self`` drops j == i (NT-Xent's diagonal)."""
-    n = qs.shape[0]
-    tgt = torch.arange(n, device=qs.device) if targets is None else targets
+def _softmax_ce_chunk(targets: torch.Tensor, decoupled: bool, exclude_self: bool) -> ChunkFn:
+    """Rows of LSE_j(q_i·k_j) − q_i·k_{t_i} over tensors (qs, k); DCL drops t_i from the LSE and
+    ``exclude_self`` drops j == i (NT-Xent's diagonal)."""
 
-    def rows(start, stop, qs, k):
+    def chunk(start, stop, w, want_grads, qs, k):
         logits = qs[start:stop] @ k.T
-        t = tgt[start:stop, None]
+        t = targets[start:stop, None]
         pos = logits.gather(1, t).squeeze(1)
         if exclude_self:
-            own = torch.arange(start, stop, device=qs.device)[:, None]
-            logits = logits.scatter(1, own, float("-inf"))
+            logits = logits.scatter(1, torch.arange(start, stop)[:, None], float("-inf"))
         if decoupled:
             logits = logits.scatter(1, t, float("-inf"))
-        return torch.logsumexp(logits, dim=1) - pos
+        lse = torch.logsumexp(logits, dim=1)
+        loss = lse - pos
+        if not want_grads:
+            return loss, ()
+        # dS = w·(softmax − onehot(t)); masked entries have softmax 0 and drop out by themselves.
+        ds = torch.exp(logits - lse[:, None])
+        ds.scatter_add_(1, t, -torch.ones_like(pos)[:, None])
+        ds.mul_(w[:, None])
+        return loss, ((0, slice(start, stop), ds @ k), (1, None, ds.T @ qs[start:stop]))
 
-    return _by_chunks(rows, n, k.shape[0], qs, k)
+    return chunk
+
+
+def _softmax_ce(qs, k, targets, decoupled, exclude_self, reduction):
+    if targets is None:
+        targets = torch.arange(qs.shape[0])
+    return _run(_softmax_ce_chunk(targets, decoupled, exclude_self), qs.shape[0], k.shape[0], reduction, (qs, k))
 
 
 @register("info_nce", "cpu")
 def info_nce(query, key, temperature, targets, symmetric, decoupled, reduction):
     qs = _scaled(query, _inverse(temperature))
     k = key.to(qs.dtype)
-    out = _cross_entropy_rows(qs, k, targets, decoupled, exclude_self=False)
+    out = _softmax_ce(qs, k, targets, decoupled, False, reduction)
     if symmetric:
         # Column j's logits are k_j·(q_i/τ_i): the same row computation with the roles swapped.
-        out = 0.5 * (out + _cross_entropy_rows(k, qs, None, decoupled, exclude_self=False))
-    return reduce(out, reduction)
+        out = 0.5 * (out + _softmax_ce(k, qs, None, decoupled, False, reduction))
+    return out
 
 
 @register("clip_loss", "cpu")
@@ -95,9 +154,8 @@ def nt_xent(z1, z2, temperature, decoupled, reduction):
     z = torch.cat([z1, z2], dim=0)
     zs = _scaled(z, _inverse(temperature))
     n2 = z.shape[0]
-    targets = (torch.arange(n2, device=z.device) + n2 // 2) % n2
-    out = _cross_entropy_rows(zs, z.to(zs.dtype), targets, decoupled, exclude_self=True)
-    return reduce(out, reduction)
+    targets = (torch.arange(n2) + n2 // 2) % n2
+    return _softmax_ce(zs, z.to(zs.dtype), targets, decoupled, True, reduction)
 
 
 @register("moco_loss", "cpu")
@@ -105,53 +163,74 @@ def moco_loss(query, key, queue, temperature, reduction):
     qs = _scaled(query, _inverse(temperature))
     k, neg = key.to(qs.dtype), queue.detach().to(qs.dtype)
 
-    def rows(start, stop, qs, k):
-        q = qs[start:stop]
-        pos = (q * k[start:stop]).sum(dim=1, keepdim=True)
-        return torch.logsumexp(torch.cat([pos, q @ neg.T], dim=1), dim=1) - pos.squeeze(1)
+    def chunk(start, stop, w, want_grads, qs, k):
+        q, kc = qs[start:stop], k[start:stop]
+        pos = (q * kc).sum(dim=1)
+        neg_logits = q @ neg.T
+        lse = torch.logaddexp(pos, torch.logsumexp(neg_logits, dim=1))
+        loss = lse - pos
+        if not want_grads:
+            return loss, ()
+        dpos = (torch.exp(pos - lse) - 1) * w  # softmax of the positive minus its one-hot
+        dneg = torch.exp(neg_logits - lse[:, None]) * w[:, None]
+        rows = slice(start, stop)
+        return loss, ((0, rows, dpos[:, None] * kc + dneg @ neg), (1, rows, dpos[:, None] * q))
 
-    return reduce(_by_chunks(rows, qs.shape[0], 1 + neg.shape[0], qs, k), reduction)
+    return _run(chunk, qs.shape[0], 1 + neg.shape[0], reduction, (qs, k))
 
 
 @register("supcon_loss", "cpu")
 def supcon_loss(features, labels, temperature, reduction):
-    f = features.to(compute_dtype(features.dtype))
     fs = _scaled(features, _inverse(temperature))
+    f = features.to(fs.dtype)
     n = f.shape[0]
     n_pos = (labels[:, None] == labels[None, :]).sum(dim=1) - 1
     has_pos = n_pos > 0
     if n == 1:
-        rows_out = (fs * 0).sum(dim=1)
-    else:
-        def rows(start, stop, fs, f):
-            logits = fs[start:stop] @ f.T
-            own = torch.arange(start, stop, device=f.device)[:, None]
-            pos_mask = labels[start:stop, None] == labels[None, :]
-            pos_mask = pos_mask.scatter(1, own, False)
-            lse = torch.logsumexp(logits.scatter(1, own, float("-inf")), dim=1)
-            pos_sum = torch.where(pos_mask, logits, torch.zeros_like(logits)).sum(dim=1)
-            cnt = n_pos[start:stop]
-            return torch.where(cnt > 0, lse - pos_sum / cnt.clamp(min=1), torch.zeros_like(lse))
+        # A lone anchor has no positive (and an empty denominator): it contributes 0, graph kept.
+        return reduce((fs * 0).sum(dim=1), reduction)
 
-        rows_out = _by_chunks(rows, n, n, fs, f)
+    def chunk(start, stop, w, want_grads, fs, f):
+        logits = fs[start:stop] @ f.T
+        own = torch.arange(start, stop)[:, None]
+        pos_mask = (labels[start:stop, None] == labels[None, :]).scatter(1, own, False)
+        logits = logits.scatter(1, own, float("-inf"))
+        lse = torch.logsumexp(logits, dim=1)
+        cnt = n_pos[start:stop].clamp(min=1).to(logits.dtype)
+        pos_mean = torch.where(pos_mask, logits, torch.zeros_like(logits)).sum(dim=1) / cnt
+        valid = has_pos[start:stop]
+        loss = torch.where(valid, lse - pos_mean, torch.zeros_like(lse))
+        if not want_grads:
+            return loss, ()
+        ds = torch.exp(logits - lse[:, None]) - pos_mask.to(logits.dtype) / cnt[:, None]
+        ds.mul_((w * valid)[:, None])
+        return loss, ((0, slice(start, stop), ds @ f), (1, None, ds.T @ fs[start:stop]))
+
+    weights = None
     if reduction == "mean":
-        return rows_out.sum() / has_pos.sum().clamp(min=1)
-    return reduce(rows_out, reduction)
+        # Anchors without a positive are left out of the mean; with none at all the loss is 0 (graph kept).
+        weights = has_pos.to(fs.dtype) / has_pos.sum().clamp(min=1)
+    return _run(chunk, n, n, reduction, (fs, f), weights)
 
 
 @register("siglip_loss", "cpu")
 def siglip_loss(image_features, text_features, logit_scale, logit_bias, reduction):
     ims = _scaled(image_features, logit_scale)
     t = text_features.to(ims.dtype)
-    bias = logit_bias.to(ims.dtype) if isinstance(logit_bias, torch.Tensor) else logit_bias
+    # The bias rides along as a tensor input so the same chunk code yields its gradient.
+    bias = logit_bias.to(ims.dtype) if isinstance(logit_bias, torch.Tensor) else torch.tensor(logit_bias, dtype=ims.dtype)
 
-    def rows(start, stop, ims, t, *bias_t):
-        b = bias_t[0] if bias_t else bias
+    def chunk(start, stop, w, want_grads, ims, t, b):
         logits = ims[start:stop] @ t.T + b
-        # −log σ(−x) for every pair, then the diagonal pairs switch to −log σ(x).
-        loss = -F.logsigmoid(-logits).sum(dim=1)  # softplus, without F.softplus's linear cut-off at 20
-        diag = logits.gather(1, torch.arange(start, stop, device=t.device)[:, None]).squeeze(1)
-        return loss - diag
+        diag = logits.gather(1, torch.arange(start, stop)[:, None]).squeeze(1)
+        # −log σ(−x) over every pair (softplus without F.softplus's linear cut-off at 20), then the
+        # diagonal pairs switch to −log σ(x) = softplus(x) − x.
+        loss = -F.logsigmoid(-logits).sum(dim=1) - diag
+        if not want_grads:
+            return loss, ()
+        ds = torch.sigmoid(logits)
+        ds.scatter_add_(1, torch.arange(start, stop)[:, None], -torch.ones_like(diag)[:, None])
+        ds.mul_(w[:, None])
+        return loss, ((0, slice(start, stop), ds @ t), (1, None, ds.T @ ims[start:stop]), (2, None, ds.sum()))
 
-    extra = (bias,) if isinstance(bias, torch.Tensor) else ()
-    return reduce(_by_chunks(rows, ims.shape[0], t.shape[0], ims, t, *extra), reduction)
+    return _run(chunk, ims.shape[0], t.shape[0], reduction, (ims, t, bias))
