@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One command for a GPU machine: build csrc, run the whole test suite on CUDA tensors (GPU-only tests
+# included), run the quick GPU benchmark preset, and leave logs + JSON under an output folder.
+#
+#   bash scripts/gpu_check.sh [OUT_DIR]        (or OUT=... ; the device tool sets $OUT)
+#
+# Works offline with whatever torch/triton the machine has (PYTHONPATH=., no pip install), so it runs
+# on the device image (torch 2.11 / triton 3.6) as well as in the project's pinned venv. Each stage has
+# its own time limit so the whole stays well inside 10 minutes; a failing stage does not stop the rest,
+# and the exit code is non-zero if any stage failed.
+set -uo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+out="${1:-${OUT:-$root/gpu_check_out}}"
+mkdir -p "$out"
+py="${PYTHON:-python3}"
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+export PATH="$PATH:/usr/local/cuda/bin"
+unset TRITON_INTERPRET
+
+# The device tool returns at most 8 files from $OUT: stage logs go to a scratch folder and are appended
+# whole to gpu_check.log; $OUT keeps gpu_check.log, summary.md, tests.xml and the bench folder.
+logs="$(mktemp -d)"
+declare -A status seconds
+stage() {  # stage NAME LIMIT_S CMD...
+  local name="$1" limit="$2"; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" >"$logs/$name.log" 2>&1
+  local rc=$?
+  status[$name]=$rc; seconds[$name]=$((SECONDS - t0))
+  { echo "=== $name: exit $rc after ${seconds[$name]}s (limit ${limit}s): $*"; cat "$logs/$name.log"; } >>"$out/gpu_check.log"
+  echo "=== $name: exit $rc, ${seconds[$name]}s"; tail -n 3 "$logs/$name.log"
+}
+
+: >"$out/gpu_check.log"
+stage env 60 bash -c "nvidia-smi; $py -c 'import torch, triton; print(\"torch\", torch.__version__, \"triton\", triton.__version__, \"cuda\", torch.version.cuda, torch.cuda.get_device_name(0))'"
+stage build_csrc 180 env PYTHON="$py" bash scripts/build_csrc.sh "$root/build/csrc"
+stage tests 300 "$py" -m pytest -q -rfE -p no:cacheprovider tests --junitxml="$out/tests.xml"
+stage bench 240 "$py" -m sslkernels.bench --quick --device cuda --out "$out/bench"
+
+{
+  echo
+  echo "| stage | exit | seconds | last line |"
+  echo "| --- | --- | --- | --- |"
+  for name in env build_csrc tests bench; do
+    last="$(tail -n 1 "$logs/$name.log" 2>/dev/null | tr '|' '/' | cut -c1-100)"
+    echo "| $name | ${status[$name]:-skipped} | ${seconds[$name]:-0} | $last |"
+  done
+} | tee "$out/summary.md"
+for name in env build_csrc tests bench; do [ "${status[$name]:-1}" = 0 ] || exit 1; done
