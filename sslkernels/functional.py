@@ -116,8 +116,9 @@ def moco_loss(query, key, queue, temperature: Scalar = 0.2, *, reduction: str = 
     _pair("query", query, "key", key, same_rows=True)
     check.features(queue, "queue")
     check.same_device(("query", query), ("queue", queue))
-    check.same_dtype(("query", query), ("queue", queue))
     check.same_dim("query", query, "queue", queue)
+    if queue.dtype != query.dtype:  # e.g. an fp32 queue with bf16 features under autocast
+        queue = queue.to(query.dtype)
     temperature = check.positive_scalar(temperature, "temperature", query.device)
     check.reduction(reduction)
     _single_process("moco_loss", gather_distributed, distributed, process_group)
@@ -168,7 +169,7 @@ def dino_loss(student_output, teacher_output, center, *, student_temp: float = 0
     if s_rows % b:
         raise ValueError(f"student_output has {s_rows} rows, not a multiple of the batch size {b} "
                          f"(= teacher rows {t_rows} / n_global_crops {n_global_crops})")
-    if s_rows // b < 2 and n_global_crops >= s_rows // b:
+    if s_rows // b == 1 and n_global_crops == 1:
         raise ValueError("dino_loss needs at least one (teacher crop, student crop) pair with different crops; "
                          f"got {s_rows // b} student crop(s) and {n_global_crops} teacher crop(s)")
     student_temp = check.positive_scalar(student_temp, "student_temp", student_output.device)
