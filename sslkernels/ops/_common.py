@@ -1,0 +1,33 @@
+"""Small host-side helpers shared by the Triton kernel families."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..backends import triton_interpreted
+
+
+def poison_outputs() -> bool:
+    """True when kernel outputs are pre-filled with NaN: always under the interpreter (the CPU tests),
+    and on the GPU when ``SSLKERNELS_POISON=1`` (``scripts/gpu_check.sh`` sets it for the test run)."""
+    return triton_interpreted() or os.environ.get("SSLKERNELS_POISON", "0") not in ("", "0")
+
+
+def empty(shape, dtype, device) -> torch.Tensor:
+    """An output buffer a kernel must fully write: NaN-poisoned in tests so a missed element fails loudly."""
+    if poison_outputs():
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def scalar_args(value):
+    """(pointer tensor or None, float) for a float-or-0-d-tensor kernel argument."""
+    if isinstance(value, torch.Tensor):
+        return value.reshape(1), 1.0
+    return None, float(value)
+
+
+def unit_stride_rows(x: torch.Tensor) -> torch.Tensor:
+    """x itself when its last dimension is contiguous (rows may have any stride), else a contiguous copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()

@@ -1,0 +1,355 @@
+"""The fused Triton contrastive engine (sslkernels/ops/contrastive.py) against float64 math written here.
+
+Every test checks the loss and the gradient of every differentiable input (features, temperatures,
+scales, bias) on odd sizes (N = 1, 13, 37; D = 7, 33) with tiles of 16, so rows, keys and features
+all span several tiles with ragged edges. Without a GPU the kernels run in Triton's interpreter on
+CPU tensors (conftest sets TRITON_INTERPRET=1); with one, on CUDA tensors.
+"""
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import HAS_CUDA, assert_close
+
+import sslkernels
+from sslkernels.backends import available
+from sslkernels.ops import contrastive, launch_config
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"  # the Triton backend runs on CPU tensors only when interpreted
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _small_tiles(request):
+    # 16 is tl.dot's minimum: the smallest tiles make small inputs take every multi-tile path.
+    if "default_tiles" in request.node.name:
+        yield
+        return
+    with launch_config.override(block_m=16, block_n=16, block_d=16, block_dout=16):
+        yield
+
+
+def _impl(op):
+    return available(op)["triton"]
+
+
+def _feats(n, d, dtype, scale=1.0):
+    """(low-precision leaf on DEVICE, float64 leaf holding the same values)."""
+    x = (torch.randn(n, d, dtype=F64) * scale).to(dtype)
+    return x.to(DEVICE, copy=True).requires_grad_(), x.to(F64, copy=True).requires_grad_()
+
+
+def _scalar(v, kind, n=None):
+    """A temperature/scale as the op takes it: float, 0-d or 1-d fp32 tensor; plus its float64 twin."""
+    if kind == "float":
+        return v, torch.tensor(v, dtype=F64)
+    t = torch.full((n,), v) * (0.5 + torch.rand(n)) if kind == "1d" else torch.tensor(v)
+    return t.to(DEVICE, copy=True).requires_grad_(), t.to(F64, copy=True).requires_grad_()
+
+
+def _reduce(rows, reduction):
+    return rows.mean() if reduction == "mean" else rows.sum() if reduction == "sum" else rows
+
+
+def _check(out, want, pairs, dtype):
+    """Values, then gradients of every (low-precision input, float64 input) pair, for one random cotangent."""
+    assert out.dtype == torch.float32, out.dtype  # losses come back in the compute dtype
+    assert_close(out, want, dtype, name="loss")
+    cot = torch.randn(want.shape, dtype=F64) if want.dim() else torch.tensor(1.7, dtype=F64)
+    lo = [p[0] for p in pairs if isinstance(p[0], torch.Tensor)]
+    hi = [p[1] for p in pairs if isinstance(p[0], torch.Tensor)]
+    got = torch.autograd.grad(out, lo, cot.to(out.device, out.dtype))
+    exp = torch.autograd.grad(want, hi, cot)
+    for i, (g, e, x) in enumerate(zip(got, exp, lo)):
+        assert g.dtype == x.dtype and g.shape == x.shape, (i, g.dtype, x.dtype)
+        assert_close(g, e, dtype, name=f"grad[{i}]")
+
+
+# ------------------------------------------------------------------- float64 definitions (the test's own)
+
+
+def _ce_rows(logits, targets, decoupled):
+    n = logits.shape[0]
+    pos = logits[torch.arange(n), targets]
+    if decoupled:
+        logits = logits.clone()
+        logits[torch.arange(n), targets] = float("-inf")
+    return torch.logsumexp(logits, dim=1) - pos
+
+
+def info_nce64(q, k, tau, targets, symmetric, decoupled):
+    logits = (q @ k.T) / (tau[:, None] if tau.dim() == 1 else tau)
+    t = torch.arange(q.shape[0]) if targets is None else targets
+    rows = _ce_rows(logits, t, decoupled)
+    if symmetric:
+        rows = 0.5 * (rows + _ce_rows(logits.T, t, decoupled))
+    return rows
+
+
+def nt_xent64(z1, z2, tau, decoupled):
+    z = torch.cat([z1, z2])
+    n2 = z.shape[0]
+    logits = (z @ z.T / tau).masked_fill(torch.eye(n2, dtype=torch.bool), float("-inf"))
+    return _ce_rows(logits, (torch.arange(n2) + n2 // 2) % n2, decoupled)
+
+
+def moco64(q, k, queue, tau):
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], dim=1) / tau
+    return torch.logsumexp(logits, dim=1) - logits[:, 0]
+
+
+def supcon64(f, labels, tau):
+    """Per anchor, as in the paper: −(1/|P(i)|) Σ_p (S_ip − LSE_{a≠i} S_ia); 0 without positives."""
+    logits = f @ f.T / tau
+    rows = []
+    for i in range(f.shape[0]):
+        others = [a for a in range(f.shape[0]) if a != i]
+        positives = [p for p in others if labels[p] == labels[i]]
+        if not positives:
+            rows.append((f[i] * 0).sum())
+            continue
+        lse = torch.logsumexp(logits[i, others], dim=0)
+        rows.append(-(logits[i, positives] - lse).mean())
+    return torch.stack(rows)
+
+
+def siglip64(a, b, scale, bias):
+    logits = scale * (a @ b.T) + bias
+    labels = 2 * torch.eye(a.shape[0], dtype=F64) - 1
+    return -F.logsigmoid(labels * logits).sum(dim=1)
+
+
+# ---------------------------------------------------------------------------------------------- tests
+
+# (N, M, D, targets given, symmetric, decoupled, temperature kind, reduction)
+INFO_NCE_CASES = [
+    (1, 1, 7, False, False, False, "float", "mean"),
+    (1, 1, 7, False, True, False, "0d", "none"),
+    (13, 13, 33, False, False, False, "1d", "none"),
+    (13, 13, 33, False, True, True, "1d", "sum"),
+    (37, 37, 7, False, True, False, "0d", "mean"),
+    (37, 37, 7, False, False, True, "float", "none"),
+    (13, 37, 33, True, False, False, "0d", "none"),
+    (37, 5, 7, True, False, True, "1d", "mean"),
+    (2, 19, 7, True, False, False, "float", "sum"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", INFO_NCE_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_info_nce(case, dtype):
+    n, m, d, with_targets, symmetric, decoupled, tau_kind, reduction = case
+    q, q64 = _feats(n, d, dtype)
+    k, k64 = _feats(m, d, dtype)
+    tau, tau64 = _scalar(0.3, tau_kind, n)
+    targets = torch.randint(0, m, (n,)) if with_targets else None
+    out = _impl("info_nce")(q, k, tau, None if targets is None else targets.to(DEVICE), symmetric, decoupled,
+                            reduction)
+    want = _reduce(info_nce64(q64, k64, tau64, targets, symmetric, decoupled), reduction)
+    _check(out, want, [(q, q64), (k, k64), (tau, tau64)], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,d,scale_kind,reduction", [(1, 7, "0d", "mean"), (13, 33, "float", "none"),
+                                                      (37, 7, "0d", "sum")])
+def test_clip_loss(n, d, scale_kind, reduction, dtype):
+    a, a64 = _feats(n, d, dtype)
+    b, b64 = _feats(n, d, dtype)
+    scale, scale64 = _scalar(4.0, scale_kind)
+    out = _impl("clip_loss")(a, b, scale, reduction)
+    want = _reduce(info_nce64(a64, b64, 1 / scale64, None, True, False), reduction)
+    _check(out, want, [(a, a64), (b, b64), (scale, scale64)], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,d,decoupled,tau_kind,reduction", [(1, 7, False, "0d", "none"), (13, 33, True, "float", "mean"),
+                                                              (37, 7, False, "0d", "mean"), (2, 33, True, "0d", "none")])
+def test_nt_xent(n, d, decoupled, tau_kind, reduction, dtype):
+    z1, z164 = _feats(n, d, dtype)
+    z2, z264 = _feats(n, d, dtype)
+    tau, tau64 = _scalar(0.5, tau_kind)
+    out = _impl("nt_xent")(z1, z2, tau, decoupled, reduction)
+    want = _reduce(nt_xent64(z164, z264, tau64, decoupled), reduction)
+    _check(out, want, [(z1, z164), (z2, z264), (tau, tau64)], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k,d,key_grad,reduction", [(1, 5, 7, True, "none"), (13, 37, 33, True, "mean"),
+                                                      (37, 1, 7, False, "sum")])
+def test_moco_loss(n, k, d, key_grad, reduction, dtype):
+    q, q64 = _feats(n, d, dtype)
+    key, key64 = _feats(n, d, dtype)
+    key.requires_grad_(key_grad)
+    key64.requires_grad_(key_grad)
+    queue, queue64 = _feats(k, d, dtype)
+    queue.requires_grad_(False)
+    tau, tau64 = _scalar(0.2, "0d")
+    out = _impl("moco_loss")(q, key, queue, tau, reduction)
+    want = _reduce(moco64(q64, key64, queue64.detach(), tau64), reduction)
+    pairs = [(q, q64), (tau, tau64)] + ([(key, key64)] if key_grad else [])
+    _check(out, want, pairs, dtype)
+    if not key_grad:
+        assert not key.requires_grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,d,n_classes,reduction", [(13, 33, 4, "mean"), (37, 7, 25, "none"), (37, 7, 60, "mean"),
+                                                     (13, 33, 6, "sum")])
+def test_supcon_loss(n, d, n_classes, reduction, dtype):
+    f, f64 = _feats(n, d, dtype)
+    labels = torch.randint(0, n_classes, (n,))  # many classes: several anchors without a positive
+    tau, tau64 = _scalar(0.1, "0d")
+    out = _impl("supcon_loss")(f, labels.to(DEVICE), tau, reduction)
+    rows = supcon64(f64, labels, tau64)
+    has_pos = torch.tensor([(labels == labels[i]).sum() > 1 for i in range(n)])
+    want = rows.sum() / has_pos.sum().clamp(min=1) if reduction == "mean" else _reduce(rows, reduction)
+    _check(out, want, [(f, f64), (tau, tau64)], dtype)
+
+
+def test_supcon_lone_anchor_is_zero_with_zero_grad():
+    f = torch.randn(1, 7, device=DEVICE, requires_grad=True)
+    out = _impl("supcon_loss")(f, torch.zeros(1, dtype=torch.long, device=DEVICE), 0.1, "mean")
+    out.backward()
+    assert out.item() == 0.0 and torch.equal(f.grad, torch.zeros_like(f))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,d,kind,reduction", [(1, 7, "0d", "none"), (13, 33, "float", "mean"), (37, 7, "0d", "sum")])
+def test_siglip_loss(n, d, kind, reduction, dtype):
+    a, a64 = _feats(n, d, dtype, scale=0.3)
+    b, b64 = _feats(n, d, dtype, scale=0.3)
+    scale, scale64 = _scalar(5.0, kind)
+    bias, bias64 = _scalar(-3.0, kind)
+    out = _impl("siglip_loss")(a, b, scale, bias, reduction)
+    want = _reduce(siglip64(a64, b64, scale64, bias64), reduction)
+    _check(out, want, [(a, a64), (b, b64), (scale, scale64), (bias, bias64)], dtype)
+
+
+def test_large_logits_stay_finite():
+    # |logits| up to ~3000: the online max keeps exp2 in range; the excluded diagonal is the largest.
+    z1, z164 = _feats(13, 7, torch.float32, scale=20.0)
+    z2, z264 = _feats(13, 7, torch.float32, scale=20.0)
+    out = _impl("nt_xent")(z1, z2, 0.5, False, "none")
+    want = nt_xent64(z164, z264, torch.tensor(0.5, dtype=F64), False)
+    _check(out, want, [(z1, z164), (z2, z264)], torch.float32)
+
+
+def test_float64_inputs_take_the_exact_path():
+    q, q64 = _feats(13, 7, F64)
+    k, k64 = _feats(13, 7, F64)
+    out = _impl("info_nce")(q, k, 0.2, None, True, False, "none")
+    want = info_nce64(q64, k64, torch.tensor(0.2, dtype=F64), None, True, False)
+    assert out.dtype == F64
+    _check_f64 = torch.autograd.grad(out.sum(), [q, k])
+    exp = torch.autograd.grad(want.sum(), [q64, k64])
+    assert_close(out, want, F64)
+    for g, e in zip(_check_f64, exp):
+        assert_close(g, e, F64)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter-only path: on a GPU bf16 runs natively (covered by DTYPES)")
+def test_bf16_under_the_interpreter_is_upcast():
+    q, q64 = _feats(13, 33, torch.bfloat16)
+    k, k64 = _feats(13, 33, torch.bfloat16)
+    out = _impl("info_nce")(q, k, 0.3, None, False, False, "none")
+    want = info_nce64(q64, k64, torch.tensor(0.3, dtype=F64), None, False, False)
+    _check(out, want, [(q, q64), (k, k64)], torch.bfloat16)
+
+
+def test_public_api_reaches_the_triton_impl():
+    q, q64 = _feats(13, 7, torch.float32)
+    k, k64 = _feats(13, 7, torch.float32)
+    out = sslkernels.functional.info_nce(q, k, 0.1, symmetric=True, backend="triton")
+    want = info_nce64(q64, k64, torch.tensor(0.1, dtype=F64), None, True, False).mean()
+    _check(out, want, [(q, q64), (k, k64)], torch.float32)
+
+
+def test_no_n_by_m_tensor_exists():
+    """Neither the autograd graph nor any host-side op of forward + backward holds an N×M-sized tensor."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    n, d = 64, 8  # N·M = 4096 elements, the inputs 512 each
+    biggest = {"saved": 0, "op": 0}
+
+    def in_interpreter():
+        # Triton's interpreter stages kernel arguments through host buffers: not the code under test.
+        f = sys._getframe()
+        while f is not None:
+            if "triton" in f.f_code.co_filename and "interpreter" in f.f_code.co_filename:
+                return True
+            f = f.f_back
+        return False
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not in_interpreter():
+                for t in out if isinstance(out, (tuple, list)) else (out,):
+                    if isinstance(t, torch.Tensor):
+                        biggest["op"] = max(biggest["op"], t.numel())
+            return out
+
+    def pack(t):
+        biggest["saved"] = max(biggest["saved"], t.numel())
+        return t
+
+    calls = [
+        lambda a, b, t: _impl("info_nce")(a, b, t, None, True, True, "none"),
+        lambda a, b, t: _impl("nt_xent")(a, b, t, True, "mean"),
+        lambda a, b, t: _impl("moco_loss")(a, b, b.detach() * 2, t, "mean"),
+        lambda a, b, t: _impl("supcon_loss")(a, torch.arange(n, device=DEVICE) % 5, t, "mean"),
+        lambda a, b, t: _impl("siglip_loss")(a, b, t, t, "sum"),
+    ]
+    for call in calls:
+        a = torch.randn(n, d, device=DEVICE, requires_grad=True)
+        b = torch.randn(n, d, device=DEVICE, requires_grad=True)
+        t = torch.tensor(0.5, device=DEVICE, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), Record():
+            loss = call(a, b, t)
+            loss.sum().backward()
+        assert a.grad is not None and t.grad is not None
+    assert biggest["saved"] <= 2 * n * d, biggest
+    assert biggest["op"] <= 2 * n * d, biggest
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA: the default (large) tiles on inputs that span several")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_default_tiles_gpu(dtype):
+    n, m, d = 301, 333, 300  # D > 256: the backward splits features over programs
+    q, q64 = _feats(n, d, dtype, scale=0.1)
+    k, k64 = _feats(m, d, dtype, scale=0.1)
+    tau, tau64 = _scalar(0.1, "1d", n)
+    targets = torch.randint(0, m, (n,))
+    out = _impl("info_nce")(q, k, tau, targets.to(DEVICE), False, True, "none")
+    want = info_nce64(q64, k64, tau64, targets, False, True)
+    _check(out, want, [(q, q64), (k, k64), (tau, tau64)], dtype)
+    a, a64 = _feats(n, d, dtype, scale=0.1)
+    b, b64 = _feats(n, d, dtype, scale=0.1)
+    scale, scale64 = _scalar(10.0, "0d")
+    out = _impl("clip_loss")(a, b, scale, "none")
+    want = info_nce64(a64, b64, 1 / scale64, None, True, False)
+    _check(out, want, [(a, a64), (b, b64), (scale, scale64)], dtype)
+
+
+def test_contrastive_module_registers_every_op():
+    for op in ("info_nce", "clip_loss", "nt_xent", "moco_loss", "supcon_loss", "siglip_loss"):
+        assert available(op)["triton"].__module__ == contrastive.__name__
+
+
+@pytest.mark.parametrize("which", ["key", "scale"])
+def test_partial_requires_grad(which):
+    # Only some inputs require a gradient: the backward skips the passes nobody needs.
+    a, a64 = _feats(13, 33, torch.float32)
+    b, b64 = _feats(13, 33, torch.float32)
+    a.requires_grad_(False)
+    a64.requires_grad_(False)
+    if which == "scale":
+        b.requires_grad_(False)
+        b64.requires_grad_(False)
+    scale, scale64 = _scalar(3.0, "0d")
+    out = _impl("clip_loss")(a, b, scale, "none")
+    want = info_nce64(a64, b64, 1 / scale64, None, True, False)
+    _check(out, want, [(scale, scale64)] + ([(b, b64)] if which == "key" else []), torch.float32)
