@@ -1,0 +1,138 @@
+"""SwAV / DINOv2 Sinkhorn-Knopp in the log domain as Triton kernels.
+
+The reference alternates two normalizations of log Q (P×B). Written as potentials,
+log Q[b, p] = scores[b, p]/ε + u[p] + v[b], each normalization only replaces one potential:
+
+    u[p] = −LSE_b(scores[b, p]/ε + v[b]) − log P      (every prototype's mass → 1/P)
+    v[b] = −LSE_p(scores[b, p]/ε + u[p]) − log B      (every sample's mass → 1/B)
+
+so an iteration is two streaming passes over the scores that write only the P- and B-vectors; the B×P
+result, exp(scores/ε + u + v + log B), is written once at the end. Every exponent the kernels take is
+relative to a running maximum, so no score range overflows.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backends import register
+from ..reference import compute_dtype
+from ._common import empty as _empty, unit_stride_rows as _rows
+
+# Tile shapes [rows × columns]; tests shrink them so tiny inputs cover several tiles and splits.
+BLOCK_B = 32
+BLOCK_P = 128
+TARGET_PROGRAMS = 4 * 132
+_NEG_BIG = tl.constexpr(-1.0e30)
+
+
+@triton.jit
+def _column_potential_kernel(s_ptr, v_ptr, u_ptr, B, P, stride, inv_eps, log_p,
+                             BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr):
+    # u[p] = −LSE_b(s[b, p]/ε + v[b]) − log P, for one block of columns, streaming over the rows.
+    cols = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c_ok = cols < P
+    m = tl.full([BLOCK_P], _NEG_BIG, tl.float32)
+    z = tl.zeros([BLOCK_P], tl.float32)
+    for start in range(0, B, BLOCK_B):
+        rows = start + tl.arange(0, BLOCK_B)
+        r_ok = rows < B
+        mask = r_ok[:, None] & c_ok[None, :]
+        s = tl.load(s_ptr + rows.to(tl.int64)[:, None] * stride + cols[None, :], mask=mask, other=0.0)
+        v = tl.load(v_ptr + rows, mask=r_ok, other=0.0)
+        x = tl.where(mask, s.to(tl.float32) * inv_eps + v[:, None], float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        z = z * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[None, :]), axis=0)
+        m = m_new
+    z = tl.where(c_ok, z, 1.0)  # padding columns have no mass; keep log() off zero there
+    tl.store(u_ptr + cols, -(m + tl.log(z)) - log_p, mask=c_ok)
+
+
+@triton.jit
+def _row_lse_kernel(s_ptr, u_ptr, part_ptr, B, P, stride, inv_eps, tiles_per_split,
+                    BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr):
+    # Partial LSE_p(s[b, p]/ε + u[p]) of a block of rows over the k-th range of columns: (max, sum).
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    k = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    r_ok = rows < B
+    m = tl.full([BLOCK_B], _NEG_BIG, tl.float32)
+    z = tl.zeros([BLOCK_B], tl.float32)
+    first = k * tiles_per_split * BLOCK_P
+    for j in range(0, tiles_per_split):
+        cols = first + j * BLOCK_P + tl.arange(0, BLOCK_P)
+        c_ok = cols < P
+        mask = r_ok[:, None] & c_ok[None, :]
+        s = tl.load(s_ptr + rows.to(tl.int64)[:, None] * stride + cols[None, :], mask=mask, other=0.0)
+        u = tl.load(u_ptr + cols, mask=c_ok, other=0.0)
+        x = tl.where(mask, s.to(tl.float32) * inv_eps + u[None, :], float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        z = z * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
+        m = m_new
+    out = part_ptr + (rows.to(tl.int64) * n_split + k) * 2
+    tl.store(out, m, mask=r_ok)
+    tl.store(out + 1, z, mask=r_ok)
+
+
+@triton.jit
+def _assign_kernel(s_ptr, u_ptr, v_ptr, q_ptr, B, P, stride_s, stride_q, inv_eps, log_b,
+                   BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    r_ok = rows < B
+    c_ok = cols < P
+    mask = r_ok[:, None] & c_ok[None, :]
+    s = tl.load(s_ptr + rows.to(tl.int64)[:, None] * stride_s + cols[None, :], mask=mask, other=0.0)
+    u = tl.load(u_ptr + cols, mask=c_ok, other=0.0)
+    v = tl.load(v_ptr + rows, mask=r_ok, other=0.0)
+    # Masked lanes get −inf: exp of a padding lane's potential alone could overflow (harmlessly, but noisily).
+    x = tl.where(mask, s.to(tl.float32) * inv_eps + u[None, :] + (v + log_b)[:, None], float("-inf"))
+    q = tl.exp(x)
+    tl.store(q_ptr + rows.to(tl.int64)[:, None] * stride_q + cols[None, :], q, mask=mask)
+
+
+def _row_lse(scores, u, inv_eps):
+    """LSE over each row of scores/ε + u (a B-vector), P split among programs when B is small."""
+    b, p = scores.shape
+    n_tiles = triton.cdiv(p, BLOCK_P)
+    row_blocks = triton.cdiv(b, BLOCK_B)
+    want = max(1, min(n_tiles, triton.cdiv(TARGET_PROGRAMS, row_blocks)))
+    per_split = triton.cdiv(n_tiles, want)
+    n_split = triton.cdiv(n_tiles, per_split)
+    part = _empty((b, n_split, 2), torch.float32, scores.device)
+    _row_lse_kernel[(row_blocks, n_split)](scores, u, part, b, p, scores.stride(0), inv_eps, per_split,
+                                           BLOCK_B=BLOCK_B, BLOCK_P=BLOCK_P)
+    m, z = part[..., 0], part[..., 1]
+    top = m.amax(dim=1, keepdim=True)
+    return top.squeeze(1) + torch.log((z * torch.exp(m - top)).sum(dim=1))
+
+
+@register("sinkhorn_knopp", "triton")
+@torch.no_grad()
+def sinkhorn_knopp(scores, epsilon, iterations):
+    if compute_dtype(scores.dtype) == torch.float64:
+        # The kernels accumulate in float32; float64 scores get the streamed torch path in float64.
+        from .dino_cpu import sinkhorn_knopp as exact
+        return exact(scores, epsilon, iterations)
+    scores = _rows(scores)
+    b, p = scores.shape
+    inv_eps = 1.0 / float(epsilon)
+    u = torch.zeros(p, dtype=torch.float32, device=scores.device)
+    if iterations == 0:
+        # Only the global normalization: v is one constant, −LSE over all entries.
+        v = (-torch.logsumexp(_row_lse(scores, u, inv_eps), dim=0)).expand(b).contiguous()
+    else:
+        v = torch.zeros(b, dtype=torch.float32, device=scores.device)  # cancels out of the first u
+    for _ in range(iterations):
+        u = _empty((p,), torch.float32, scores.device)
+        _column_potential_kernel[(triton.cdiv(p, BLOCK_P),)](scores, v, u, b, p, scores.stride(0), inv_eps,
+                                                             math.log(p), BLOCK_B=BLOCK_B, BLOCK_P=BLOCK_P)
+        v = -_row_lse(scores, u, inv_eps) - math.log(b)
+    q = _empty((b, p), torch.float32, scores.device)
+    _assign_kernel[(triton.cdiv(b, BLOCK_B), triton.cdiv(p, BLOCK_P))](
+        scores, u, v, q, b, p, scores.stride(0), q.stride(0), inv_eps, math.log(b),
+        BLOCK_B=BLOCK_B, BLOCK_P=BLOCK_P)
+    return q

@@ -1,0 +1,194 @@
+"""DINO's loss and centre update (the Triton kernels under the interpreter, and the memory-efficient CPU
+path) against float64 math written here: the official pair loop over (teacher crop, student crop)."""
+import pytest
+import torch
+
+import sslkernels
+from conftest import HAS_CUDA, assert_close
+
+pytest.importorskip("triton")
+from sslkernels.ops import dino, dino_cpu  # noqa: E402
+
+KINDS = {"triton": dino.dino_loss, "cpu": dino_cpu.dino_loss}
+# Triton runs on the GPU where there is one, else on CPU tensors under the interpreter.
+DEVICE = {"triton": "cuda" if HAS_CUDA else "cpu", "cpu": "cpu"}
+
+
+@pytest.fixture(autouse=True)
+def _small_tiles(monkeypatch):
+    # Tiny inputs must still cross several P-tiles and P-splits, with a ragged last tile.
+    monkeypatch.setattr(dino, "TILE_ELEMENTS", 64)
+    monkeypatch.setattr(dino, "TARGET_PROGRAMS", 8)
+
+
+def dino64(student, teacher, center, student_temp, teacher_temp, n_global, reduction):
+    """The official DINOLoss, in float64: every pair (a, b ≠ a) of teacher and student crops."""
+    s, t, c = student.double(), teacher.double(), center.double().reshape(1, -1)
+    tt = teacher_temp.double() if isinstance(teacher_temp, torch.Tensor) else teacher_temp
+    b = t.shape[0] // n_global
+    t_probs = torch.softmax((t - c) / tt, dim=-1).chunk(n_global)
+    s_logp = torch.log_softmax(s / student_temp, dim=-1).chunk(s.shape[0] // b)
+    terms = [(-ta * sv).sum(dim=-1) for a, ta in enumerate(t_probs) for v, sv in enumerate(s_logp) if v != a]
+    rows = torch.stack(terms).mean(dim=0)
+    return {"mean": rows.mean(), "sum": rows.sum(), "none": rows}[reduction]
+
+
+def check(kind, G, S, B, P, dtype, reduction, teacher_temp=0.04, scale=1.0, student_temp=0.1):
+    student = (torch.randn(S * B, P) * scale).to(dtype)
+    teacher = (torch.randn(G * B, P) * scale).to(dtype)
+    center = torch.randn(1, P) * 0.3 * scale
+    s64 = student.double().requires_grad_()
+    want = dino64(s64, teacher, center, student_temp, teacher_temp, G, reduction)
+    weights = torch.rand_like(want) + 0.5  # a non-uniform upstream gradient for "none"
+    (want_grad,) = torch.autograd.grad((want * weights).sum(), s64)
+
+    dev = DEVICE[kind]
+    s = student.to(dev).requires_grad_()
+    tt = teacher_temp.to(dev) if isinstance(teacher_temp, torch.Tensor) else teacher_temp
+    got = KINDS[kind](s, teacher.to(dev), center.to(dev), student_temp, tt, G, reduction)
+    assert got.dtype == torch.promote_types(dtype, torch.float32)
+    (grad,) = torch.autograd.grad((got * weights.to(got)).sum(), s)
+    assert grad.dtype == dtype
+    assert_close(got, want, dtype, name="loss")
+    # Gradients are held to the tolerance relative to their own largest entry, not to 1.
+    assert_close(grad, want_grad, dtype, atol=0.0, name="student grad")
+
+
+@pytest.mark.parametrize("kind", ["triton", "cpu"])
+@pytest.mark.parametrize("G,S,B,P", [(2, 4, 3, 131), (2, 2, 1, 64), (1, 3, 2, 100), (3, 2, 2, 77), (2, 1, 3, 33)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_dino_loss_matches_float64(kind, G, S, B, P, reduction):
+    check(kind, G, S, B, P, torch.float32, reduction)
+
+
+@pytest.mark.parametrize("kind", ["triton", "cpu"])
+# bf16 runs under the interpreter too: these kernels use no tl.dot.
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_dino_loss_dtypes(kind, dtype):
+    check(kind, 2, 3, 3, 101, dtype, "mean")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="a GPU-sized bf16 case (the small ones run under the interpreter)")
+def test_dino_loss_bf16_cuda():
+    G, S, B, P = 2, 6, 5, 4099
+    student = torch.randn(S * B, P, device="cuda").bfloat16().requires_grad_()
+    teacher = torch.randn(G * B, P, device="cuda").bfloat16()
+    center = torch.randn(1, P, device="cuda") * 0.1
+    got = dino.dino_loss(student, teacher, center, 0.1, 0.04, G, "mean")
+    (grad,) = torch.autograd.grad(got, student)
+    s64 = student.detach().cpu().double().requires_grad_()
+    want = dino64(s64, teacher.cpu(), center.cpu(), 0.1, 0.04, G, "mean")
+    (want_grad,) = torch.autograd.grad(want, s64)
+    assert_close(got, want, torch.bfloat16)
+    assert_close(grad, want_grad, torch.bfloat16, atol=0.0)
+
+
+@pytest.mark.parametrize("kind", ["triton", "cpu"])
+def test_dino_loss_tensor_teacher_temp(kind):
+    check(kind, 2, 3, 2, 90, torch.float32, "none", teacher_temp=torch.tensor(0.07))
+
+
+@pytest.mark.parametrize("kind", ["triton", "cpu"])
+def test_dino_loss_extreme_logits(kind):
+    # Logits ×1000 over temperatures 0.1 / 0.04: exponents of ±10⁵, far past float32's exp range.
+    check(kind, 2, 4, 3, 97, torch.float32, "mean", scale=1000.0)
+
+
+@pytest.mark.parametrize("kind", ["triton", "cpu"])
+def test_dino_loss_center_updated_before_backward(kind):
+    # Official DINO calls update_center() inside forward, i.e. between the loss and its backward.
+    G, S, B, P = 2, 3, 2, 50
+    student = torch.randn(S * B, P, requires_grad=True)
+    teacher, center = torch.randn(G * B, P), torch.randn(1, P)
+    s64 = student.detach().double().requires_grad_()
+    (want_grad,) = torch.autograd.grad(dino64(s64, teacher, center, 0.1, 0.04, G, "mean"), s64)
+    dev = DEVICE[kind]
+    temp, center = torch.tensor(0.04, device=dev), center.to(dev)
+    leaf = student.detach().to(dev).requires_grad_()
+    loss = KINDS[kind](leaf, teacher.to(dev), center, 0.1, temp, G, "mean")
+    center.add_(5.0)
+    temp.fill_(0.5)
+    loss.backward()
+    assert_close(leaf.grad, want_grad, torch.float32, atol=0.0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "auto", "torch"])
+def test_dino_loss_public_api(backend):
+    G, S, B, P = 2, 4, 2, 70
+    dev = DEVICE["triton"] if backend == "triton" else "cpu"
+    student = torch.randn(S * B, P, device=dev, requires_grad=True)
+    teacher, center = torch.randn(G * B, P, device=dev), torch.randn(P, device=dev)
+    got = sslkernels.dino_loss(student, teacher, center, n_global_crops=G, backend=backend)
+    got.backward()
+    s64 = student.detach().cpu().double().requires_grad_()
+    want = dino64(s64, teacher.cpu(), center.cpu(), 0.1, 0.04, G, "mean")
+    want.backward()
+    assert_close(got, want, torch.float32)
+    assert_close(student.grad, s64.grad, torch.float32, atol=0.0)
+
+
+def test_dino_loss_no_grad_forward():
+    student, teacher, center = torch.randn(6, 40), torch.randn(4, 40), torch.zeros(1, 40)
+    dev = DEVICE["triton"]
+    with torch.no_grad():
+        got = dino.dino_loss(student.to(dev), teacher.to(dev), center.to(dev), 0.1, 0.04, 2, "sum")
+    assert_close(got, dino64(student, teacher, center, 0.1, 0.04, 2, "sum"), torch.float32)
+
+
+# ------------------------------------------------------------------------------------- update_center_
+
+
+def center64(center, teacher, momentum):
+    m = float(momentum)
+    return center.cpu().double() * m + teacher.cpu().double().mean(dim=0).reshape(center.shape) * (1 - m)
+
+
+@pytest.mark.parametrize("N,P", [(1, 5), (7, 131), (70, 300)])
+@pytest.mark.parametrize("momentum", [0.9, "tensor"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_update_center_matches_float64(N, P, momentum, dtype):
+    teacher = torch.randn(N, P).to(dtype)
+    center = torch.randn(1, P).to(dtype)
+    m = torch.tensor(0.8) if momentum == "tensor" else momentum
+    want = center64(center, teacher, m)
+    dev = DEVICE["triton"]
+    center, teacher = center.to(dev), teacher.to(dev)
+    out = dino.update_center_(center, teacher, m.to(dev) if isinstance(m, torch.Tensor) else m)
+    assert out is center and center.dtype == dtype
+    assert_close(center, want, dtype, atol=0.0)
+
+
+def test_update_center_flat_and_noncontiguous_center():
+    dev = DEVICE["triton"]
+    teacher = torch.randn(9, 40, device=dev)
+    flat = torch.randn(40, device=dev)
+    want = center64(flat, teacher, 0.7)
+    dino.update_center_(flat, teacher, 0.7)
+    assert_close(flat, want, torch.float32)
+    strided = torch.randn(40, 2, device=dev)[:, 0]
+    want = center64(strided, teacher, 0.5)
+    dino.update_center_(strided, teacher, 0.5)
+    assert_close(strided, want, torch.float32)
+
+
+def test_update_center_public_api():
+    dev = DEVICE["triton"]
+    teacher, center = torch.randn(12, 33, device=dev), torch.randn(1, 33, device=dev)
+    want = center64(center, teacher, 0.9)
+    sslkernels.update_center_(center, teacher, 0.9, backend="triton")
+    assert_close(center, want, torch.float32)
+
+
+@pytest.mark.parametrize("momentum", [0.6, "tensor"])
+def test_update_center_distributed_path(monkeypatch, momentum):
+    # Two ranks holding the same rows: the all-reduced mean equals this rank's mean. Exercises the
+    # column-sum kernel + torch all-reduce + EMA branch without a process group.
+    monkeypatch.setattr(dino, "is_distributed", lambda group=None: True)
+    monkeypatch.setattr(dino, "world_size", lambda group=None: 2)
+    monkeypatch.setattr(dino, "all_reduce_sum", lambda x, group=None: x.mul_(2))
+    dev = DEVICE["triton"]
+    teacher, center = torch.randn(11, 37, device=dev), torch.randn(1, 37, device=dev)
+    m = torch.tensor(0.6, device=dev) if momentum == "tensor" else momentum
+    want = center64(center, teacher, 0.6)
+    dino.update_center_(center, teacher, m)
+    assert_close(center, want, torch.float32, atol=0.0)

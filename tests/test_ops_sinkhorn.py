@@ -1,0 +1,101 @@
+"""Sinkhorn-Knopp (Triton kernels under the interpreter, and the streamed CPU path) against the official
+SwAV normalization written here in float64."""
+import math
+
+import pytest
+import torch
+
+import sslkernels
+from conftest import HAS_CUDA, assert_close
+
+pytest.importorskip("triton")
+from sslkernels.ops import dino_cpu, sinkhorn  # noqa: E402
+
+KINDS = {"triton": sinkhorn.sinkhorn_knopp, "cpu": dino_cpu.sinkhorn_knopp}
+# Triton runs on the GPU where there is one, else on CPU tensors under the interpreter.
+DEVICE = {"triton": "cuda" if HAS_CUDA else "cpu", "cpu": "cpu"}
+
+
+@pytest.fixture(autouse=True)
+def _small_tiles(monkeypatch):
+    # Several row blocks, column tiles, P-splits and CPU chunks even for tiny inputs.
+    monkeypatch.setattr(sinkhorn, "BLOCK_B", 4)
+    monkeypatch.setattr(sinkhorn, "BLOCK_P", 16)
+    monkeypatch.setattr(sinkhorn, "TARGET_PROGRAMS", 8)
+    monkeypatch.setattr(dino_cpu, "CHUNK_ELEMENTS", 100)
+
+
+def swav64(scores, epsilon, iterations):
+    """SwAV's distributed_sinkhorn on one process, in float64 and in log space (so it cannot overflow):
+    Q = exp(scores/ε)ᵀ; Q /= ΣQ; repeat: rows /= row sums, /= P; columns /= column sums, /= B; Q *= B."""
+    logq = scores.double().T / epsilon
+    p, b = logq.shape
+    logq = logq - torch.logsumexp(logq.reshape(-1), dim=0)
+    for _ in range(iterations):
+        logq = logq - torch.logsumexp(logq, dim=1, keepdim=True) - math.log(p)
+        logq = logq - torch.logsumexp(logq, dim=0, keepdim=True) - math.log(b)
+    return (torch.exp(logq) * b).T
+
+
+def swav64_exp(scores, epsilon, iterations):
+    """The same, literally as the official code (exp domain); float64 holds it for moderate scores."""
+    q = torch.exp(scores.double() / epsilon).T
+    p, b = q.shape
+    q = q / q.sum()
+    for _ in range(iterations):
+        q = q / q.sum(dim=1, keepdim=True) / p
+        q = q / q.sum(dim=0, keepdim=True) / b
+    return (q * b).T
+
+
+def test_oracles_agree():
+    s = torch.randn(6, 11)
+    assert_close(swav64(s, 0.05, 3), swav64_exp(s, 0.05, 3), torch.float64)
+
+
+@pytest.mark.parametrize("kind", ["triton", "cpu"])
+@pytest.mark.parametrize("B,P", [(5, 37), (1, 20), (7, 1), (13, 70), (40, 9)])
+@pytest.mark.parametrize("iterations", [0, 1, 3])
+def test_sinkhorn_matches_float64(kind, B, P, iterations):
+    scores = torch.randn(B, P)
+    got = KINDS[kind](scores.to(DEVICE[kind]), 0.05, iterations)
+    assert got.shape == (B, P) and got.dtype == torch.float32
+    assert_close(got, swav64_exp(scores, 0.05, iterations), torch.float32)
+    if iterations:
+        assert_close(got.sum(dim=1), torch.ones(B, dtype=torch.float64), torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["triton", "cpu"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_sinkhorn_dtypes(kind, dtype):
+    scores = torch.randn(9, 30).to(dtype)
+    got = KINDS[kind](scores.to(DEVICE[kind]), 0.1, 3)
+    assert got.dtype == torch.promote_types(dtype, torch.float32)
+    assert_close(got, swav64(scores, 0.1, 3), dtype)
+
+
+@pytest.mark.parametrize("kind", ["triton", "cpu"])
+@pytest.mark.parametrize("scale", [1e3, 1e6])
+def test_sinkhorn_extreme_scores(kind, scale):
+    # exp(scores/ε) would overflow float32 (and float64 for 1e6): the log domain must not.
+    scores = torch.randn(11, 45) * scale
+    got = KINDS[kind](scores.to(DEVICE[kind]), 0.05, 3)
+    assert torch.isfinite(got).all()
+    assert_close(got.sum(dim=1), torch.ones(11, dtype=torch.float64), torch.float32)
+    # The exponents reach |scores/ε| ≈ 10⁵·scale/10³; float32 rounds them to ~1e-2·scale/10³ absolute, so
+    # entries may differ from float64 by that relative amount (the eager reference rounds the same way).
+    if scale == 1e3:
+        assert_close(got, swav64(scores, 0.05, 3), rtol=2e-2)
+
+
+def test_sinkhorn_triton_non_contiguous_scores():
+    scores = torch.randn(30, 9).T  # 9×30 with a column stride of 9
+    assert_close(sinkhorn.sinkhorn_knopp(scores.to(DEVICE["triton"]), 0.05, 2), swav64(scores, 0.05, 2), torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["triton", "auto", "torch"])
+def test_sinkhorn_public_api(backend):
+    scores = torch.randn(8, 21)
+    dev = DEVICE["triton"] if backend == "triton" else "cpu"
+    got = sslkernels.sinkhorn_knopp(scores.to(dev), epsilon=0.05, iterations=3, backend=backend)
+    assert_close(got, swav64(scores, 0.05, 3), torch.float32)
