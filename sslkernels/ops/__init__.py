@@ -13,12 +13,12 @@ _OPS = (
 for _name in _OPS:
     _register(_name, "torch")(getattr(_reference, _name))
 
-from . import contrastive_cpu, knn_cpu  # noqa: E402,F401
+from . import contrastive_cpu, cross_correlation, dino_cpu, knn_cpu  # noqa: E402,F401
 
 # Triton kernel families: without Triton installed, their ops keep their other backends.
 import importlib as _importlib  # noqa: E402
 
-for _module in ("queue",):
+for _module in ("contrastive", "cosine", "dino", "ema", "queue", "sinkhorn"):
     try:
         _importlib.import_module(f"{__name__}.{_module}")
     except ImportError as _err:  # pragma: no cover - depends on the environment

@@ -1,0 +1,227 @@
+"""sslkernels.nn modules: their own constructors and the drop-in signatures of lightly, OpenCLIP and the
+official DINO code, against the float64 math of the functional tests (values and input gradients)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import assert_close
+
+import sslkernels
+from sslkernels import nn as snn
+
+from test_contrastive_api import (check, expected_clip, expected_info_nce, expected_moco, expected_nt_xent,
+                                  expected_supcon, leaves)
+from test_objectives_api import expected_barlow, expected_dino, expected_neg_cos, expected_vicreg
+
+F64, F32 = torch.float64, torch.float32
+DTYPES = [F64, F32]
+MODULES = ["InfoNCELoss", "NTXentLoss", "ClipLoss", "MoCoLoss", "SupConLoss", "DCLLoss", "DINOLoss",
+           "NegativeCosineSimilarity", "BarlowTwinsLoss", "VICRegLoss"]
+
+
+def _unit(n, d):
+    return F.normalize(torch.randn(n, d, dtype=F64), dim=1)
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_exported_modules(name):
+    cls = getattr(snn, name)
+    assert issubclass(cls, nn.Module)
+
+
+# ------------------------------------------------------------------------- contrastive modules
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kwargs,with_targets", [({}, False), ({"temperature": 0.2, "symmetric": True}, False),
+                                                 ({"decoupled": True, "reduction": "none"}, False),
+                                                 ({"temperature": 0.07, "reduction": "sum"}, True)])
+def test_info_nce_loss(kwargs, with_targets, dtype):
+    n, m = 13, (29 if with_targets else 13)
+    q, q64 = leaves(_unit(n, 7), dtype)
+    k, k64 = leaves(_unit(m, 7), dtype)
+    targets = torch.randint(0, m, (n,)) if with_targets else None
+    loss = snn.InfoNCELoss(**kwargs)
+    out = loss(q, k, targets) if with_targets else loss(q, k)
+    want = expected_info_nce(q64, k64, kwargs.get("temperature", 0.1), targets, kwargs.get("symmetric", False),
+                             kwargs.get("decoupled", False), kwargs.get("reduction", "mean"))
+    check(out, want, [q, k], [q64, k64], dtype)
+
+
+def test_info_nce_loss_learnable_temperature():
+    tau = nn.Parameter(torch.tensor(0.1, dtype=F64))
+    tau64 = tau.detach().clone().requires_grad_()
+    q, q64 = leaves(_unit(13, 7), F64)
+    k, k64 = leaves(_unit(13, 7), F64)
+    out = snn.InfoNCELoss(tau)(q, k)
+    check(out, expected_info_nce(q64, k64, tau64), [q, k, tau], [q64, k64, tau64], F64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("args", [(), (0.1,), (0.2, 0, False)])
+def test_ntxent_loss_lightly_signature(args, dtype):
+    # lightly's NTXentLoss normalizes out0 / out1 itself, then SimCLR's loss averaged over all 2N rows.
+    z1, z1_64 = leaves(torch.randn(13, 7, dtype=F64) * 3, dtype)
+    z2, z2_64 = leaves(torch.randn(13, 7, dtype=F64) * 3, dtype)
+    out = snn.NTXentLoss(*args)(z1, z2)
+    tau = args[0] if args else 0.5
+    want = expected_nt_xent(F.normalize(z1_64, dim=1), F.normalize(z2_64, dim=1), tau)
+    check(out, want, [z1, z2], [z1_64, z2_64], dtype)
+
+
+def test_ntxent_loss_keywords():
+    loss = snn.NTXentLoss(temperature=0.3, memory_bank_size=0, gather_distributed=False)
+    z1, z2 = torch.randn(5, 4, dtype=F64), torch.randn(5, 4, dtype=F64)
+    assert_close(loss(z1, z2), expected_nt_xent(F.normalize(z1, dim=1), F.normalize(z2, dim=1), 0.3), F64)
+
+
+def test_ntxent_loss_memory_bank():
+    """lightly's MoCo mode: out0 against out1 (positive) and the bank as it was before the step;
+    normalized out1 is then enqueued (only when out0 requires grad)."""
+    try:
+        loss = snn.NTXentLoss(temperature=0.2, memory_bank_size=16)
+    except NotImplementedError:
+        pytest.skip("memory_bank_size > 0 is not implemented")
+    out0, out1 = torch.randn(4, 7, dtype=F64, requires_grad=True), torch.randn(4, 7, dtype=F64)
+    try:
+        loss(out0, out1)
+    except NotImplementedError:
+        pytest.skip("memory_bank_size > 0 is not implemented")
+    bank = getattr(loss, "bank", None)
+    queue = getattr(bank, "queue", None)
+    if not isinstance(queue, torch.Tensor):
+        pytest.skip("the bank is not exposed as .bank.queue; only the call was checked")
+    assert queue.shape == (16, 7)
+    for _ in range(5):  # 5 × 4 rows through a 16-row bank: wraps around
+        before = queue.detach().clone()
+        ptr = int(bank.ptr)
+        o0, o0_64 = leaves(torch.randn(4, 7, dtype=F64), F64)
+        o1 = torch.randn(4, 7, dtype=F64)
+        out = loss(o0, o1)
+        want = expected_moco(F.normalize(o0_64, dim=1), F.normalize(o1, dim=1), before, 0.2)
+        check(out, want, [o0], [o0_64], F64)
+        idx = (ptr + torch.arange(4)) % 16
+        assert_close(queue[idx], F.normalize(o1, dim=1), F64, name="enqueued rows")
+    # No gradient wanted: the bank stays as it is.
+    before = queue.clone()
+    with torch.no_grad():
+        loss(torch.randn(4, 7, dtype=F64), torch.randn(4, 7, dtype=F64))
+    assert torch.equal(queue, before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("args", [(), (0.5,), (0.2, None, False)])
+def test_dcl_loss_lightly_signature(args, dtype):
+    # lightly's DCLLoss = ½(dcl(out0, out1) + dcl(out1, out0)) on normalized inputs: decoupled NT-Xent.
+    z1, z1_64 = leaves(torch.randn(13, 7, dtype=F64), dtype)
+    z2, z2_64 = leaves(torch.randn(13, 7, dtype=F64), dtype)
+    out = snn.DCLLoss(*args)(z1, z2)
+    tau = args[0] if args else 0.1
+    want = expected_nt_xent(F.normalize(z1_64, dim=1), F.normalize(z2_64, dim=1), tau, decoupled=True)
+    check(out, want, [z1, z2], [z1_64, z2_64], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_clip_loss_openclip_signature(dtype):
+    img, img64 = leaves(_unit(13, 7), dtype)
+    txt, txt64 = leaves(_unit(13, 7), dtype)
+    log_scale = torch.tensor(math.log(1 / 0.07), dtype=dtype, requires_grad=True)
+    log_scale64 = log_scale.detach().double().requires_grad_()
+    loss = snn.ClipLoss(local_loss=False, gather_with_grad=False, cache_labels=True, rank=0, world_size=1,
+                        use_horovod=False)
+    out = loss(img, txt, log_scale.exp())
+    want = expected_clip(img64, txt64, log_scale64.exp())
+    check(out, want, [img, txt, log_scale], [img64, txt64, log_scale64], dtype)
+    d = snn.ClipLoss()(img, txt, log_scale.exp(), output_dict=True)
+    assert set(d) == {"contrastive_loss"}
+    assert_close(d["contrastive_loss"], want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_moco_loss_module(dtype):
+    q, q64 = leaves(_unit(13, 7), dtype)
+    k, k64 = leaves(_unit(13, 7), dtype)
+    queue = _unit(37, 7).to(dtype)
+    check(snn.MoCoLoss()(q, k, queue), expected_moco(q64, k64, queue.double(), 0.2), [q, k], [q64, k64], dtype)
+    out = snn.MoCoLoss(0.07, reduction="none")(q, k, queue)
+    check(out, expected_moco(q64, k64, queue.double(), 0.07, "none"), [q, k], [q64, k64], dtype)
+
+
+def test_moco_loss_module_with_memory_queue():
+    mq = sslkernels.MemoryQueue(21, 7, dtype=F64)
+    mq.enqueue_(_unit(21, 7))
+    q, q64 = leaves(_unit(5, 7), F64)
+    k = _unit(5, 7)
+    try:
+        out = snn.MoCoLoss()(q, k, mq)
+    except (TypeError, ValueError):
+        out = snn.MoCoLoss()(q, k, mq.queue)
+    check(out, expected_moco(q64, k, mq.queue.clone(), 0.2), [q], [q64], F64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_supcon_loss_module(dtype):
+    f, f64 = leaves(_unit(13, 7), dtype)
+    labels = torch.tensor([0, 1, 1, 2, 0, 3, 2, 2, 1, 0, 4, 3, 1])  # label 4: no positive
+    check(snn.SupConLoss()(f, labels), expected_supcon(f64, labels, 0.1), [f], [f64], dtype)
+    out = snn.SupConLoss(0.5, reduction="none")(f, labels)
+    check(out, expected_supcon(f64, labels, 0.5, "none"), [f], [f64], dtype)
+
+
+# ------------------------------------------------------------------------- non-contrastive modules
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("args", [(), (1, 1e-8)])
+def test_negative_cosine_similarity_lightly_signature(args, dtype):
+    p, p64 = leaves(torch.randn(13, 7, dtype=F64), dtype)
+    z = torch.randn(13, 7, dtype=F64).to(dtype).requires_grad_()
+    out = snn.NegativeCosineSimilarity(*args)(p, z)
+    want = expected_neg_cos(p64, z.detach().double())
+    check(out, want, [p], [p64], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lambda_param", [None, 0.01])
+def test_barlow_twins_loss_module(lambda_param, dtype):
+    # The paper's numbers (BatchNorm over the batch), whatever signature the module is built with.
+    z1, z1_64 = leaves(torch.randn(13, 7, dtype=F64) * 2, dtype)
+    z2, z2_64 = leaves(torch.randn(13, 7, dtype=F64) + 1, dtype)
+    if lambda_param is None:
+        out, want = snn.BarlowTwinsLoss()(z1, z2), expected_barlow(z1_64, z2_64)
+    else:
+        out = snn.BarlowTwinsLoss(lambda_param, False)(z1, z2)
+        want = expected_barlow(z1_64, z2_64, lambda_param)
+    check(out, want, [z1, z2], [z1_64, z2_64], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("args", [(), (10.0, 20.0, 2.0), (25.0, 25.0, 1.0, False, 1e-4)])
+def test_vicreg_loss_lightly_signature(args, dtype):
+    scale = torch.linspace(0.3, 2.0, 7, dtype=F64)
+    z1, z1_64 = leaves(torch.randn(13, 7, dtype=F64) * scale, dtype)
+    z2, z2_64 = leaves(torch.randn(13, 7, dtype=F64) * scale, dtype)
+    out = snn.VICRegLoss(*args)(z1, z2)
+    want = expected_vicreg(z1_64, z2_64, *args[:3])
+    check(out, want, [z1, z2], [z1_64, z2_64], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dino_loss_official_signature(dtype):
+    """DINOLoss(out_dim, ncrops, warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs,
+    student_temp, center_momentum): the loss with the centre before the step, then the centre update."""
+    p, b, ncrops = 11, 5, 6
+    loss = snn.DINOLoss(p, ncrops, 0.04, 0.07, 3, 10, student_temp=0.1, center_momentum=0.9)
+    schedule = torch.cat([torch.linspace(0.04, 0.07, 3, dtype=F64), torch.full((7,), 0.07, dtype=F64)])
+    center = torch.zeros(1, p, dtype=F64)
+    for epoch in (0, 1, 2, 5):
+        s, s64 = leaves(torch.randn(ncrops * b, p, dtype=F64), dtype)
+        t = torch.randn(2 * b, p, dtype=F64).to(dtype)
+        out = loss(s, t, epoch)
+        want = expected_dino(s64, t.double(), center, 0.1, float(schedule[epoch]), 2)
+        check(out, want, [s], [s64], dtype)
+        center = 0.9 * center + 0.1 * t.double().mean(dim=0, keepdim=True)
+        assert_close(loss.center, center, F32, name=f"center after epoch {epoch}")

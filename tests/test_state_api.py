@@ -1,0 +1,307 @@
+"""Training-state ops of shared/API.md: ema_update_ (tensor lists and nn.Modules), MomentumEncoder and
+MemoryQueue, against float64 arithmetic and a plain Python ring buffer written here."""
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import assert_close
+
+import sslkernels
+from sslkernels import MemoryQueue, MomentumEncoder
+from sslkernels.backends import available
+
+F64 = torch.float64
+SHAPES = [(7,), (13, 5), (3, 1, 4), ()]
+
+
+def _queue_backends():
+    # "auto" always; "triton" too where this machine can run it (CUDA, or the interpreter on CPU).
+    names = ["torch", "auto"]
+    if "triton" in available("queue_enqueue_"):
+        from sslkernels.backends import _usable
+
+        if _usable("triton", torch.device("cpu")):
+            names.append("triton")
+    return names
+
+
+# ------------------------------------------------------------------------- ema_update_ on lists
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("mkind", ["float", "0d"])
+@pytest.mark.parametrize("tdtype,sdtype", [(F64, F64), (torch.float32, torch.float32),
+                                           (torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+                                           (torch.bfloat16, torch.float32)], ids=str)
+def test_ema_update_lists(tdtype, sdtype, mkind, backend):
+    targets = [torch.randn(s, dtype=F64).to(tdtype) for s in SHAPES]
+    sources = [torch.randn(s, dtype=F64).to(sdtype) for s in SHAPES]
+    before = [t.double().clone() for t in targets]
+    ptrs = [t.data_ptr() for t in targets]
+    m = 0.996 if mkind == "float" else torch.tensor(0.996, dtype=torch.float32)
+    m64 = 0.996 if mkind == "float" else float(m)  # the tensor holds 0.996 rounded to float32
+    result = sslkernels.ema_update_(targets, sources, m, backend=backend)
+    assert result is None
+    for i, (t, b, s) in enumerate(zip(targets, before, sources)):
+        assert t.data_ptr() == ptrs[i] and t.dtype == tdtype, "ema_update_ must work in place"
+        want = m64 * b + (1 - m64) * s.double()
+        # The result is rounded once to the target's dtype.
+        assert_close(t, want, tdtype, name=f"target[{i}]")
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_ema_update_momentum_edges(backend):
+    t = [torch.randn(13, 7), torch.randn(5)]
+    s = [torch.randn(13, 7), torch.randn(5)]
+    t0 = [x.clone() for x in t]
+    sslkernels.ema_update_(t, s, 1.0, backend=backend)  # m = 1 keeps the target
+    assert all(torch.equal(a, b) for a, b in zip(t, t0))
+    sslkernels.ema_update_(t, s, 0.0, backend=backend)  # m = 0 copies the source
+    assert all(torch.equal(a, b) for a, b in zip(t, s))
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_ema_update_accepts_generators_and_parameters(backend):
+    a, b = nn.Linear(7, 5), nn.Linear(7, 5)
+    wa, wb = [p.detach().double().clone() for p in a.parameters()], [p.detach().double() for p in b.parameters()]
+    sslkernels.ema_update_(a.parameters(), (p for p in b.parameters()), 0.9, backend=backend)
+    for p, x, y in zip(a.parameters(), wa, wb):
+        assert p.requires_grad
+        assert_close(p, 0.9 * x + 0.1 * y, torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_ema_update_empty_lists(backend):
+    sslkernels.ema_update_([], [], 0.5, backend=backend)
+
+
+# ------------------------------------------------------------------------- ema_update_ on modules
+
+
+def _net(dtype=torch.float32):
+    return nn.Sequential(nn.Linear(7, 13), nn.BatchNorm1d(13), nn.ReLU(), nn.Linear(13, 3)).to(dtype)
+
+
+def _perturbed_copy(net, dtype=None):
+    other = copy.deepcopy(net)
+    if dtype is not None:
+        other = other.to(dtype)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p))
+        bn = other[1]
+        bn.running_mean.copy_(torch.randn(13))
+        bn.running_var.copy_(torch.rand(13) + 0.5)
+        bn.num_batches_tracked.fill_(17)
+    return other
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("buffers", ["copy", "ema", "skip", None])
+@pytest.mark.parametrize("mkind", ["float", "0d"])
+@pytest.mark.parametrize("source_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_ema_update_modules(buffers, mkind, source_dtype, backend):
+    target = _net()
+    source = _perturbed_copy(target, source_dtype)
+    t_params = {k: v.detach().double().clone() for k, v in target.named_parameters()}
+    t_bufs = {k: v.detach().clone() for k, v in target.named_buffers()}
+    m = 0.9 if mkind == "float" else torch.tensor(0.9)
+    m64 = 0.9 if mkind == "float" else float(m)
+    kwargs = {} if buffers is None else {"buffers": buffers}
+    sslkernels.ema_update_(target, source, m, backend=backend, **kwargs)
+    mode = buffers or "copy"
+    s_params, s_bufs = dict(source.named_parameters()), dict(source.named_buffers())
+    for k, p in target.named_parameters():
+        assert p.dtype == torch.float32 and p.requires_grad
+        assert_close(p, m64 * t_params[k] + (1 - m64) * s_params[k].detach().double(), torch.float32, name=k)
+    for k, b in target.named_buffers():
+        src = s_bufs[k]
+        if not b.is_floating_point():
+            assert torch.equal(b, src), f"integer buffer {k} must be copied"
+        elif mode == "copy":
+            assert_close(b, src.double(), torch.float32, name=k)
+        elif mode == "ema":
+            assert_close(b, m64 * t_bufs[k].double() + (1 - m64) * src.double(), torch.float32, name=k)
+        else:
+            assert torch.equal(b, t_bufs[k]), f"buffers='skip' changed {k}"
+
+
+# ------------------------------------------------------------------------- MomentumEncoder
+
+
+def _cosine(t, total, base, final):
+    return final - (final - base) * (math.cos(math.pi * t / total) + 1) / 2
+
+
+def test_momentum_encoder_is_a_frozen_copy():
+    net = _net()
+    enc = MomentumEncoder(net)
+    assert enc.module is not net
+    teacher_params = list(enc.parameters())
+    assert teacher_params and not any(p.requires_grad for p in teacher_params)
+    assert all(p.requires_grad for p in net.parameters()), "the online module must stay trainable"
+    for (k, a), (_, b) in zip(net.state_dict().items(), enc.module.state_dict().items()):
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr(), k
+    net.eval(), enc.eval()
+    x = torch.randn(5, 7, requires_grad=True)
+    y = enc(x)
+    assert not y.requires_grad, "forward must run under no_grad"
+    assert torch.equal(y, net(x).detach())
+
+
+@pytest.mark.parametrize("base,final,total", [(0.996, 1.0, 10), (0.99, 0.999, 7), (0.9, 0.9, 3)])
+def test_momentum_encoder_cosine_schedule(base, final, total):
+    net = _net()
+    enc = MomentumEncoder(net, base, final_momentum=final, schedule="cosine", total_steps=total)
+    for t in range(total + 1):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))  # a "training step" of the online network
+        before = {k: v.double().clone() for k, v in enc.module.named_parameters()}
+        enc.update_(net)
+        m = _cosine(t, total, base, final)
+        for k, p in enc.module.named_parameters():
+            want = m * before[k] + (1 - m) * dict(net.named_parameters())[k].detach().double()
+            assert_close(p, want, torch.float32, name=f"step {t}: {k}")
+    assert abs(_cosine(total, total, base, final) - final) < 1e-12
+
+
+def test_momentum_encoder_explicit_step_and_defaults():
+    net = _net()
+    enc = MomentumEncoder(net, total_steps=100)  # default momentum 0.996 → final 1.0, cosine
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+        net[1].running_mean.copy_(torch.randn(13))
+        net[1].num_batches_tracked.fill_(3)
+    before = {k: v.double().clone() for k, v in enc.module.named_parameters()}
+    enc.update_(net, step=37)
+    m = _cosine(37, 100, 0.996, 1.0)
+    for k, p in enc.module.named_parameters():
+        want = m * before[k] + (1 - m) * dict(net.named_parameters())[k].detach().double()
+        assert_close(p, want, torch.float32, name=k)
+    # Buffers follow ema_update_'s default, buffers="copy" (BatchNorm statistics of the online network).
+    for (k, a), (_, b) in zip(net.named_buffers(), enc.module.named_buffers()):
+        assert torch.equal(a, b), k
+
+
+def test_momentum_encoder_without_total_steps_keeps_base_momentum():
+    net = _net()
+    enc = MomentumEncoder(net, 0.5)
+    for _ in range(3):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.mul_(-2.0)
+        before = {k: v.double().clone() for k, v in enc.module.named_parameters()}
+        enc.update_(net)
+        for k, p in enc.module.named_parameters():
+            want = 0.5 * before[k] + 0.5 * dict(net.named_parameters())[k].detach().double()
+            assert_close(p, want, torch.float32, name=k)
+
+
+def test_momentum_encoder_constant_schedule():
+    net = _net()
+    enc = MomentumEncoder(net, 0.75, schedule="constant", total_steps=4)
+    for _ in range(6):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        before = {k: v.double().clone() for k, v in enc.module.named_parameters()}
+        enc.update_(net)
+        for k, p in enc.module.named_parameters():
+            want = 0.75 * before[k] + 0.25 * dict(net.named_parameters())[k].detach().double()
+            assert_close(p, want, torch.float32, name=k)
+
+
+# ------------------------------------------------------------------------- MemoryQueue
+
+
+class _PyRing:
+    """The obvious ring buffer: write every row in order at ptr, advance ptr by one."""
+
+    def __init__(self, rows):
+        self.rows, self.ptr = [r.clone() for r in rows], 0
+
+    def enqueue(self, keys):
+        for r in keys:
+            self.rows[self.ptr] = r.clone()
+            self.ptr = (self.ptr + 1) % len(self.rows)
+
+    def tensor(self):
+        return torch.stack(self.rows)
+
+
+@pytest.mark.parametrize("backend", _queue_backends())
+@pytest.mark.parametrize("qdtype,kdtype", [(torch.float32, torch.float32), (F64, F64),
+                                           (torch.float32, F64), (torch.float32, torch.float16)], ids=str)
+@pytest.mark.parametrize("size,batches", [(10, [3, 4, 5, 13, 1, 10, 25, 2]), (7, [7, 7, 3]), (1, [1, 3]),
+                                          (16, [16, 5, 40])])
+def test_memory_queue_ring_buffer(size, batches, qdtype, kdtype, backend):
+    q = MemoryQueue(size, 5, dtype=qdtype)
+    assert q.queue.shape == (size, 5) and q.queue.dtype == qdtype
+    assert q.ptr.dim() == 0 and q.ptr.dtype == torch.int64 and q.ptr.device == q.queue.device
+    assert int(q.ptr) == 0
+    ring = _PyRing(q.queue)
+    ptr_obj, ptr_addr, queue_addr = q.ptr, q.ptr.data_ptr(), q.queue.data_ptr()
+    for b in batches:
+        keys = torch.randn(b, 5, dtype=F64).to(kdtype)
+        out = q.enqueue_(keys)
+        ring.enqueue(keys.to(qdtype))  # a plain cast: enqueue must not change the values otherwise
+        assert torch.equal(q.queue, ring.tensor()), f"after a batch of {b}"
+        assert q.ptr.dim() == 0 and q.ptr.dtype == torch.int64 and int(q.ptr) == ring.ptr
+        assert out is None or out is q
+    # Updated in place: the ptr tensor and the queue storage are never replaced (CUDA graphs, no sync).
+    assert q.ptr is ptr_obj and q.ptr.data_ptr() == ptr_addr and q.queue.data_ptr() == queue_addr
+
+
+def test_memory_queue_is_a_module_with_two_buffers():
+    q = MemoryQueue(12, 3)
+    assert isinstance(q, nn.Module)
+    assert set(dict(q.named_buffers())) == {"queue", "ptr"}
+    assert not list(q.parameters())
+    assert q.queue.dtype == torch.float32 and q.queue.device.type == "cpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=str)
+def test_memory_queue_state_dict_round_trip(dtype):
+    a = MemoryQueue(11, 6, dtype=dtype)
+    for b in (4, 5, 9):
+        a.enqueue_(torch.randn(b, 6, dtype=dtype))
+    sd = a.state_dict()
+    assert set(sd) == {"queue", "ptr"} and sd["ptr"].dim() == 0 and int(sd["ptr"]) == 18 % 11
+    b = MemoryQueue(11, 6, dtype=dtype)
+    b.load_state_dict(sd)
+    assert torch.equal(b.queue, a.queue) and torch.equal(b.ptr, a.ptr)
+    assert b.ptr.dim() == 0 and b.ptr.dtype == torch.int64
+    # Both continue identically.
+    keys = torch.randn(7, 6, dtype=dtype)
+    a.enqueue_(keys), b.enqueue_(keys)
+    assert torch.equal(b.queue, a.queue) and torch.equal(b.ptr, a.ptr)
+    # And through torch.save / torch.load.
+    import io
+
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    c = MemoryQueue(11, 6, dtype=dtype)
+    c.load_state_dict(torch.load(buf))
+    assert torch.equal(c.queue, a.queue) and torch.equal(c.ptr, a.ptr)
+
+
+def test_memory_queue_dim_mismatch():
+    q = MemoryQueue(8, 5)
+    with pytest.raises(ValueError, match="dim"):
+        q.enqueue_(torch.randn(3, 6))
+
+
+def test_memory_queue_as_moco_negatives():
+    q = MemoryQueue(9, 7, dtype=F64)
+    q.enqueue_(torch.nn.functional.normalize(torch.randn(9, 7, dtype=F64), dim=1))
+    qry = torch.nn.functional.normalize(torch.randn(4, 7, dtype=F64), dim=1)
+    key = torch.nn.functional.normalize(torch.randn(4, 7, dtype=F64), dim=1)
+    logits = torch.cat([(qry * key).sum(1, keepdim=True), qry @ q.queue.T], dim=1) / 0.2
+    want = torch.nn.functional.cross_entropy(logits, torch.zeros(4, dtype=torch.long))
+    assert_close(sslkernels.moco_loss(qry, key, q.queue, 0.2), want, F64)
