@@ -1,0 +1,12 @@
+"""Kernel benchmarks: ``python -m sslkernels.bench`` (see ``--help``) and benchmarks/test_bench_ops.py.
+
+  cases.py    one definition per op: inputs, size presets from the papers, FLOP / byte formulas
+  models.py   parameter shapes of ResNet-50 / ViT-B / ViT-L for the EMA cases
+  impls.py    implementations discovered at run time (ours, eager, torch.compile, peers) and their callables
+  peers.py    adapters for Inf-CL, OpenCLIP, lightly, timm, cut-cross-entropy
+  timing.py   median and p20/p80 of repeated calls (do_bench / CUDA events on GPU, perf_counter on CPU)
+  memory.py   peak extra memory (CUDA allocator stats; RSS growth in a worker process on CPU)
+  roofline.py the device's matmul rate and copy bandwidth, measured in the same run
+  run.py      runs the cases; report.py writes results.json / results.csv / table.txt / plots
+"""
+from .cases import SPECS, OpSpec, Size  # noqa: F401

@@ -1,0 +1,107 @@
+"""The benchmark CLI: ``python -m sslkernels.bench [OPS...] [--sizes ...] [--dtype ...] [--impl ...]
+[--device cpu|cuda] [--out DIR] [--quick]`` (``--help`` for the rest)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from . import report
+from .cases import DTYPES, PRESETS, SPECS, default_preset, resolve_op
+from .env import default_out_dir
+from .impls import FUSED_KINDS, GROUPS, discover
+from .peers import PEERS
+from .run import Config, run
+from .timing import DEFAULT, QUICK
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m sslkernels.bench",
+        description="Benchmark sslkernels' ops against the eager reference, torch.compile and other libraries.",
+        epilog="Examples: --quick (every op, small sizes, < 5 min on a laptop CPU); "
+               "clip_loss --sizes clip-b,clip-l --dtype bf16; info_nce --sweep N --impl ours,eager; "
+               "--list (ops, sizes, formulas, implementations on this device).")
+    p.add_argument("ops", nargs="*", help=f"ops to run (default: all): {', '.join(SPECS)}")
+    p.add_argument("--sizes", default=None,
+                   help=f"comma list of presets ({', '.join(PRESETS)}), size labels (e.g. simclr,clip-b), "
+                        "or dim overrides like N=8192:D=256 (default: paper on CUDA, small on CPU, quick with --quick)")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--impl", default=",".join(GROUPS),
+                   help="comma list of groups (ours, eager, compile, peers) and/or implementation names "
+                        "(ours:cuda, open_clip, ...)")
+    p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
+    p.add_argument("--out", default=None, help="output folder (default: benchmarks/results/<device>/<timestamp>)")
+    p.add_argument("--quick", action="store_true", help="small sizes and short timing budgets")
+    p.add_argument("--sweep", default=None, metavar="DIM",
+                   help="scaling sweep: DIM (e.g. N) from --sweep-start doubling until out of memory, "
+                        "--sweep-max, or a call slower than --sweep-limit-s")
+    p.add_argument("--sweep-start", type=int, default=1024)
+    p.add_argument("--sweep-max", type=int, default=None, help="default: 2^20 on CUDA, 2^14 on CPU")
+    p.add_argument("--sweep-limit-s", type=float, default=None, help="default: 2 s (0.5 s with --quick)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    p.add_argument("--list", action="store_true", help="list ops, sizes, formulas and implementations, then exit")
+    p.add_argument("--report", default=None, metavar="RESULTS_JSON", help="re-print the table of a results.json")
+    return p
+
+
+def _list(device: torch.device) -> str:
+    lines = [f"implementations on {device} (from sslkernels.backends; whether peers are installed is checked at run time):"]
+    for spec in SPECS.values():
+        impls = discover(spec, device, list(GROUPS))
+        lines.append(f"\n{spec.name}  ({'differentiable' if spec.grad else 'no gradient'})")
+        lines.append(f"  work: {spec.formula}")
+        for preset, sizes in spec.sizes.items():
+            lines.append(f"  {preset:<6} " + "; ".join(f"{s.label} [{s.describe()}]" for s in sizes))
+        lines.append("  impls: " + ", ".join(f"{i.name}" + (f" (skip: {i.skip})" if i.skip else "") for i in impls))
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.report:
+        doc = json.loads(Path(args.report).read_text())
+        sys.stdout.write(report.text_report(doc))
+        return 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device is available", file=sys.stderr)
+        return 2
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.list:
+        print(_list(device))
+        return 0
+    try:
+        ops = [resolve_op(o).name for o in args.ops]
+    except ValueError as err:
+        print(err, file=sys.stderr)
+        return 2
+    wanted = [s.strip() for s in args.impl.split(",") if s.strip()]
+    known = set(GROUPS) | {f"ours:{k}" for k in FUSED_KINDS} | {p.name for ps in PEERS.values() for p in ps}
+    unknown = [w for w in wanted if w not in known]
+    if unknown:
+        print(f"--impl: unknown {unknown}; choose from {sorted(known)}", file=sys.stderr)
+        return 2
+    sizes = args.sizes.split(",") if args.sizes else ["quick" if args.quick else default_preset(device)]
+    cfg = Config(ops=ops, sizes=[s.strip() for s in sizes if s.strip()], dtype=DTYPES[args.dtype],
+                 impls=wanted, device=device, quick=args.quick,
+                 sweep=args.sweep, sweep_start=args.sweep_start, sweep_max=args.sweep_max,
+                 sweep_limit_s=args.sweep_limit_s, memory=not args.no_memory, budget=QUICK if args.quick else DEFAULT)
+    t0 = time.perf_counter()
+    doc = run(cfg)
+    out_dir = Path(args.out) if args.out else default_out_dir(device)
+    written = report.write_all(doc, out_dir)
+    sys.stdout.write(written["text"])
+    if written["plots_note"]:
+        print(written["plots_note"])
+    print(f"wrote {', '.join(str(f) for f in written['files'])}")
+    print(f"total wall time {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

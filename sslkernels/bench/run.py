@@ -1,0 +1,363 @@
+"""Run a benchmark: every (case, implementation, mode), side by side in one process.
+
+Per case the inputs are built once (seeded) and every implementation runs on them; the eager
+reference goes first so the others are checked against its output before they are timed. Results
+are flat records (one per case × implementation × mode); report.py turns them into files and tables.
+"""
+from __future__ import annotations
+
+import gc
+import importlib.util
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import memory, roofline
+from .cases import (OpSpec, Size, SPECS, case_seed, default_preset, dtype_name, element_size, generator,
+                    override_size, resolve_op, sweep_sizes)
+from .env import environment
+from .impls import Impl, build_callables, describe_error, discover, first_tensor, is_oom
+from .timing import DEFAULT, Budget, measure
+
+
+@dataclass
+class Config:
+    ops: List[str]
+    sizes: List[str]                 # preset names, size labels, or "N=1024:D=128" overrides
+    dtype: torch.dtype
+    impls: List[str]                 # groups and/or implementation names
+    device: torch.device
+    quick: bool = False
+    sweep: Optional[str] = None      # a dim name, e.g. "N"
+    sweep_start: int = 1024
+    sweep_max: Optional[int] = None
+    sweep_limit_s: Optional[float] = None  # stop an implementation's sweep after a call slower than this
+    memory: bool = True
+    budget: Budget = field(default=DEFAULT)
+
+
+# ------------------------------------------------------------------------------------------ plan
+
+
+def _parse_override(item: str) -> Dict[str, int]:
+    dims = {}
+    for part in item.split(":"):
+        k, _, v = part.partition("=")
+        if not k or not v.strip().isdigit():
+            raise ValueError(f"bad size override {item!r}: write dims as N=1024:D=128")
+        dims[k.strip()] = int(v)
+    return dims
+
+
+def sizes_for(spec: OpSpec, items: Sequence[str], device: torch.device) -> List[Size]:
+    """The sizes of ``spec`` named by ``items`` (presets, labels of any preset, dim overrides)."""
+    out: List[Size] = []
+    base = spec.sizes[default_preset(device)][0]
+    for item in items:
+        if item in spec.sizes:
+            out.extend(spec.sizes[item])
+        elif "=" in item:
+            s = override_size(base, _parse_override(item))
+            if s is not None:
+                out.append(s)
+        else:
+            out.extend(s for preset in spec.sizes.values() for s in preset if s.label == item)
+    seen, unique = set(), []
+    for s in out:
+        key = (s.label, s.describe())
+        if key not in seen:
+            seen.add(key)
+            unique.append(s)
+    return unique
+
+
+def case_key(spec: OpSpec, size: Size, dtype: torch.dtype) -> str:
+    return f"{spec.name}|{size.label}|{size.describe()}|{dtype_name(dtype)}"
+
+
+# ------------------------------------------------------------------------------------------- run
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _base_record(spec: OpSpec, size: Size, dtype: torch.dtype, device: torch.device, impl: Impl,
+                 mode: str) -> Dict[str, Any]:
+    return {
+        "op": spec.name, "size": size.label, "dims": dict(size.dims), "source": size.source,
+        "dtype": dtype_name(dtype), "device": device.type, "impl": impl.name, "group": impl.group,
+        "kind": impl.kind, "mode": mode, "status": "ok", "reason": "", "note": impl.note,
+        "median_ms": None, "p20_ms": None, "p80_ms": None, "reps": None, "setup_s": None,
+        "peak_mem_bytes": None, "mem_method": None, "check_rel_err": None,
+    }
+
+
+def _rel_err(out: Any, ref: Optional[torch.Tensor]) -> Optional[float]:
+    t = first_tensor(out)
+    if t is None or ref is None or t.shape != ref.shape:
+        return None
+    a, e = t.detach().double(), ref.double()
+    if a.numel() == 0:
+        return 0.0
+    err = (a - e).abs().max().item()
+    return err / max(1.0, e.abs().max().item()) if math.isfinite(err) else float("inf")
+
+
+def _order(impls: List[Impl]) -> List[Impl]:
+    # The eager reference first: the others are checked against its output.
+    return sorted(impls, key=lambda i: 0 if i.group == "eager" else 1)
+
+
+def run_case(spec: OpSpec, size: Size, dtype: torch.dtype, cfg: Config, modes: Sequence[str],
+             stopped: Optional[Dict[str, str]] = None) -> List[Dict[str, Any]]:
+    """Time (and on CUDA, measure the memory of) every implementation of one case."""
+    device = cfg.device
+    impls = _order(discover(spec, device, cfg.impls))
+    records: List[Dict[str, Any]] = []
+    stopped = {} if stopped is None else stopped
+
+    def add(impl, mode, **kw):
+        r = _base_record(spec, size, dtype, device, impl, mode)
+        r.update(kw)
+        records.append(r)
+        return r
+
+    try:
+        inputs = spec.build(size, dtype, device, generator(device, case_seed(spec.name, size, dtype)))
+    except Exception as err:  # noqa: BLE001
+        status = "oom" if is_oom(err) else "error"
+        for impl in impls:
+            for mode in modes:
+                add(impl, mode, status=status, reason=f"building the inputs: {describe_error(err)}")
+        _free(device)
+        return records
+
+    ref: Optional[torch.Tensor] = None
+    for impl in impls:
+        if impl.name in stopped:
+            continue
+        if impl.skip:
+            for mode in modes:
+                add(impl, mode, status="skipped", reason=impl.skip)
+            continue
+        t0 = time.perf_counter()
+        try:
+            calls = build_callables(spec, inputs, size, impl, device)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        except Exception as err:  # noqa: BLE001 - every failure is a result, the run goes on
+            status = "oom" if is_oom(err) else ("skipped" if impl.group in ("peers", "compile") else "error")
+            reason = describe_error(err)
+            if isinstance(err, ImportError) and impl.group == "peers":
+                reason = _import_failure(err, impl)
+            elif impl.group == "compile" and status == "skipped":
+                reason = f"torch.compile failed: {reason}"
+            for mode in modes:
+                add(impl, mode, status=status, reason=reason)
+            if status == "oom":
+                stopped[impl.name] = "out of memory at a smaller size"
+            _free(device)
+            continue
+        setup_s = time.perf_counter() - t0
+        check = None
+        if spec.inplace:
+            pass  # the state moved on between implementations: outputs are not comparable
+        elif impl.group == "eager":
+            t = first_tensor(calls.output)
+            ref = t.detach().clone() if t is not None else None
+        else:
+            check = _rel_err(calls.output, ref)
+        calls.output = None
+        for mode in modes:
+            rec = add(impl, mode, setup_s=setup_s, check_rel_err=check)
+            _measure_mode(rec, calls, mode, cfg)
+            if rec["status"] == "oom":
+                stopped[impl.name] = "out of memory at a smaller size"
+        del calls
+        _free(device)
+        _log(f"  {spec.name:<27} {size.label:<14} {impl.name:<28} "
+             + " ".join(f"{r['mode']}={_fmt_ms(r)}" for r in records if r["impl"] == impl.name))
+    del inputs, ref
+    _free(device)
+    return records
+
+
+def _import_failure(err: ImportError, impl: Impl) -> str:
+    try:
+        installed = importlib.util.find_spec(impl.module) is not None
+    except (ImportError, ValueError):
+        installed = False
+    if not installed:
+        return f"not installed: pip install {impl.kind}"
+    version = getattr(sys.modules.get(impl.module), "__version__", "?")
+    return f"{impl.module} {version} has no such API: {describe_error(err, 120)}"
+
+
+def _fmt_ms(r: Dict[str, Any]) -> str:
+    return f"{r['median_ms']:.3g}ms" if r["median_ms"] is not None else r["status"]
+
+
+def _measure_mode(rec: Dict[str, Any], calls, mode: str, cfg: Config) -> None:
+    device = cfg.device
+    try:
+        fn = calls.for_mode(mode)
+        t = measure(fn, device, cfg.budget)
+        rec.update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, reps=t.reps)
+        if device.type == "cuda" and cfg.memory:
+            # Gradients left by the timing loop would be freed inside the call and hide its peak.
+            calls.reset()
+            rec.update(peak_mem_bytes=memory.peak_cuda(calls.for_mode(mode)), mem_method="cuda max_memory_allocated")
+    except Exception as err:  # noqa: BLE001
+        if is_oom(err):
+            rec.update(status="oom", reason=describe_error(err))
+        elif mode == "bwd":
+            # An autograd.Function that frees its buffers cannot repeat its backward: derive it instead.
+            rec.update(status="derived", reason=f"bwd = (fwd+bwd) − fwd; repeated backward failed: "
+                                                  f"{describe_error(err, 80)}")
+        else:
+            rec.update(status="error", reason=describe_error(err))
+        _free(device)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _derive_bwd(records: List[Dict[str, Any]]) -> None:
+    by = {(r["op"], r["size"], r["dtype"], r["impl"], r["mode"]): r for r in records}
+    for r in records:
+        if r["status"] != "derived":
+            continue
+        f = by.get((r["op"], r["size"], r["dtype"], r["impl"], "fwd"))
+        fb = by.get((r["op"], r["size"], r["dtype"], r["impl"], "fwd+bwd"))
+        if f and fb and f["median_ms"] is not None and fb["median_ms"] is not None:
+            r["median_ms"] = max(fb["median_ms"] - f["median_ms"], 0.0)
+            r["status"] = "ok"
+        else:
+            r["status"] = "error"
+
+
+def _cpu_memory(records: List[Dict[str, Any]], dtype: torch.dtype) -> None:
+    """Fill CPU peak memory from one worker process (compiled implementations are not re-compiled there)."""
+    jobs: Dict[Tuple[str, str], Dict[str, Any]] = {}
+    for r in records:
+        if r["status"] != "ok" or r["device"] != "cpu":
+            continue
+        if r["group"] == "compile":
+            r["mem_method"] = "not measured on CPU (would recompile in the memory worker)"
+            continue
+        spec = resolve_op(r["op"])
+        size = Size(r["size"], r["dims"], r["source"])
+        key = case_key(spec, size, dtype)
+        size_doc = {"label": size.label, "dims": size.dims, "source": size.source}
+        j = jobs.setdefault((key, r["impl"]),
+                            memory.job(key, r["op"], size_doc, r["dtype"], r["impl"], r["kind"], []))
+        j["modes"].append(r["mode"])
+    if not jobs:
+        return
+    _log(f"measuring CPU memory in a worker process ({len(jobs)} implementation × case jobs) ...")
+    results = memory.run_worker(list(jobs.values()))
+    for r in records:
+        if r["status"] != "ok" or r["device"] != "cpu" or r["group"] == "compile":
+            continue
+        spec = resolve_op(r["op"])
+        key = case_key(spec, Size(r["size"], r["dims"], r["source"]), dtype)
+        res = results.get((key, r["impl"], r["mode"]), {"error": "no result from the memory worker"})
+        if "peak_bytes" in res:
+            r.update(peak_mem_bytes=res["peak_bytes"], mem_method="RSS growth (VmHWM − VmRSS, worker process)")
+        else:
+            r["mem_method"] = f"not measured: {res['error']}"
+
+
+def _ratios(records: List[Dict[str, Any]]) -> None:
+    eager = {(r["op"], r["size"], r["dtype"], r["mode"]): r for r in records
+             if r["group"] == "eager" and r["status"] == "ok"}
+    for r in records:
+        e = eager.get((r["op"], r["size"], r["dtype"], r["mode"]))
+        r["speedup_vs_eager"] = (e["median_ms"] / r["median_ms"]
+                                 if e and r["status"] == "ok" and r["median_ms"] else None)
+        r["mem_vs_eager"] = (r["peak_mem_bytes"] / e["peak_mem_bytes"]
+                             if e and r["peak_mem_bytes"] is not None and e["peak_mem_bytes"] else None)
+
+
+def _work(records: List[Dict[str, Any]], ceilings: Dict[str, Any]) -> None:
+    for r in records:
+        spec = SPECS[r["op"]]
+        flops, nbytes = spec.work(r["dims"], element_size(_DTYPE_OF[r["dtype"]]))[r["mode"]]
+        r["flops"], r["bytes"] = flops, nbytes
+        r.update(roofline.place(flops, nbytes, r["median_ms"] if r["status"] == "ok" else None, ceilings))
+
+
+_DTYPE_OF = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def plan(cfg: Config, log: Callable[[str], None] = _log) -> List[Tuple[OpSpec, List[Size]]]:
+    specs = [resolve_op(o) for o in cfg.ops] if cfg.ops else list(SPECS.values())
+    out = []
+    for spec in specs:
+        if cfg.sweep:
+            base = sizes_for(spec, cfg.sizes, cfg.device) or list(spec.sizes[default_preset(cfg.device)])
+            stop = cfg.sweep_max or (1 << 20 if cfg.device.type == "cuda" else 1 << 14)
+            sizes = sweep_sizes(spec, base[0], cfg.sweep, cfg.sweep_start, stop)
+        else:
+            sizes = sizes_for(spec, cfg.sizes, cfg.device)
+        if sizes:
+            out.append((spec, sizes))
+        elif cfg.sweep:
+            log(f"{spec.name}: no dim {cfg.sweep} to sweep; left out")
+        else:
+            log(f"{spec.name}: none of the sizes {cfg.sizes} apply; left out")
+    return out
+
+
+def run(cfg: Config, log: Callable[[str], None] = _log) -> Dict[str, Any]:
+    """Everything the report needs: environment, ceilings, formulas, records."""
+    t_start = time.perf_counter()
+    device = cfg.device
+    env = environment(device)
+    log(f"device: {env['device_name']} ({device}); torch {env['torch']}, triton {env['triton']}")
+    log("measuring the roofline (matmul rate, copy bandwidth) ...")
+    ceilings = roofline.measure_ceilings(device, cfg.dtype, cfg.quick, cfg.budget)
+    log(f"  matmul {ceilings['matmul_tflops']:.3g} TFLOP/s ({dtype_name(cfg.dtype)}), "
+        f"copy {ceilings['copy_gbps']:.3g} GB/s")
+    records: List[Dict[str, Any]] = []
+    planned = plan(cfg, log)
+    for spec, sizes in planned:
+        modes = (spec.primary_mode,) if cfg.sweep else spec.modes
+        stopped: Dict[str, str] = {}
+        for size in sizes:
+            log(f"{spec.name} {size.label} [{size.describe()}] {dtype_name(cfg.dtype)}")
+            recs = run_case(spec, size, cfg.dtype, cfg, modes, stopped if cfg.sweep else None)
+            if cfg.sweep:
+                for r in recs:
+                    r["sweep"] = cfg.sweep
+                    limit = cfg.sweep_limit_s or (0.5 if cfg.quick else 2.0)
+                    if r["status"] == "ok" and r["median_ms"] and r["median_ms"] > limit * 1e3:
+                        stopped.setdefault(r["impl"], f"over {limit:g} s per call at a smaller size")
+            records.extend(recs)
+            if cfg.sweep and all(i.name in stopped or i.skip for i in discover(spec, device, cfg.impls)):
+                break
+    _derive_bwd(records)
+    if cfg.memory and device.type == "cpu":
+        _cpu_memory(records, cfg.dtype)
+    _ratios(records)
+    _work(records, ceilings)
+    return {
+        "environment": env,
+        "roofline": ceilings,
+        "config": {
+            "ops": [s.name for s, _ in planned], "sizes": cfg.sizes, "dtype": dtype_name(cfg.dtype),
+            "impls": cfg.impls, "device": str(device), "quick": cfg.quick, "sweep": cfg.sweep,
+            "budget": cfg.budget.__dict__,
+        },
+        "formulas": {s.name: s.formula for s, _ in planned},
+        "wall_s": time.perf_counter() - t_start,
+        "results": records,
+    }
