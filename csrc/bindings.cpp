@@ -12,6 +12,7 @@
 #include "cuda_check.h"
 #include "dtypes.h"
 #include "ema.h"
+#include "queue.h"
 
 namespace py = pybind11;
 
@@ -80,4 +81,20 @@ PYBIND11_MODULE(_C, m) {
       py::arg("stream"),
       "Multi-tensor EMA t <- m*t + (1-m)*s over device metadata tables (see csrc/multi_tensor.h).\n"
       "momentum: device address of a 0-d tensor or 0 (then momentum_value is used). Enqueued on `stream`.");
+
+  m.def(
+      "queue_enqueue",
+      [](std::uintptr_t queue, std::uintptr_t ptr, std::uintptr_t keys, int64_t size, int64_t dim, int64_t n_keys,
+         int64_t queue_stride, int64_t keys_stride, int queue_dtype, int keys_dtype, bool normalize,
+         std::uintptr_t stream) {
+        sslkernels::EnqueueLaunch args{queue,        ptr,         keys,       size,      dim,       n_keys,
+                                       queue_stride, keys_stride, queue_dtype, keys_dtype, normalize, stream};
+        py::gil_scoped_release release;
+        sslkernels::queue_enqueue(args);
+      },
+      py::arg("queue"), py::arg("ptr"), py::arg("keys"), py::arg("size"), py::arg("dim"), py::arg("n_keys"),
+      py::arg("queue_stride"), py::arg("keys_stride"), py::arg("queue_dtype"), py::arg("keys_dtype"),
+      py::arg("normalize"), py::arg("stream"),
+      "Ring-buffer enqueue of the last min(n_keys, size) key rows at the device int64 *ptr (optionally\n"
+      "L2-normalized, cast to the queue dtype); advances *ptr by n_keys mod size on the device. One launch on `stream`.");
 }

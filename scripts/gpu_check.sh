@@ -34,10 +34,12 @@ stage() {  # stage NAME LIMIT_S CMD...
 
 : >"$out/gpu_check.log"
 stage env 60 bash -c "nvidia-smi; $py -c 'import torch, triton; print(\"torch\", torch.__version__, \"triton\", triton.__version__, \"cuda\", torch.version.cuda, torch.cuda.get_device_name(0))'"
-stage build_csrc 180 env PYTHON="$py" bash scripts/build_csrc.sh "$root/build/csrc"
+stage build_csrc 90 env PYTHON="$py" bash scripts/build_csrc.sh "$root/build/csrc"
 # Kernel outputs are NaN-poisoned before launch (ops/_common.py), so an unwritten element fails a test.
-stage tests 300 env SSLKERNELS_POISON=1 "$py" -m pytest -q -rfE -p no:cacheprovider tests --junitxml="$out/tests.xml"
-stage bench 240 "$py" -m sslkernels.bench --quick --device cuda --out "$out/bench"
+# pytest-xdist (in the device image) spreads the suite over 4 workers sharing the GPU.
+xdist=(); "$py" -c 'import xdist' 2>/dev/null && xdist=(-n 4)
+stage tests 300 env SSLKERNELS_POISON=1 "$py" -m pytest -q -rfE -p no:cacheprovider "${xdist[@]}" tests --junitxml="$out/tests.xml"
+stage bench 180 "$py" -m sslkernels.bench --quick --device cuda --out "$out/bench"
 
 {
   echo

@@ -4,6 +4,7 @@ Every function takes ``backend=None`` ("auto" unless set_backend / SSLKERNELS_BA
 """
 from __future__ import annotations
 
+import sys
 from typing import Iterable, Optional, Union
 
 import torch
@@ -249,19 +250,60 @@ def _module_pairs(target: nn.Module, source: nn.Module, buffers: str):
     return ema_t, ema_s, copy_t, copy_s
 
 
+def _dtensor_type():
+    """DTensor's class if torch.distributed.tensor was imported (no DTensor can exist otherwise), else None."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return getattr(mod, "DTensor", None)
+
+
+def _local_pairs(targets: list, sources: list, what: str):
+    """The local tensors of DTensor pairs (FSDP2-sharded parameters, tensor-parallel weights).
+
+    The EMA is elementwise, so each rank updating its own shard is the whole update: no communication.
+    Two DTensors must share mesh and placements (then their shards cover the same elements); a DTensor
+    paired with a plain tensor takes that tensor as its local shard (the shapes must then match the shard).
+    FSDP1's flat parameters are plain tensors already and pass through unchanged.
+    """
+    dtensor = _dtensor_type()
+    if dtensor is None:
+        return targets, sources
+    out_t, out_s = [], []
+    for i, (t, s) in enumerate(zip(targets, sources)):
+        t_d, s_d = isinstance(t, dtensor), isinstance(s, dtensor)
+        if t_d and s_d and (t.device_mesh != s.device_mesh or tuple(t.placements) != tuple(s.placements)):
+            raise ValueError(f"{what}: target[{i}] and source[{i}] are DTensors with different meshes or placements "
+                             f"({tuple(t.placements)} vs {tuple(s.placements)}); their local shards do not pair up")
+        out_t.append(t._local_tensor if t_d else t)
+        out_s.append(s._local_tensor if s_d else s)
+    return out_t, out_s
+
+
+def _local_momentum(momentum):
+    dtensor = _dtensor_type()
+    if dtensor is not None and isinstance(momentum, dtensor):
+        return momentum.full_tensor()  # a 0-d DTensor: replicate (a no-op for Replicate placements)
+    return momentum
+
+
 @torch.no_grad()
 def ema_update_(target, source, momentum: Scalar, *, buffers: str = "copy", backend: Optional[str] = None) -> None:
-    """In place, for every pair: t ← m·t + (1 − m)·s. ``target``/``source``: tensor iterables or nn.Modules."""
+    """In place, for every pair: t ← m·t + (1 − m)·s. ``target``/``source``: tensor iterables or nn.Modules.
+
+    DTensors (FSDP2 / tensor-parallel parameters) are updated through their local shards, on every rank.
+    """
     if isinstance(target, nn.Module) or isinstance(source, nn.Module):
         if not (isinstance(target, nn.Module) and isinstance(source, nn.Module)):
             raise TypeError("target and source must both be nn.Modules or both be iterables of tensors")
         targets, sources, copy_t, copy_s = _module_pairs(target, source, buffers)
+        copy_t, copy_s = _local_pairs(copy_t, copy_s, "ema_update_ buffers")
         for t, s in zip(copy_t, copy_s):
             if t.shape != s.shape:
                 raise ValueError(f"a target buffer has shape {tuple(t.shape)} but its source has {tuple(s.shape)}")
             t.copy_(s)
     else:
         targets, sources = check.tensor_list(target, "target"), check.tensor_list(source, "source")
+    if len(targets) == len(sources):  # a length mismatch is reported by ema_pairs
+        targets, sources = _local_pairs(targets, sources, "ema_update_")
     check.ema_pairs(targets, sources)
     if not targets:
         return
@@ -269,7 +311,7 @@ def ema_update_(target, source, momentum: Scalar, *, buffers: str = "copy", back
     for i, t in enumerate(targets):
         if t.device != device:
             raise ValueError(f"target[{i}] is on {t.device} but target[0] is on {device}; ema_update_ takes one device")
-    momentum = check.momentum(momentum, device=device)
+    momentum = check.momentum(_local_momentum(momentum), device=device)
     if isinstance(momentum, torch.Tensor) and momentum.device != device:
         momentum = momentum.to(device)
     dispatch("ema_update_", backend, device)([t.data for t in targets], [s.data for s in sources], momentum)

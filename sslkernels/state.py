@@ -16,9 +16,9 @@ from torch import nn
 from . import _checks as check
 from .backends import dispatch
 from .distributed import all_gather_rows
-from .functional import ema_update_
+from .functional import BUFFER_MODES, ema_update_
 
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("cosine", "cosine_epoch", "constant")
 
 
 class MemoryQueue(nn.Module):
@@ -26,6 +26,8 @@ class MemoryQueue(nn.Module):
 
     ``queue`` starts as random unit rows (as MoCo and lightly initialise theirs), so it can serve as
     negatives from the first step. ``ptr`` is a 0-d int64 tensor on the queue's device.
+    ``state_dict()`` round-trips exactly; a state dict saved on another device or in another dtype loads
+    into this queue's device and dtype (and ``ptr`` is checked to lie in [0, size)).
     """
 
     def __init__(self, size: int, dim: int, *, dtype: torch.dtype = torch.float32, device=None):
@@ -66,29 +68,85 @@ class MemoryQueue(nn.Module):
     def forward(self) -> torch.Tensor:
         return self.queue
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A state dict saved on another device or in another queue dtype loads into this queue's device and
+        # dtype (nn.Module copies into the existing buffers). ptr may also come as a 1-element tensor (the
+        # official MoCo code's queue_ptr layout) or another integer dtype. Not a hot path: checking the
+        # value here (a host read) is what lets the kernels trust ptr in [0, size).
+        key = prefix + "ptr"
+        ptr = state_dict.get(key)
+        if isinstance(ptr, torch.Tensor):
+            if ptr.numel() != 1 or ptr.is_floating_point() or ptr.is_complex() or ptr.dtype == torch.bool:
+                error_msgs.append(f"{key}: expected a 0-d integer tensor, got {ptr.dtype} of shape {tuple(ptr.shape)}")
+                return
+            value = int(ptr.reshape(()))
+            if not 0 <= value < self.size:
+                error_msgs.append(f"{key} = {value} is outside [0, {self.size}) for a queue of {self.size} rows")
+                return
+            state_dict = dict(state_dict)
+            state_dict[key] = ptr.reshape(()).to(torch.long)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def extra_repr(self) -> str:
         return f"size={self.size}, dim={self.dim}, dtype={self.queue.dtype}"
 
 
 def scheduled_momentum(step: torch.Tensor, base: float, final: float, total_steps: Optional[int],
-                       schedule: str) -> torch.Tensor:
-    """The EMA momentum at ``step`` as a device tensor (no host sync).
+                       schedule: str, *, steps_per_epoch: Optional[int] = None) -> torch.Tensor:
+    """The EMA momentum at ``step`` (an integer tensor) as a float64 tensor on its device (no host sync).
 
-    cosine (BYOL / DINO): final − (final − base)·(cos(π·t/T) + 1)/2, t clamped to T; without
-    ``total_steps`` the momentum stays at ``base``.
+    Schedules (``t`` = step, ``T`` = total_steps, ``S`` = steps_per_epoch):
+
+    - ``"cosine"`` (BYOL / DINO, per step): final − (final − base)·(cos(π·min(t/T, 1)) + 1)/2.
+    - ``"cosine_epoch"`` (MoCo v3's cosine, changing once per epoch): the same curve over epochs,
+      final − (final − base)·(cos(π·min(⌊t/S⌋ / (T/S), 1)) + 1)/2; needs ``steps_per_epoch``. With
+      final = 1 this is MoCo v3's ``1 − (1 − base)·(cos(π·epoch/epochs) + 1)/2`` at whole epochs. (The
+      official main_moco.py evaluates that formula at the fractional epoch ``epoch + i/iters_per_epoch``,
+      which is ``"cosine"`` with final = 1.)
+    - ``"constant"``: base.
+
+    Without ``total_steps`` every schedule stays at ``base``. fp64 keeps 1 − m accurate as m nears 1 (the
+    EMA kernels form 1 − m from the tensor before rounding).
     """
-    s = step.to(torch.float32)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if schedule == "cosine_epoch":
+        _check_positive_int(steps_per_epoch, "steps_per_epoch", "schedule='cosine_epoch'")
+    s = step.to(torch.float64)
     if schedule == "constant" or total_steps is None:
         return torch.full_like(s, base)
-    frac = torch.clamp(s / total_steps, max=1.0)
+    if schedule == "cosine_epoch":
+        # Integer floor division on the device: exact for any step count.
+        epoch = torch.div(step.to(torch.int64), steps_per_epoch, rounding_mode="floor").to(torch.float64)
+        frac = torch.clamp(epoch / (total_steps / steps_per_epoch), max=1.0)
+    else:
+        frac = torch.clamp(s / total_steps, max=1.0)
     return final - (final - base) * (torch.cos(math.pi * frac) + 1) / 2
 
 
+def _check_positive_int(value, name: str, why: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        need = f" ({why} needs one)" if why else ""
+        raise ValueError(f"{name} must be a positive int{need}, got {value!r}")
+
+
 class MomentumEncoder(nn.Module):
-    """A frozen copy of ``module`` updated by EMA (the teacher / key encoder of BYOL, MoCo, DINO)."""
+    """A frozen copy of ``module`` updated by EMA (the teacher / key encoder of BYOL, MoCo, DINO).
+
+    ``momentum`` goes to ``final_momentum`` over ``total_steps`` along ``schedule`` (see
+    :func:`scheduled_momentum`: ``"cosine"``, ``"cosine_epoch"``, ``"constant"``); the step counter is a
+    device tensor, so the schedule costs no host sync.
+
+    Keyword arguments beyond shared/API.md:
+      steps_per_epoch  needed by ``schedule="cosine_epoch"`` (MoCo v3: the momentum changes once per epoch).
+      buffers          what :func:`ema_update_` does with floating-point buffers: "copy" (default), "ema", "skip".
+    """
 
     def __init__(self, module: nn.Module, momentum: float = 0.996, *, final_momentum: float = 1.0,
-                 schedule: str = "cosine", total_steps: Optional[int] = None, buffers: str = "copy"):
+                 schedule: str = "cosine", total_steps: Optional[int] = None, buffers: str = "copy",
+                 steps_per_epoch: Optional[int] = None):
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
@@ -99,7 +157,13 @@ class MomentumEncoder(nn.Module):
         if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
                                         or total_steps < 1):
             raise ValueError(f"total_steps must be a positive int or None, got {total_steps!r}")
+        if schedule == "cosine_epoch" or steps_per_epoch is not None:
+            _check_positive_int(steps_per_epoch, "steps_per_epoch",
+                                "schedule='cosine_epoch'" if schedule == "cosine_epoch" else "")
+        if buffers not in BUFFER_MODES:
+            raise ValueError(f"buffers must be one of {BUFFER_MODES}, got {buffers!r}")
         self.schedule, self.total_steps, self.buffers = schedule, total_steps, buffers
+        self.steps_per_epoch = steps_per_epoch
         self.module = copy.deepcopy(module)
         for p in self.module.parameters():
             p.requires_grad_(False)
@@ -108,7 +172,8 @@ class MomentumEncoder(nn.Module):
 
     def momentum_at(self, step: Optional[Union[int, torch.Tensor]] = None) -> torch.Tensor:
         s = self.step if step is None else torch.as_tensor(step, device=self.step.device)
-        return scheduled_momentum(s, self.base_momentum, self.final_momentum, self.total_steps, self.schedule)
+        return scheduled_momentum(s, self.base_momentum, self.final_momentum, self.total_steps, self.schedule,
+                                  steps_per_epoch=self.steps_per_epoch)
 
     @torch.no_grad()
     def update_(self, module: nn.Module, step: Optional[Union[int, torch.Tensor]] = None) -> torch.Tensor:

@@ -1,49 +1,119 @@
-"""MemoryQueue's enqueue kernels (Triton under the interpreter, and the eager path) against a row-by-row
-model of the ring buffer written in the test."""
+"""MemoryQueue's enqueue implementations ("torch", "triton", "cuda") against a row-by-row model of the ring
+buffer written in the test.
+
+Device-aware: on a GPU machine every kind runs on CUDA tensors (the interpreter is off there); without a
+GPU "triton" runs on CPU tensors under TRITON_INTERPRET=1 (tests/conftest.py) and "cuda" (the csrc
+extension) is skipped.
+"""
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import sslkernels
-from sslkernels.backends import available
+from conftest import HAS_CUDA
+from sslkernels.backends import available, cuda_extension, triton_interpreted
+
+f16, bf16, f32, f64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+HAS_CSRC = HAS_CUDA and cuda_extension() is not None
+needs_csrc = pytest.mark.skipif(not HAS_CSRC, reason="needs a GPU and the built sslkernels._C extension")
+needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
+
+
+def runnable(kind):
+    if kind == "triton" and not (HAS_CUDA or triton_interpreted()):
+        pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
+    if kind == "cuda" and not HAS_CSRC:
+        pytest.skip("needs a GPU and the built sslkernels._C extension")
+    return available("queue_enqueue_")[kind]
 
 
 def ring_model(queue, ptr, keys, normalize):
-    """Write every row in order, one at a time: the definition the fused kernel must match."""
-    q = queue.clone().to(torch.float64)
+    """Write every row in order, one at a time: the definition the fused kernels must match."""
+    q = queue.detach().to("cpu", torch.float64).clone()
     p = int(ptr)
-    for row in keys.to(torch.float64):
+    for row in keys.detach().to("cpu", torch.float64):
         q[p] = F.normalize(row, dim=0) if normalize else row
         p = (p + 1) % q.shape[0]
     return q, p
 
 
-@pytest.mark.parametrize("kind", ["torch", "triton"])
+def tol(queue_dtype, keys_dtype):
+    # One rounding into the queue's dtype (plus the keys' own precision when normalizing).
+    worst = max((queue_dtype, keys_dtype), key=lambda d: torch.finfo(d).eps)
+    return {f64: 1e-12, f32: 1e-6, f16: 2e-3, bf16: 1e-2}[worst]
+
+
+def check_enqueue(kind, size, dim, start, batch, normalize, q_dtype, k_dtype, *, keys=None):
+    queue = torch.randn(size, dim, dtype=f64).to(DEVICE, q_dtype)
+    ptr = torch.tensor(start, device=DEVICE)
+    if keys is None:
+        keys = (torch.randn(batch, dim, dtype=f64) * 3).to(DEVICE, k_dtype)
+    want, want_ptr = ring_model(queue, ptr, keys, normalize)
+    ptr_addr, queue_addr = ptr.data_ptr(), queue.data_ptr()
+    runnable(kind)(queue, ptr, keys, normalize)
+    assert ptr.dtype == torch.int64 and ptr.dim() == 0 and ptr.data_ptr() == ptr_addr
+    assert queue.data_ptr() == queue_addr and queue.dtype == q_dtype
+    assert int(ptr) == want_ptr
+    t = tol(q_dtype, k_dtype)
+    # Rows the batch never reaches are untouched: the model copied them, compare exactly there too.
+    torch.testing.assert_close(queue.double().cpu(), want.to(q_dtype).double(), rtol=t, atol=t)
+    return queue, ptr
+
+
+KINDS = ["torch", "triton", "cuda"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("batch", [1, 3, 10, 17, 31])
 @pytest.mark.parametrize("normalize", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [f32, f16])
 def test_enqueue_matches_ring_model(kind, batch, normalize, dtype):
-    size, dim, start = 10, 7, 6
-    queue = torch.randn(size, dim).to(dtype)
-    ptr = torch.tensor(start)
-    keys = torch.randn(batch, dim) * 3
-    want, want_ptr = ring_model(queue, ptr, keys, normalize)
-    available("queue_enqueue_")[kind](queue, ptr, keys.to(dtype), normalize)
-    assert int(ptr) == want_ptr
-    tol = 1e-6 if dtype == torch.float32 else 2e-3
-    torch.testing.assert_close(queue.to(torch.float64), want.to(dtype).to(torch.float64), rtol=tol, atol=tol)
+    # size 10 from ptr 6: wrap-around; batches 17 and 31 are larger than the queue (last 10 rows kept).
+    check_enqueue(kind, 10, 7, 6, batch, normalize, dtype, dtype)
+
+
+DTYPE_PAIRS = [(q, k) for q in (f32, f16, bf16) for k in (f32, f16, bf16)] + [(f64, f64), (f32, f64), (f64, f16)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("q_dtype,k_dtype", DTYPE_PAIRS, ids=str)
+def test_enqueue_dtype_combinations(kind, q_dtype, k_dtype):
+    check_enqueue(kind, 13, 33, 11, 5, True, q_dtype, k_dtype)
+    check_enqueue(kind, 13, 33, 4, 30, False, q_dtype, k_dtype)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_enqueue_strided_keys_and_zero_rows(kind):
+    # Keys that are a row-strided view (every other row of a wider buffer), one all-zero row (the 1e-12
+    # floor of F.normalize: stays zero, no NaN), and a width that is not a power of two.
+    base = (torch.randn(12, 2 * 45, dtype=f64) * 2).to(DEVICE, f32)
+    keys = base[::2, 5:50]
+    keys[1].zero_()
+    assert keys.stride(1) == 1 and not keys.is_contiguous()
+    queue, _ = check_enqueue(kind, 8, 45, 3, None, True, f32, f32, keys=keys)
+    assert torch.isfinite(queue).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_enqueue_batch_equal_to_and_multiple_of_size(kind):
+    for batch, start in ((16, 0), (16, 5), (48, 9), (1, 15)):
+        check_enqueue(kind, 16, 4, start, batch, False, f32, f32)
 
 
 def test_memory_queue_wraps_and_round_trips_state():
-    q = sslkernels.MemoryQueue(8, 5)
+    q = sslkernels.MemoryQueue(8, 5, device=DEVICE)
     assert q.ptr.dtype == torch.long and q.ptr.dim() == 0 and q.ptr.device == q.queue.device
     for b in (3, 3, 3, 11):
         before = q.queue.clone()
-        want, want_ptr = ring_model(before, q.ptr, k := torch.randn(b, 5), False)
+        want, want_ptr = ring_model(before, q.ptr, k := torch.randn(b, 5, device=DEVICE), False)
         q.enqueue_(k)
-        torch.testing.assert_close(q.queue.double(), want)
+        torch.testing.assert_close(q.queue.double().cpu(), want)
         assert int(q.ptr) == want_ptr
-    other = sslkernels.MemoryQueue(8, 5)
+    other = sslkernels.MemoryQueue(8, 5, device=DEVICE)
     other.load_state_dict(q.state_dict())
     assert torch.equal(other.queue, q.queue) and torch.equal(other.ptr, q.ptr)
 
@@ -62,3 +132,127 @@ def test_memory_queue_plugs_into_moco_loss():
     q = sslkernels.MemoryQueue(16, 6, dtype=torch.float64)
     query, key = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
     assert torch.equal(sslkernels.moco_loss(query, key, q), sslkernels.moco_loss(query, key, q.queue))
+
+
+def test_cuda_backend_on_cpu_tensors_is_a_clear_error():
+    q = sslkernels.MemoryQueue(8, 5)
+    with pytest.raises(ValueError, match="cuda"):
+        q.enqueue_(torch.randn(2, 5), backend="cuda")
+
+
+# ----------------------------------------------------------------------------------- GPU (csrc)
+
+
+@needs_csrc
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("q_dtype,k_dtype", DTYPE_PAIRS, ids=str)
+@pytest.mark.parametrize("size,dim,start,batch", [(65536, 128, 65500, 256), (100, 1000, 37, 333),
+                                                  (7, 3, 6, 1), (1, 64, 0, 5)])
+def test_csrc_matches_triton_and_reference(size, dim, start, batch, q_dtype, k_dtype, normalize):
+    keys = (torch.randn(batch, dim, device="cuda", dtype=f64) * 3).to(k_dtype)
+    init = torch.randn(size, dim, device="cuda", dtype=f64).to(q_dtype)
+    out = {}
+    for kind in KINDS:
+        queue, ptr = init.clone(), torch.tensor(start, device="cuda")
+        available("queue_enqueue_")[kind](queue, ptr, keys, normalize)
+        out[kind] = (queue, ptr)
+    want_ptr = (start + batch) % size
+    t = tol(q_dtype, k_dtype)
+    for kind in ("cuda", "triton"):
+        assert int(out[kind][1]) == want_ptr, kind
+        # Same formula, one rounding: at most an ulp of the compute dtype apart before the final cast.
+        torch.testing.assert_close(out[kind][0].double(), out["torch"][0].double(), rtol=t, atol=t)
+    if not normalize and not (k_dtype == f64 and q_dtype in (f16, bf16)):
+        # A plain cast rounds once, the same way, in both (fp64 -> fp16/bf16 may round through fp32).
+        assert torch.equal(out["cuda"][0], out["torch"][0])
+
+
+@needs_csrc
+def test_csrc_many_blocks_advance_ptr_once():
+    # 2^14 rows: two thousand blocks all read ptr through the arrival counter; the last one advances it.
+    size, dim = 1 << 15, 16
+    queue = torch.zeros(size, dim, device="cuda")
+    ptr = torch.tensor(size - 3, device="cuda")
+    rows = torch.arange(1 << 14, device="cuda", dtype=f32)[:, None].expand(-1, dim)
+    for step in range(5):
+        before = int(ptr)
+        available("queue_enqueue_")["cuda"](queue, ptr, rows, False)
+        assert int(ptr) == (before + rows.shape[0]) % size, f"step {step}"
+        idx = (before + torch.arange(rows.shape[0], device="cuda")) % size
+        assert torch.equal(queue[idx, 0], rows[:, 0]), f"step {step}"
+
+
+@contextlib.contextmanager
+def sync_debug_error():
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@needs_gpu
+@pytest.mark.parametrize("kind", ["triton", "cuda"])
+def test_gpu_enqueue_is_sync_free_and_graph_capturable(kind):
+    fn = runnable(kind)
+    size, dim, batch = 50, 32, 16
+    queue = torch.randn(size, dim, device="cuda")
+    ptr = torch.tensor(40, device="cuda")
+    keys = torch.randn(batch, dim, device="cuda")
+    fn(queue, ptr, keys, True)  # warm-up (Triton compiles here)
+    torch.cuda.synchronize()
+    with sync_debug_error():
+        fn(queue, ptr, keys, True)
+    start_queue, start_ptr = queue.clone(), int(ptr)
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn(queue, ptr, keys, True)
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):
+        fn(queue, ptr, keys, True)
+    queue.copy_(start_queue)
+    ptr.fill_(start_ptr)
+    for _ in range(3):  # each replay reads the ptr the previous one left
+        graph.replay()
+    torch.cuda.synchronize()
+    want, want_ptr = ring_model(start_queue, start_ptr, torch.cat([keys] * 3), True)
+    assert int(ptr) == want_ptr
+    torch.testing.assert_close(queue.double().cpu(), want, rtol=1e-6, atol=1e-6)
+
+
+@needs_csrc
+def test_csrc_enqueue_is_one_kernel_launch():
+    queue = torch.randn(65536, 128, device="cuda")
+    ptr = torch.tensor(0, device="cuda")
+    keys = torch.randn(256, 128, device="cuda")
+    fn = available("queue_enqueue_")["cuda"]
+    fn(queue, ptr, keys, True)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn(queue, ptr, keys, True)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if not kernels:
+        pytest.skip("the profiler recorded no device activity here (CUPTI unavailable)")
+    assert len(kernels) == 1, [e.name for e in kernels]  # the ptr advance included: no extra launch
+    assert int(ptr) == 512
+
+
+# ------------------------------------------------------------------------------ extension module
+
+
+@pytest.mark.skipif(cuda_extension() is None, reason="sslkernels._C is not built")
+def test_extension_enqueue_argument_checks():
+    ext = cuda_extension()
+    good = dict(queue=256, ptr=512, keys=1024, size=8, dim=4, n_keys=3, queue_stride=4, keys_stride=4,
+                queue_dtype=0, keys_dtype=0, normalize=False, stream=0)
+    for bad, match in (({"queue_dtype": 9}, "dtype"), ({"size": 0}, "size"), ({"n_keys": 0}, "n_keys"),
+                       ({"queue_stride": 2}, "stride"), ({"ptr": 0}, "null"), ({"ptr": 516}, "aligned")):
+        with pytest.raises(ValueError, match=match):
+            ext.queue_enqueue(**{**good, **bad})
+    if not HAS_CUDA:
+        # A kernel call without a GPU (or driver) is a Python error, not a crash.
+        with pytest.raises(RuntimeError, match="sslkernels._C"):
+            ext.queue_enqueue(**good)

@@ -11,6 +11,7 @@ from conftest import assert_close
 
 import sslkernels
 from sslkernels import MemoryQueue, MomentumEncoder
+from sslkernels.state import scheduled_momentum
 from sslkernels.backends import available
 
 F64 = torch.float64
@@ -216,6 +217,72 @@ def test_momentum_encoder_constant_schedule():
             assert_close(p, want, torch.float32, name=k)
 
 
+def _cosine_epoch(t, total, spe, base, final):
+    # MoCo v3's adjust_moco_momentum at whole epochs: 1 − (1 − base)·(cos(π·epoch/epochs) + 1)/2 for final 1.
+    epoch, epochs = t // spe, total / spe
+    return final - (final - base) * (math.cos(math.pi * min(epoch / epochs, 1.0)) + 1) / 2
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "cosine_epoch", "constant"])
+@pytest.mark.parametrize("base,final,total,spe", [(0.99, 1.0, 100, 10), (0.996, 1.0, 1000, 7), (0.9, 0.99, 12, 5)])
+def test_scheduled_momentum_matches_float64_closed_forms(schedule, base, final, total, spe):
+    steps = list(range(0, total + 2 * spe + 1))
+    got = scheduled_momentum(torch.tensor(steps), base, final, total, schedule, steps_per_epoch=spe)
+    assert got.dtype == F64 and got.device.type == "cpu"
+    for t, m in zip(steps, got.tolist()):
+        want = {"cosine": lambda: _cosine(min(t, total), total, base, final),
+                "cosine_epoch": lambda: _cosine_epoch(t, total, spe, base, final),
+                "constant": lambda: base}[schedule]()
+        assert abs(m - want) <= 1e-12, (schedule, t, m, want)
+    if schedule == "cosine_epoch":
+        # Constant within an epoch, and it reaches final_momentum at the last epoch boundary and stays.
+        for e in range(total // spe):
+            assert len(set(got[e * spe:(e + 1) * spe].tolist())) == 1
+        assert abs(got[-1].item() - final) < 1e-12
+        # final = 1: exactly MoCo v3's formula at whole epochs.
+        if final == 1.0:
+            for t in steps:
+                e = t // spe
+                want = 1.0 - 0.5 * (1.0 + math.cos(math.pi * min(e / (total / spe), 1.0))) * (1.0 - base)
+                assert abs(float(got[t]) - want) <= 1e-12
+
+
+def test_scheduled_momentum_without_total_steps_is_base_and_cosine_epoch_needs_steps_per_epoch():
+    for schedule in ("cosine", "cosine_epoch", "constant"):
+        m = scheduled_momentum(torch.tensor(123), 0.99, 1.0, None, schedule, steps_per_epoch=10)
+        assert m.dim() == 0 and float(m) == 0.99
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        scheduled_momentum(torch.tensor(3), 0.99, 1.0, 100, "cosine_epoch")
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        MomentumEncoder(_net(), schedule="cosine_epoch", total_steps=100)
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        MomentumEncoder(_net(), schedule="cosine_epoch", total_steps=100, steps_per_epoch=0)
+    with pytest.raises(ValueError, match="schedule"):
+        scheduled_momentum(torch.tensor(3), 0.99, 1.0, 100, "linear")
+    with pytest.raises(ValueError, match="buffers"):
+        MomentumEncoder(_net(), buffers="average")
+
+
+def test_momentum_encoder_cosine_epoch_schedule():
+    base, total, spe = 0.9, 12, 4
+    net = _net()
+    enc = MomentumEncoder(net, base, schedule="cosine_epoch", total_steps=total, steps_per_epoch=spe,
+                          buffers="ema")
+    for t in range(total + 2):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        before = {k: v.double().clone() for k, v in enc.module.named_parameters()}
+        m = enc.update_(net)
+        want_m = _cosine_epoch(t, total, spe, base, 1.0)
+        assert abs(float(m) - want_m) < 1e-12
+        for k, p in enc.module.named_parameters():
+            want = want_m * before[k] + (1 - want_m) * dict(net.named_parameters())[k].detach().double()
+            assert_close(p, want, torch.float32, name=f"step {t}: {k}")
+    # The schedule is driven by a device step tensor: an explicit tensor step works the same.
+    assert abs(float(enc.momentum_at(torch.tensor(5))) - _cosine_epoch(5, total, spe, base, 1.0)) < 1e-12
+
+
 # ------------------------------------------------------------------------- MemoryQueue
 
 
@@ -248,7 +315,7 @@ def test_memory_queue_ring_buffer(size, batches, qdtype, kdtype, backend):
     ptr_obj, ptr_addr, queue_addr = q.ptr, q.ptr.data_ptr(), q.queue.data_ptr()
     for b in batches:
         keys = torch.randn(b, 5, dtype=F64).to(kdtype)
-        out = q.enqueue_(keys)
+        out = q.enqueue_(keys, backend=backend)
         ring.enqueue(keys.to(qdtype))  # a plain cast: enqueue must not change the values otherwise
         assert torch.equal(q.queue, ring.tensor()), f"after a batch of {b}"
         assert q.ptr.dim() == 0 and q.ptr.dtype == torch.int64 and int(q.ptr) == ring.ptr
@@ -305,3 +372,144 @@ def test_memory_queue_as_moco_negatives():
     logits = torch.cat([(qry * key).sum(1, keepdim=True), qry @ q.queue.T], dim=1) / 0.2
     want = torch.nn.functional.cross_entropy(logits, torch.zeros(4, dtype=torch.long))
     assert_close(sslkernels.moco_loss(qry, key, q.queue, 0.2), want, F64)
+
+
+def test_memory_queue_state_dict_from_another_dtype_and_ptr_layout():
+    # Saved from an fp16 queue, loaded into an fp32 one: values cast exactly (fp16 ⊂ fp32), ptr as saved.
+    a = MemoryQueue(9, 4, dtype=torch.float16)
+    a.enqueue_(torch.randn(13, 4))  # batch > size: keeps the last 9 rows, ptr = 13 % 9
+    b = MemoryQueue(9, 4)
+    b.load_state_dict(a.state_dict())
+    assert b.queue.dtype == torch.float32 and torch.equal(b.queue, a.queue.float())
+    assert b.ptr.dtype == torch.int64 and b.ptr.dim() == 0 and int(b.ptr) == 4
+    # The official MoCo layout of the pointer (a 1-element tensor) and other integer dtypes load too.
+    c = MemoryQueue(9, 4)
+    c.load_state_dict({"queue": b.queue.clone(), "ptr": torch.tensor([7], dtype=torch.int32)})
+    assert c.ptr.dim() == 0 and c.ptr.dtype == torch.int64 and int(c.ptr) == 7
+    ptr_obj = c.ptr
+    c.load_state_dict(b.state_dict())
+    assert c.ptr is ptr_obj and int(c.ptr) == 4  # loaded into the existing buffer (CUDA graphs keep its address)
+    for bad, match in ((torch.tensor(9), "outside"), (torch.tensor(-1), "outside"), (torch.tensor(2.0), "integer"),
+                       (torch.tensor([1, 2]), "integer")):
+        with pytest.raises(RuntimeError, match=match):
+            c.load_state_dict({"queue": b.queue.clone(), "ptr": bad})
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        MemoryQueue(8, 4).load_state_dict(a.state_dict())
+
+
+def test_memory_queue_inside_a_model_round_trips_with_prefix():
+    model = nn.Module()
+    model.queue = MemoryQueue(6, 3, dtype=F64)
+    model.queue.enqueue_(torch.randn(4, 3, dtype=F64))
+    sd = model.state_dict()
+    assert set(sd) == {"queue.queue", "queue.ptr"}
+    other = nn.Module()
+    other.queue = MemoryQueue(6, 3, dtype=F64)
+    other.load_state_dict(sd)
+    assert torch.equal(other.queue.queue, model.queue.queue) and torch.equal(other.queue.ptr, model.queue.ptr)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: state dict moved across devices")
+def test_memory_queue_state_dict_across_devices():
+    import io
+
+    gpu = MemoryQueue(10, 5, device="cuda")
+    gpu.enqueue_(torch.randn(7, 5, device="cuda"))
+    buf = io.BytesIO()
+    torch.save(gpu.state_dict(), buf)
+    buf.seek(0)
+    cpu = MemoryQueue(10, 5)
+    cpu.load_state_dict(torch.load(buf))  # CUDA tensors in the file, loaded into a CPU queue
+    assert cpu.queue.device.type == "cpu" and cpu.ptr.device.type == "cpu"
+    assert torch.equal(cpu.queue, gpu.queue.cpu()) and int(cpu.ptr) == int(gpu.ptr)
+    back = MemoryQueue(10, 5, dtype=torch.bfloat16, device="cuda")
+    back.load_state_dict(cpu.state_dict())
+    assert back.ptr.device.type == "cuda" and torch.equal(back.queue, cpu.queue.to("cuda", torch.bfloat16))
+    keys = torch.randn(3, 5)
+    cpu.enqueue_(keys), gpu.enqueue_(keys.cuda())
+    assert torch.equal(cpu.queue, gpu.queue.cpu()) and int(cpu.ptr) == int(gpu.ptr)
+
+
+# ------------------------------------------------------------------------- ema_update_ on DTensors
+
+
+@pytest.fixture
+def single_process_group(tmp_path):
+    """A one-rank gloo process group and a CPU device mesh (torch.distributed on CPU, no launcher)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available in this build")
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized")
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    except Exception as err:  # pragma: no cover - depends on the torch build
+        pytest.skip(f"cannot start a single-process gloo group: {err}")
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ema_update_on_dtensors_uses_local_shards(single_process_group):
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    mesh = single_process_group
+    shapes = [(8, 3), (5,), (4, 2, 3)]
+    placements = [[Shard(0)], [Replicate()], [Shard(1)]]
+    t_full = [torch.randn(sh, dtype=F64).float() for sh in shapes]
+    s_full = [torch.randn(sh, dtype=F64).to(torch.bfloat16) for sh in shapes]
+    targets = [distribute_tensor(t, mesh, p) for t, p in zip(t_full, placements)]
+    sources = [distribute_tensor(s, mesh, p) for s, p in zip(s_full, placements)]
+    assert all(isinstance(t, DTensor) for t in targets)
+    local_ptrs = [t._local_tensor.data_ptr() for t in targets]
+    t_before = [t.to_local().double().clone() for t in targets]  # (a one-rank shard may alias t_full)
+    s_before = [s.to_local().double().clone() for s in sources]
+    m = torch.tensor(0.8, dtype=F64)
+    sslkernels.ema_update_(targets, sources, m)
+    for t, tb, sb, ptr in zip(targets, t_before, s_before, local_ptrs):
+        assert isinstance(t, DTensor) and t._local_tensor.data_ptr() == ptr, "updated in place, shard by shard"
+        assert_close(t.to_local(), 0.8 * tb + 0.2 * sb, torch.float32)
+    # A DTensor paired with a plain tensor of its local shape: that tensor is the shard's source.
+    plain = [s.to_local().clone() for s in sources]
+    before = [t.to_local().double().clone() for t in targets]
+    sslkernels.ema_update_(targets, plain, 0.5)
+    for t, b, s in zip(targets, before, plain):
+        assert_close(t.to_local(), 0.5 * b + 0.5 * s.double(), torch.float32)
+    # Different placements do not pair up shard by shard.
+    with pytest.raises(ValueError, match="placements"):
+        sslkernels.ema_update_([targets[0]], [distribute_tensor(s_full[0], mesh, [Replicate()])], 0.5)
+
+
+@pytest.mark.parametrize("buffers", ["copy", "ema", "skip"])
+def test_ema_update_on_fsdp2_sharded_modules(single_process_group, buffers):
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # pragma: no cover - depends on the torch build
+        pytest.skip("torch.distributed.fsdp.fully_shard is not available")
+    from torch.distributed.tensor import DTensor
+
+    mesh = single_process_group
+    plain_target = _net()
+    plain_source = _perturbed_copy(plain_target)
+    target, source = copy.deepcopy(plain_target), copy.deepcopy(plain_source)
+    try:
+        fully_shard(target, mesh=mesh)
+        fully_shard(source, mesh=mesh)
+    except Exception as err:  # pragma: no cover - depends on the torch build
+        pytest.skip(f"fully_shard on a CPU mesh is not supported here: {err}")
+    assert all(isinstance(p, DTensor) for p in target.parameters())
+    # The same update on the unsharded twins is the expectation (one rank: the shard is the whole tensor).
+    sslkernels.ema_update_(plain_target, plain_source, 0.9, buffers=buffers)
+    sslkernels.ema_update_(target, source, torch.tensor(0.9), buffers=buffers)
+    for (k, p), (_, want) in zip(target.named_parameters(), plain_target.named_parameters()):
+        assert_close(p.to_local(), want.detach().double(), torch.float32, name=k)
+    for (k, b), (_, want) in zip(target.named_buffers(), plain_target.named_buffers()):
+        if b.is_floating_point():
+            assert_close(b, want.double(), torch.float32, name=k)
+        else:
+            assert torch.equal(b, want), k  # num_batches_tracked: always copied
+    assert int(target[1].num_batches_tracked) == 17

@@ -32,11 +32,11 @@ def forbid_host_reads():
             setattr(torch.Tensor, name, fn)
 
 
-def make_moco(device, dim=16, queue_size=40):
+def make_moco(device, dim=16, queue_size=40, **schedule):
     torch.manual_seed(0)
     encoder = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(),
                                   torch.nn.Linear(32, dim)).to(device)
-    key_encoder = sslkernels.MomentumEncoder(encoder, 0.99, total_steps=100)
+    key_encoder = sslkernels.MomentumEncoder(encoder, 0.99, total_steps=100, **schedule)
     queue = sslkernels.MemoryQueue(queue_size, dim, device=device)
     opt = torch.optim.SGD(encoder.parameters(), lr=0.1, momentum=0.9)
     return encoder, key_encoder, queue, opt
@@ -65,6 +65,18 @@ def test_moco_step_makes_no_host_read(backend):
     assert torch.isfinite(loss).all()
     assert int(queue.ptr) == (4 * 24) % 40
     assert int(key_encoder.step) == 4
+
+
+@pytest.mark.parametrize("schedule", [dict(schedule="cosine_epoch", steps_per_epoch=3), dict(schedule="constant"),
+                                      dict(schedule="cosine", buffers="ema")], ids=str)
+def test_every_momentum_schedule_stays_on_the_device(schedule):
+    encoder, key_encoder, queue, opt = make_moco("cpu", **schedule)
+    x1, x2 = torch.randn(50, 12), torch.randn(50, 12)  # batch 50 > queue 40: keeps the last 40 keys
+    moco_step(encoder, key_encoder, queue, opt, x1, x2)
+    with forbid_host_reads():
+        for _ in range(2):
+            moco_step(encoder, key_encoder, queue, opt, x1, x2)
+    assert int(queue.ptr) == (3 * 50) % 40 and int(key_encoder.step) == 3
 
 
 def test_forbid_host_reads_catches_item():

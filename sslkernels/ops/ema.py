@@ -206,6 +206,24 @@ def _fp32_split(x: float) -> Tuple[float, float]:
     return hi, float(np.float32(x - hi))
 
 
+def csrc_module():
+    """sslkernels._C, or a RuntimeError saying how to build it."""
+    ext = cuda_extension()
+    if ext is None:
+        raise RuntimeError("sslkernels._C is not built (install with nvcc present or SSLKERNELS_BUILD_CUDA=1)")
+    return ext
+
+
+def csrc_call(ext, name: str, *args):
+    """``ext.name(*args)``; a CUDA error names the architectures and CUDA versions (the usual culprit)."""
+    try:
+        return getattr(ext, name)(*args)
+    except RuntimeError as err:
+        raise RuntimeError(
+            f"{err} [sslkernels._C built for sm_{ext.cuda_arch_list()} with CUDA runtime "
+            f"{ext.runtime_version()}; the driver supports CUDA {ext.driver_version()}]") from err
+
+
 def _device_guard(device: torch.device):
     if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
         return torch.cuda.device(device)
@@ -300,9 +318,7 @@ def ema_update_triton(targets: List[torch.Tensor], sources: List[torch.Tensor], 
 @register("ema_update_", "cuda")
 @torch.no_grad()
 def ema_update_cuda(targets: List[torch.Tensor], sources: List[torch.Tensor], momentum: Scalar) -> None:
-    ext = cuda_extension()
-    if ext is None:
-        raise RuntimeError("sslkernels._C is not built (install with nvcc present or SSLKERNELS_BUILD_CUDA=1)")
+    ext = csrc_module()
     if not targets:
         return
     device = targets[0].device
@@ -317,12 +333,7 @@ def ema_update_cuda(targets: List[torch.Tensor], sources: List[torch.Tensor], mo
                 m_addr, m_code, m_value = momentum.data_ptr(), _C_CODE[momentum.dtype], 0.0
             else:
                 m_addr, m_code, m_value = 0, 0, float(momentum)
-            try:
-                ext.ema_update(tables.tensors.data_ptr(), tables.chunks.data_ptr(), tables.n_chunks, CHUNK_SIZE,
-                               _C_CODE[t_dtype], _C_CODE[s_dtype], m_addr, m_code, m_value, stream)
-            except RuntimeError as err:
-                raise RuntimeError(
-                    f"{err} [sslkernels._C built for sm_{ext.cuda_arch_list()} with CUDA runtime "
-                    f"{ext.runtime_version()}; the driver supports CUDA {ext.driver_version()}]") from err
+            csrc_call(ext, "ema_update", tables.tensors.data_ptr(), tables.chunks.data_ptr(), tables.n_chunks,
+                      CHUNK_SIZE, _C_CODE[t_dtype], _C_CODE[s_dtype], m_addr, m_code, m_value, stream)
     if rest:
         _eager_ema_(rest, momentum)

@@ -1,6 +1,17 @@
-"""MemoryQueue enqueue as one Triton kernel: optional L2-normalization, dtype cast and the ring-buffer
-scatter in a single pass over the keys, with the write position read from the device-side ``ptr``
-(no host sync, so a MoCo step can be captured in a CUDA graph).
+"""MemoryQueue enqueue as one kernel: optional L2-normalization, dtype cast and the ring-buffer scatter in
+a single pass over the keys, with the write position read from the device-side ``ptr`` (no host sync, so a
+MoCo step can be captured in a CUDA graph).
+
+Implementations of op "queue_enqueue_" (signature ``(queue, ptr, keys, normalize) -> None``, in place):
+
+  "triton"  one program per written row; ``ptr`` is advanced by a stream-ordered tensor op afterwards
+  "cuda"    csrc/queue.cu (sslkernels._C): one warp per written row, and ``ptr`` advanced inside the same
+            launch (see the comment at the top of queue.cu)
+  "torch"   reference.queue_enqueue_ (index_copy_)
+
+All compute in the keys' compute dtype (fp32, fp64 for fp64 keys) and round once into the queue's dtype.
+A batch larger than the queue writes only its last ``size`` rows, where writing every row in order would
+have left them.
 """
 from __future__ import annotations
 
@@ -9,18 +20,20 @@ import triton
 import triton.language as tl
 
 from ..backends import register
+from ..reference import compute_dtype
+from .ema import _C_CODE, _device_guard, csrc_call, csrc_module
 
 
 @triton.jit
 def _enqueue_kernel(keys_ptr, queue_ptr, ptr_ptr, n_keys, size, dim, skip, stride_k, stride_q,
-                    NORMALIZE: tl.constexpr, BLOCK_D: tl.constexpr):
+                    NORMALIZE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_D: tl.constexpr):
     # One program per kept row: row r of keys[skip:] lands at (ptr + skip + r) mod size.
     r = tl.program_id(0)
     start = tl.load(ptr_ptr)
     dst = (start + skip + r) % size
     cols = tl.arange(0, BLOCK_D)
     mask = cols < dim
-    x = tl.load(keys_ptr + (skip + r).to(tl.int64) * stride_k + cols, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(keys_ptr + (skip + r).to(tl.int64) * stride_k + cols, mask=mask, other=0.0).to(COMPUTE)
     if NORMALIZE:
         # F.normalize's convention: divide by max(||x||, 1e-12).
         norm = tl.sqrt(tl.sum(x * x, axis=0))
@@ -38,7 +51,26 @@ def queue_enqueue_(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor, n
     if queue.stride(1) != 1:
         raise ValueError("MemoryQueue.queue must have unit stride along its feature dimension")
     block_d = triton.next_power_of_2(dim)
+    compute = tl.float64 if compute_dtype(keys.dtype) == torch.float64 else tl.float32
     _enqueue_kernel[(keep,)](keys, queue, ptr, b, size, dim, b - keep, keys.stride(0), queue.stride(0),
-                             NORMALIZE=bool(normalize), BLOCK_D=block_d, num_warps=4 if block_d >= 1024 else 1)
+                             NORMALIZE=bool(normalize), COMPUTE=compute, BLOCK_D=block_d,
+                             num_warps=4 if block_d >= 1024 else 1)
     # Stream order puts this after the kernel: every program has read the old ptr before it moves.
     ptr.copy_((ptr + b) % size)
+
+
+@register("queue_enqueue_", "cuda")
+@torch.no_grad()
+def queue_enqueue_cuda(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor, normalize: bool) -> None:
+    ext = csrc_module()
+    size, dim = queue.shape
+    keys = keys if keys.stride(1) == 1 or keys.shape[1] == 1 else keys.contiguous()
+    if queue.stride(1) != 1 and dim != 1:
+        raise ValueError("MemoryQueue.queue must have unit stride along its feature dimension")
+    if ptr.dtype != torch.int64 or ptr.numel() != 1:
+        raise ValueError(f"ptr must be a one-element int64 tensor, got {ptr.dtype} of shape {tuple(ptr.shape)}")
+    device = queue.device
+    with _device_guard(device):
+        stream = torch.cuda.current_stream(device).cuda_stream
+        csrc_call(ext, "queue_enqueue", queue.data_ptr(), ptr.data_ptr(), keys.data_ptr(), size, dim, keys.shape[0],
+                  queue.stride(0), keys.stride(0), _C_CODE[queue.dtype], _C_CODE[keys.dtype], bool(normalize), stream)
