@@ -353,3 +353,136 @@ def test_partial_requires_grad(which):
     out = _impl("clip_loss")(a, b, scale, "none")
     want = info_nce64(a64, b64, 1 / scale64, None, True, False)
     _check(out, want, [(scale, scale64)] + ([(b, b64)] if which == "key" else []), torch.float32)
+
+
+# ------------------------------------------------------------------------ engine variants (v1 / v2 paths)
+# The tests above run the default engine (v2: fixed shift with its device-side repair, self-similarity
+# triangle, one-exp backward). Below: every other path the GPU session compares, on a few cases each.
+
+ENGINES = {
+    "v1": dict(version="v1"),
+    "v2-online": dict(version="v2", shift="online"),
+    "v2-fixed-plain": dict(version="v2", shift="fixed", self_reuse=False, one_exp_bwd=False),
+}
+TILES = {"chunked": dict(block_d=16, block_dout=16), "resident": dict(block_d=0, block_dout=0)}
+
+
+def _unit(n, d, dtype):
+    x = F.normalize(torch.randn(n, d, dtype=F64), dim=1).to(dtype)
+    return x.to(DEVICE, copy=True).requires_grad_(), x.to(F64, copy=True).requires_grad_()
+
+
+def _run_case(op, dtype, feats=_feats):
+    """One small case of ``op`` against float64 (loss and every gradient)."""
+    if op == "info_nce":
+        q, q64 = feats(13, 33, dtype)
+        k, k64 = feats(13, 33, dtype)
+        tau, tau64 = _scalar(0.3, "1d", 13)
+        out = _impl("info_nce")(q, k, tau, None, True, True, "none")
+        _check(out, info_nce64(q64, k64, tau64, None, True, True), [(q, q64), (k, k64), (tau, tau64)], dtype)
+    elif op == "clip_loss":
+        a, a64 = feats(37, 7, dtype)
+        b, b64 = feats(37, 7, dtype)
+        sc, sc64 = _scalar(4.0, "0d")
+        out = _impl("clip_loss")(a, b, sc, "sum")
+        want = info_nce64(a64, b64, 1 / sc64, None, True, False).sum()
+        _check(out, want, [(a, a64), (b, b64), (sc, sc64)], dtype)
+    elif op == "nt_xent":
+        z1, z164 = feats(19, 7, dtype)
+        z2, z264 = feats(19, 7, dtype)
+        tau, tau64 = _scalar(0.5, "0d")
+        out = _impl("nt_xent")(z1, z2, tau, True, "none")
+        _check(out, nt_xent64(z164, z264, tau64, True), [(z1, z164), (z2, z264), (tau, tau64)], dtype)
+    elif op == "supcon_loss":
+        f, f64 = feats(37, 33, dtype)
+        labels = torch.randint(0, 8, (37,))
+        tau, tau64 = _scalar(0.2, "0d")
+        out = _impl("supcon_loss")(f, labels.to(DEVICE), tau, "none")
+        _check(out, supcon64(f64, labels, tau64), [(f, f64), (tau, tau64)], dtype)
+    else:
+        q, q64 = feats(13, 33, dtype)
+        key, key64 = feats(13, 33, dtype)
+        queue, queue64 = feats(37, 33, dtype)
+        queue.requires_grad_(False)
+        tau, tau64 = _scalar(0.2, "0d")
+        out = _impl("moco_loss")(q, key, queue, tau, "none")
+        _check(out, moco64(q64, key64, queue64.detach(), tau64), [(q, q64), (key, key64), (tau, tau64)], dtype)
+
+
+# v1 never keeps a tile resident; the plain fixed-shift engine differs from the default only in its
+# self-similarity and backward choices, which do not depend on the tiling.
+VARIANTS = [("v1", "chunked"), ("v2-online", "chunked"), ("v2-online", "resident"), ("v2-fixed-plain", "resident")]
+
+
+@pytest.mark.parametrize("engine,tiles", VARIANTS, ids=lambda v: v)
+@pytest.mark.parametrize("op", ["info_nce", "nt_xent", "supcon_loss", "moco_loss"])
+def test_engine_variants(op, engine, tiles):
+    with launch_config.use_engine(**ENGINES[engine]), launch_config.override(**TILES[tiles]):
+        _run_case(op, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", ["info_nce", "clip_loss", "nt_xent", "supcon_loss", "moco_loss"])
+def test_fixed_shift_alone_on_normalized_inputs(op, dtype, monkeypatch):
+    # With L2-normalized inputs every row sum lies in the trusted range: the fixed-shift pass alone
+    # (no repair) must give the loss and every gradient, resident tiles and the one-exp backward included.
+    monkeypatch.setattr(contrastive, "_REPAIR", False)
+    with launch_config.override(block_d=0, block_dout=0):
+        _run_case(op, dtype, feats=_unit)
+
+
+@pytest.mark.parametrize("op,scale", [("info_nce", 0.01), ("clip_loss", 100.0), ("nt_xent", 0.01)])
+def test_fixed_shift_extreme_scales_on_normalized_inputs(op, scale):
+    # τ = 0.01 / logit_scale = 100: |logits| ≤ 100; the shift is 100·log2(e), still no repair needed here.
+    q, q64 = _unit(13, 33, torch.float32)
+    k, k64 = _unit(13, 33, torch.float32)
+    if op == "info_nce":
+        tau, tau64 = _scalar(scale, "1d", 13)
+        out = _impl(op)(q, k, tau, None, True, False, "none")
+        want = info_nce64(q64, k64, tau64, None, True, False)
+    elif op == "clip_loss":
+        tau, tau64 = _scalar(scale, "0d")
+        out = _impl(op)(q, k, tau, "none")
+        want = info_nce64(q64, k64, 1 / tau64, None, True, False)
+    else:
+        tau, tau64 = _scalar(scale, "0d")
+        out = _impl(op)(q, k, tau, False, "none")
+        want = nt_xent64(q64, k64, tau64, False)
+    _check(out, want, [(q, q64), (k, k64), (tau, tau64)], torch.float32)
+
+
+def test_fixed_shift_flags_and_fallbacks():
+    # Normalized inputs: no row needs the repair pass and the one-exp backward is allowed (flag 0).
+    # Large unnormalized ones: rows fall far below the bound, the device-side repair and the guarded
+    # two-exp backward take over, and the loss and gradients are still right.
+    mode = contrastive._Mode(contrastive.POS_TARGET, two_sided=True)
+    for feats, flagged in ((_unit, False), (lambda n, d, dt: _feats(n, d, dt, scale=6.0), True)):
+        q, q64 = feats(37, 7, torch.float32)
+        k, k64 = feats(37, 7, torch.float32)
+        s = torch.full((1,), 1 / 0.2, device=DEVICE)
+        t = torch.arange(37, device=DEVICE)
+        with torch.no_grad():
+            shift = contrastive._shift(q, k, None, s)
+            val, _, _, c_lse = contrastive._forward_stats(mode, q.detach(), k.detach(), None, s, None, t, None)
+            low = (val - shift < torch.log2(torch.tensor(37.0)) - 106).any()
+            g = torch.ones(37, device=DEVICE)
+            flag = contrastive._one_exp_factors(val, g, c_lse, g)[1]
+        assert bool(low) == flagged and bool(flag.item()) == flagged
+        out = _impl("info_nce")(q, k, 0.2, None, True, False, "none")
+        want = info_nce64(q64, k64, torch.tensor(0.2, dtype=F64), None, True, False)
+        _check(out, want, [(q, q64), (k, k64)], torch.float32)
+
+
+def test_engine_settings_and_default_tiles_table(monkeypatch):
+    monkeypatch.setenv("SSLKERNELS_CONTRASTIVE_ENGINE", "v1")
+    monkeypatch.setenv("SSLKERNELS_CONTRASTIVE_SELF_REUSE", "0")
+    assert launch_config.engine().version == "v1" and not launch_config.engine().self_reuse
+    with launch_config.use_engine(version="v2", shift="online"):
+        assert launch_config.engine() == launch_config.Engine("v2", "online", False, True)
+    monkeypatch.setenv("SSLKERNELS_CONTRASTIVE_SHIFT", "bogus")
+    with pytest.raises(ValueError, match="shift"):
+        launch_config.engine()
+    # The table: v2 keeps D ≤ 256 (half) resident, larger D chunks like v1.
+    assert launch_config.is_resident(launch_config.get("bwd_rows", torch.bfloat16, 256, "v2"), 256)
+    assert not launch_config.is_resident(launch_config.get("bwd_rows", torch.bfloat16, 512, "v2"), 512)
+    assert not launch_config.is_resident(launch_config.get("fwd", torch.bfloat16, 256, "v1"), 256)

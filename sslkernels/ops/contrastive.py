@@ -16,6 +16,26 @@ backward: recompute each tile from a, b and the saved statistics, turn it into d
         (a per-row [N] buffer, summed on the host for a scalar s);
       cols pass (per tile of b): dB_j = Σ_i dS_ij s_i a_i.
 
+Engine v2 (the default; launch_config.Engine, SSLKERNELS_CONTRASTIVE_ENGINE=v1 keeps the above as it was):
+  resident tiles: when D fits one tile (launch_config: D ≤ 256 half, ≤ 128 fp32) a program loads its
+    [BLOCK_M, D] tile once, not once per key tile and feature chunk; a backward program writes all D
+    output columns, so each key tile is loaded once and serves both S = a·bᵀ and dA += dS·b.
+  fixed shift (SSLKERNELS_CONTRASTIVE_SHIFT=fixed): a pre-pass computes on the device
+    shift = log2(e)·max_i |s_i|‖a_i‖·max_j ‖b_j‖ ≥ every z_ij (Cauchy–Schwarz; for L2-normalized inputs
+    s·log2 e, i.e. |S| ≤ 1/τ), and the sums become l_i = Σ_j exp2(z_ij − shift): no running max, and
+    plain sums that add across programs, so one exp per logit feeds the row sums and (atomics) the column
+    sums of a symmetric loss in the same pass. No overflow is possible; a row whose sum falls under
+    n·2^-106 (unnormalized or far-from-bound inputs) is recomputed by the online kernel in a repair
+    launch whose programs skip all work unless their tile holds such a row, decided on the device:
+    no host sync, any input stays exact.
+  self-similarity reuse: NT-Xent / SupCon forward walks only the upper triangle of Z·Zᵀ tiles (plain
+    sums again: each tile adds its row sums to its row block and its column sums to its column block).
+  one-exp backward (two-sided and self losses): P_ij and Pᶜ_ij share exp2(z_ij − max LSE), scaled per
+    row/column; guarded by a device flag that hands the pass to the two-exp kernel when some LSE lies
+    more than 100 (base 2) under the largest.
+  The backward's symmetric reuse for NT-Xent is not done: it needs a cross-program fp32 reduction of dZ
+    (4·2N·D bytes extra), far above the 1 MB per 16k rows budget; see benchmarks/NOTES.md.
+
 Loss families are flags of the same kernels:
   cross      info_nce, clip_loss: a = queries, b = keys, the positive of row i is column t_i.
   symmetric  adds the column loss: dS = row part + column part, which needs the column LSE.
@@ -30,7 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -55,6 +75,14 @@ POS_NONE, POS_TARGET, POS_LABEL, POS_EXTRA = 0, 1, 2, 3
 
 
 # ----------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _tile(ptr, rows, ok, stride, D, BLOCK_D: tl.constexpr):
+    # [rows, BLOCK_D] tile holding every feature of the rows (BLOCK_D ≥ D); padding reads as 0.
+    dd = tl.arange(0, BLOCK_D)
+    return tl.load(ptr + rows.to(tl.int64)[:, None] * stride + dd[None, :],
+                   mask=ok[:, None] & (dd < D)[None, :], other=0.0)
 
 
 @triton.jit
@@ -88,6 +116,33 @@ def _row_dots(a_ptr, b_ptr, rows, r_ok, stride_a, stride_b, D, BLOCK_M: tl.const
 
 
 @triton.jit
+def _norm_bound_kernel(x_ptr, s_ptr, out_ptr, N, D, stride, s_stride, HAS_S: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Pre-pass of the fixed shift: max_i |s_i|·‖x_i‖ over a block of rows, one float per program (the
+    # host takes the max of these on the device: no sync). O(N·D) reads, ~1% of one logits pass at D=256.
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = rows < N
+    ss = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride + dd[None, :],
+                    mask=ok[:, None] & (dd < D)[None, :], other=0.0).to(tl.float32)
+        ss += tl.sum(x * x, axis=1)
+    nrm = tl.sqrt(ss)
+    if HAS_S:
+        nrm = nrm * tl.abs(tl.load(s_ptr + rows * s_stride, mask=ok, other=0.0).to(tl.float32))
+    tl.store(out_ptr + tl.program_id(0), tl.max(nrm, axis=0))
+
+
+@triton.jit
+def _needs_repair(lse, shift, n_terms):
+    # A fixed-shift sum l = Σ exp2(z − shift) is trusted when l ≥ n_terms·2^-106: exp2 flushes results
+    # below 2^-126 to zero, so the terms lost weigh at most n_terms·2^-126 ≤ 2^-20·l. lse = shift + log2 l;
+    # a row with no term at all (l = 0, lse = −inf) is "repaired" to the online path's sentinel.
+    return (lse - shift) < (tl.log2(n_terms * 1.0) - 106.0)
+
+
+@triton.jit
 def _masks(r, c, ok, t_r, lab_r, lab_c, EXCL_DIAG: tl.constexpr, EXCL_TGT: tl.constexpr, POS: tl.constexpr):
     # (entries inside the LSE, positive entries) for broadcastable row indices r and column indices c;
     # the same code serves a tile and its transpose (the cols pass passes r as a row vector).
@@ -118,12 +173,20 @@ def _sigmoid(x):
 
 @triton.jit
 def _fwd_kernel(a_ptr, b_ptr, bpos_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr, val_ptr, pos_ptr, cnt_ptr,
+                shift_ptr, colsum_ptr,
                 N, M, D, stride_a, stride_b, stride_bpos, s_stride,
                 SCALE_ON_COLS: tl.constexpr, EXCL_DIAG: tl.constexpr, EXCL_TGT: tl.constexpr, POS: tl.constexpr,
                 SIGMOID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                DOT_PREC: tl.constexpr):
+                DOT_PREC: tl.constexpr, RESIDENT: tl.constexpr, FIXED: tl.constexpr, COL_SUMS: tl.constexpr,
+                REPAIR: tl.constexpr):
     # One program per tile of rows of a. Writes per row: LSE in base 2 (SIGMOID: the softplus sum, in
     # nats), the positive logit in base 2 (SupCon: the sum over positives) and SupCon's positive count.
+    # RESIDENT: the [BLOCK_M, D] tile of a is loaded once, not once per key tile and feature chunk.
+    # FIXED: l = Σ exp2(z − shift) with the device-side bound shift ≥ every z (no running max, no
+    #   rescaling); COL_SUMS adds each tile's column sums of the same exps to colsum (atomics: plain sums
+    #   combine across programs, running maxima would not), the column LSE of a symmetric loss in one pass.
+    # REPAIR: the online path again, only for programs holding a row whose fixed-shift sum failed
+    #   _needs_repair (the loop runs 0 times elsewhere: no host sync decides it); rewrites those LSEs.
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     r_ok = rows < N
     s_r = tl.load(s_ptr + rows * s_stride, mask=r_ok, other=1.0).to(tl.float32)
@@ -135,21 +198,36 @@ def _fwd_kernel(a_ptr, b_ptr, bpos_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr, val_p
         lab_r = tl.load(lab_ptr + rows, mask=r_ok, other=0)
     else:
         lab_r = rows
+    hi = M
+    if FIXED or REPAIR:
+        shift = tl.load(shift_ptr)
+    if REPAIR:
+        need = r_ok & _needs_repair(tl.load(val_ptr + rows, mask=r_ok, other=0.0), shift, M)
+        hi = tl.where(tl.max(need.to(tl.int32), axis=0) > 0, M, 0)
     m = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
     l = tl.zeros([BLOCK_M], dtype=tl.float32)
     psum = tl.zeros([BLOCK_M], dtype=tl.float32)
     cnt = tl.zeros([BLOCK_M], dtype=tl.float32)
     if POS == 3:
-        psum = _row_dots(a_ptr, bpos_ptr, rows, r_ok, stride_a, stride_bpos, D, BLOCK_M, BLOCK_D) * (s_r * LOG2E)
-        m = psum
-        l = l + 1.0
+        psum = _row_dots(a_ptr, bpos_ptr, rows, r_ok, stride_a, stride_bpos, D, BLOCK_M, 32) * (s_r * LOG2E)  # 32: few regs
+        if FIXED:
+            l = tl.exp2(psum - shift)
+        else:
+            m = psum
+            l = l + 1.0
     if SIGMOID:
         bias = tl.load(bias_ptr).to(tl.float32)
-    for c0 in range(0, M, BLOCK_N):
+    if RESIDENT:
+        a_t = _tile(a_ptr, rows, r_ok, stride_a, D, BLOCK_D)
+    for c0 in range(0, hi, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         c_ok = cols < M
         ok = r_ok[:, None] & c_ok[None, :]
-        acc = _dots(a_ptr, rows, r_ok, stride_a, b_ptr, cols, c_ok, stride_b, D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PREC)
+        if RESIDENT:
+            acc = tl.dot(a_t, tl.trans(_tile(b_ptr, cols, c_ok, stride_b, D, BLOCK_D)), input_precision=DOT_PREC)
+        else:
+            acc = _dots(a_ptr, rows, r_ok, stride_a, b_ptr, cols, c_ok, stride_b, D, BLOCK_M, BLOCK_N, BLOCK_D,
+                        DOT_PREC)
         if SIGMOID:
             x = acc * s_r[:, None] + bias
             y = tl.where(cols[None, :] == rows[:, None], -x, x)  # label +1 on the diagonal, −1 elsewhere
@@ -167,19 +245,32 @@ def _fwd_kernel(a_ptr, b_ptr, bpos_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr, val_p
             keep, pos = _masks(rows[:, None], cols[None, :], ok, t_r[:, None], lab_r[:, None], lab_c[None, :],
                                EXCL_DIAG, EXCL_TGT, POS)
             zk = tl.where(keep, z, float("-inf"))
-            m_new = tl.maximum(m, tl.max(zk, axis=1))
-            l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(zk - m_new[:, None]), axis=1)
-            m = m_new
-            if POS == 1 or POS == 2:
-                psum += tl.sum(tl.where(pos, z, 0.0), axis=1)
-            if POS == 2:
-                cnt += tl.sum(pos.to(tl.float32), axis=1)
+            if FIXED:
+                e = tl.exp2(zk - shift)
+                l += tl.sum(e, axis=1)
+                if COL_SUMS:
+                    tl.atomic_add(colsum_ptr + cols, tl.sum(e, axis=0), mask=c_ok)
+            else:
+                m_new = tl.maximum(m, tl.max(zk, axis=1))
+                l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(zk - m_new[:, None]), axis=1)
+                m = m_new
+            if not REPAIR:
+                if POS == 1 or POS == 2:
+                    psum += tl.sum(tl.where(pos, z, 0.0), axis=1)
+                if POS == 2:
+                    cnt += tl.sum(pos.to(tl.float32), axis=1)
     if SIGMOID:
         tl.store(val_ptr + rows, l, mask=r_ok)
+    elif REPAIR:
+        tl.store(val_ptr + rows, m + tl.log2(tl.maximum(l, 1.0)), mask=need)
     else:
-        # l ≥ 1 once a row has an entry (its maximum adds exp2(0)); a row with none (SupCon's lone
-        # anchor, padding) keeps l = 0 and gets LSE = −1e30, finite, its loss masked on the host.
-        tl.store(val_ptr + rows, m + tl.log2(tl.maximum(l, 1.0)), mask=r_ok)
+        if FIXED:
+            # −inf for a row with no entry (repaired); padding rows read l = 1, never stored.
+            tl.store(val_ptr + rows, shift + tl.log2(tl.where(r_ok, l, 1.0)), mask=r_ok)
+        else:
+            # l ≥ 1 once a row has an entry (its maximum adds exp2(0)); a row with none (SupCon's lone
+            # anchor, padding) keeps l = 0 and gets LSE = −1e30, finite, its loss masked on the host.
+            tl.store(val_ptr + rows, m + tl.log2(tl.maximum(l, 1.0)), mask=r_ok)
         if POS != 0:
             tl.store(pos_ptr + rows, psum, mask=r_ok)
         if POS == 2:
@@ -187,42 +278,140 @@ def _fwd_kernel(a_ptr, b_ptr, bpos_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr, val_p
 
 
 @triton.jit
-def _dlogits(z, x, r, c, ok, keep, pos, r_lse, gr, gw, c_lse, gc, gcw,
-             HAS_COL: tl.constexpr, SIGMOID: tl.constexpr):
+def _self_fwd_kernel(z_ptr, s_ptr, tgt_ptr, lab_ptr, shift_ptr, l_ptr, pos_ptr, cnt_ptr, N, D, stride,
+                     EXCL_TGT: tl.constexpr, POS: tl.constexpr, RESIDENT: tl.constexpr, BLOCK: tl.constexpr,
+                     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    # NT-Xent / SupCon forward over the upper triangle of Z·Zᵀ tiles (S is symmetric, so are the masks:
+    # the diagonal, the labels, the involution i ↔ i ± N). Tile (I, J ≥ I) adds its row sums to rows I
+    # and, off the diagonal, its column sums to rows J: half the dots and exps of the full square. With
+    # the fixed shift the sums are plain, so every contribution is an atomic add into zeroed l/pos/cnt.
+    # Program p walks row blocks p and T−1−p: T + 1 tiles for every program, a balanced grid of T/2.
+    p = tl.program_id(0)
+    T = tl.cdiv(N, BLOCK)
+    shift = tl.load(shift_ptr)
+    sl = tl.load(s_ptr).to(tl.float32) * LOG2E
+    for h in tl.static_range(2):
+        if h == 0:
+            I = p
+            lo = p
+        else:
+            I = T - 1 - p
+            lo = tl.where(I == p, T, I)  # the middle block of an odd T is walked once
+        rows = I * BLOCK + tl.arange(0, BLOCK)
+        r_ok = rows < N
+        if EXCL_TGT or POS == 1:
+            t_r = tl.load(tgt_ptr + rows, mask=r_ok, other=-1)
+        else:
+            t_r = rows
+        if POS == 2:
+            lab_r = tl.load(lab_ptr + rows, mask=r_ok, other=0)
+        else:
+            lab_r = rows
+        if RESIDENT:
+            z_i = _tile(z_ptr, rows, r_ok, stride, D, BLOCK_D)
+        l = tl.zeros([BLOCK], dtype=tl.float32)
+        psum = tl.zeros([BLOCK], dtype=tl.float32)
+        cnt = tl.zeros([BLOCK], dtype=tl.float32)
+        for J in range(lo, T):
+            cols = J * BLOCK + tl.arange(0, BLOCK)
+            c_ok = cols < N
+            ok = r_ok[:, None] & c_ok[None, :]
+            if RESIDENT:
+                S = tl.dot(z_i, tl.trans(_tile(z_ptr, cols, c_ok, stride, D, BLOCK_D)), input_precision=DOT_PREC)
+            else:
+                S = _dots(z_ptr, rows, r_ok, stride, z_ptr, cols, c_ok, stride, D, BLOCK, BLOCK, BLOCK_D, DOT_PREC)
+            z = S * sl
+            if POS == 2:
+                lab_c = tl.load(lab_ptr + cols, mask=c_ok, other=0)
+            else:
+                lab_c = cols
+            keep, pos = _masks(rows[:, None], cols[None, :], ok, t_r[:, None], lab_r[:, None], lab_c[None, :],
+                               True, EXCL_TGT, POS)
+            e = tl.exp2(tl.where(keep, z, float("-inf")) - shift)
+            off = c_ok & (J != I)
+            l += tl.sum(e, axis=1)
+            tl.atomic_add(l_ptr + cols, tl.sum(e, axis=0), mask=off)
+            if POS == 1 or POS == 2:
+                pz = tl.where(pos, z, 0.0)
+                psum += tl.sum(pz, axis=1)
+                tl.atomic_add(pos_ptr + cols, tl.sum(pz, axis=0), mask=off)
+            if POS == 2:
+                pc = pos.to(tl.float32)
+                cnt += tl.sum(pc, axis=1)
+                tl.atomic_add(cnt_ptr + cols, tl.sum(pc, axis=0), mask=off)
+        # Other programs add these rows' column contributions: the row sums are atomic adds too.
+        tl.atomic_add(l_ptr + rows, l, mask=r_ok & (lo < T))
+        if POS == 1 or POS == 2:
+            tl.atomic_add(pos_ptr + rows, psum, mask=r_ok & (lo < T))
+        if POS == 2:
+            tl.atomic_add(cnt_ptr + rows, cnt, mask=r_ok & (lo < T))
+
+
+@triton.jit
+def _dlogits(z, x, r, c, ok, keep, pos, r_lse, gr, gw, c_lse, gc, gcw, shift,
+             HAS_COL: tl.constexpr, SIGMOID: tl.constexpr, ONE_EXP: tl.constexpr):
     # ∂loss/∂S for a tile (or its transpose: every per-row/per-column operand arrives pre-broadcast).
     # Softmax: g_i (P_ij − w_i [pos]) + (two-sided) g_j (Pᶜ_ij − wᶜ_j [pos]). Masked entries become
     # −inf before exp2 (→ 0): the excluded diagonal could otherwise overflow, and 0·inf is NaN.
+    # ONE_EXP (two-sided): P_ij = exp2(z − shift)·2^(shift − lse_i) and Pᶜ_ij = exp2(z − shift)·2^(shift −
+    # lseᶜ_j); the host folds the 2^(shift − lse) factors into gr and gc, so one exp serves both terms.
     if SIGMOID:
         ds = tl.where(ok, gr * (_sigmoid(x) - tl.where(c == r, 1.0, 0.0)), 0.0)
     else:
         zk = tl.where(keep, z, float("-inf"))
-        ds = tl.exp2(zk - r_lse) * gr
-        w = gw
-        if HAS_COL:
-            ds += tl.exp2(zk - c_lse) * gc
-            w = w + gcw
+        if ONE_EXP:
+            ds = tl.exp2(zk - shift) * (gr + gc)
+            w = gw + gcw
+        else:
+            ds = tl.exp2(zk - r_lse) * gr
+            w = gw
+            if HAS_COL:
+                ds += tl.exp2(zk - c_lse) * gc
+                w = w + gcw
         ds = ds - tl.where(pos, w, 0.0)
     return ds
 
 
 @triton.jit
+def _guard(flag_ptr, GUARD: tl.constexpr):
+    # GUARD 1: run only when the device flag is 0 (one-exp path safe); 2: only when it is set (fallback).
+    flag = tl.load(flag_ptr)
+    if GUARD == 1:
+        return flag == 0
+    else:
+        return flag != 0
+
+
+@triton.jit
 def _bwd_rows_kernel(a_ptr, b_ptr, bpos_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr,
                      rlse_ptr, rg_ptr, rgw_ptr, clse_ptr, cg_ptr, cgw_ptr, pos_ptr,
-                     da_ptr, dbpos_ptr, gs_ptr, gsum_ptr,
+                     da_ptr, dbpos_ptr, gs_ptr, gsum_ptr, shift_ptr, flag_ptr,
                      N, M, D, stride_a, stride_b, stride_bpos, stride_da, stride_dbpos, s_stride,
                      HAS_COL: tl.constexpr, EXCL_DIAG: tl.constexpr, EXCL_TGT: tl.constexpr, POS: tl.constexpr,
                      SIGMOID: tl.constexpr, WANT_DBPOS: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DOUT: tl.constexpr,
-                     DOT_PREC: tl.constexpr):
+                     DOT_PREC: tl.constexpr, RESIDENT: tl.constexpr, ONE_EXP: tl.constexpr, GUARD: tl.constexpr):
     # Program (row tile, feature chunk): dA for those rows and features; chunk 0 also writes per row
     # G_i = Σ_j dS_ij (a_i·b_j) (∂loss/∂s_i) and Σ_j dS_ij (∂loss/∂bias), summed from the fp32 tiles
     # (not from the low-precision dS that feeds the tensor cores).
+    # RESIDENT (BLOCK_D = BLOCK_DOUT ≥ D, one feature chunk): a's tile is loaded once and each key tile
+    # once, serving both S = a·bᵀ and dA += dS·b (v1 recomputes S for every output chunk).
     pid_d = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     r_ok = rows < N
     r64 = rows.to(tl.int64)
     dcols = pid_d * BLOCK_DOUT + tl.arange(0, BLOCK_DOUT)
     dc_ok = dcols < D
+    hi = M
+    w_ok = r_ok
+    if GUARD != 0:
+        active = _guard(flag_ptr, GUARD)
+        hi = tl.where(active, M, 0)
+        w_ok = r_ok & active
+    if ONE_EXP:
+        shift = tl.load(shift_ptr)
+    else:
+        shift = 0.0
     s_r = tl.load(s_ptr + rows * s_stride, mask=r_ok, other=1.0).to(tl.float32)
     if EXCL_TGT or POS == 1:
         t_r = tl.load(tgt_ptr + rows, mask=r_ok, other=-1)
@@ -242,11 +431,20 @@ def _bwd_rows_kernel(a_ptr, b_ptr, bpos_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr,
     acc = tl.zeros([BLOCK_M, BLOCK_DOUT], dtype=tl.float32)
     dsum = tl.zeros([BLOCK_M], dtype=tl.float32)
     gsv = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for c0 in range(0, M, BLOCK_N):
+    if RESIDENT:
+        a_t = _tile(a_ptr, rows, r_ok, stride_a, D, BLOCK_D)
+    for c0 in range(0, hi, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         c_ok = cols < M
         ok = r_ok[:, None] & c_ok[None, :]
-        S = _dots(a_ptr, rows, r_ok, stride_a, b_ptr, cols, c_ok, stride_b, D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PREC)
+        if RESIDENT:
+            b = _tile(b_ptr, cols, c_ok, stride_b, D, BLOCK_D)
+            S = tl.dot(a_t, tl.trans(b), input_precision=DOT_PREC)
+        else:
+            S = _dots(a_ptr, rows, r_ok, stride_a, b_ptr, cols, c_ok, stride_b, D, BLOCK_M, BLOCK_N, BLOCK_D,
+                      DOT_PREC)
+            b = tl.load(b_ptr + cols.to(tl.int64)[:, None] * stride_b + dcols[None, :],
+                        mask=c_ok[:, None] & dc_ok[None, :], other=0.0)
         z = S * (s_r * LOG2E)[:, None]
         x = S * s_r[:, None] + bias
         if POS == 2:
@@ -264,15 +462,13 @@ def _bwd_rows_kernel(a_ptr, b_ptr, bpos_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr,
         keep, pos = _masks(rows[:, None], cols[None, :], ok, t_r[:, None], lab_r[:, None], lab_c[None, :],
                            EXCL_DIAG, EXCL_TGT, POS)
         ds = _dlogits(z, x, rows[:, None], cols[None, :], ok, keep, pos, r_lse[:, None], gr[:, None], gw[:, None],
-                      c_lse, gc, gcw, HAS_COL, SIGMOID)
+                      c_lse, gc, gcw, shift, HAS_COL, SIGMOID, ONE_EXP)
         gsv += tl.sum(ds * S, axis=1)
         if SIGMOID:
             dsum += tl.sum(ds, axis=1)
-        b = tl.load(b_ptr + cols.to(tl.int64)[:, None] * stride_b + dcols[None, :],
-                    mask=c_ok[:, None] & dc_ok[None, :], other=0.0)
         # dS goes to the tensor cores in the input dtype (as flash attention's P); it lies in [−1, 1].
         acc = tl.dot(ds.to(b.dtype), b, acc, input_precision=DOT_PREC)
-    out_mask = r_ok[:, None] & dc_ok[None, :]
+    out_mask = w_ok[:, None] & dc_ok[None, :]
     if POS == 3:
         # MoCo's positive column: dS_i0 = g_i (P_i0 − 1), with the key row k_i as its "b".
         pos2 = tl.load(pos_ptr + rows, mask=r_ok, other=0.0)
@@ -286,25 +482,36 @@ def _bwd_rows_kernel(a_ptr, b_ptr, bpos_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr,
                      ((s_r * dpos)[:, None] * a).to(dbpos_ptr.dtype.element_ty), mask=out_mask)
     tl.store(da_ptr + r64[:, None] * stride_da + dcols[None, :],
              (acc * s_r[:, None]).to(da_ptr.dtype.element_ty), mask=out_mask)
-    tl.store(gs_ptr + rows, gsv, mask=r_ok & (pid_d == 0))
+    tl.store(gs_ptr + rows, gsv, mask=w_ok & (pid_d == 0))
     if SIGMOID:
-        tl.store(gsum_ptr + rows, dsum, mask=r_ok & (pid_d == 0))
+        tl.store(gsum_ptr + rows, dsum, mask=w_ok & (pid_d == 0))
 
 
 @triton.jit
 def _bwd_cols_kernel(a_ptr, b_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr,
-                     rlse_ptr, rg_ptr, rgw_ptr, clse_ptr, cg_ptr, cgw_ptr, db_ptr,
+                     rlse_ptr, rg_ptr, rgw_ptr, clse_ptr, cg_ptr, cgw_ptr, db_ptr, shift_ptr, flag_ptr,
                      N, M, D, stride_a, stride_b, stride_db, s_stride,
                      HAS_COL: tl.constexpr, EXCL_DIAG: tl.constexpr, EXCL_TGT: tl.constexpr, POS: tl.constexpr,
                      SIGMOID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BLOCK_DOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+                     BLOCK_DOUT: tl.constexpr, DOT_PREC: tl.constexpr, RESIDENT: tl.constexpr,
+                     ONE_EXP: tl.constexpr, GUARD: tl.constexpr):
     # Program (tile of BLOCK_M rows of b, feature chunk): dB_j = Σ_i dS_ij s_i a_i, streaming rows of a.
-    # Tiles are transposed: [rows of b, rows of a].
+    # Tiles are transposed: [rows of b, rows of a]. RESIDENT / ONE_EXP / GUARD as in the rows pass.
     pid_d = tl.program_id(1)
     cols = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     c_ok = cols < M
     dcols = pid_d * BLOCK_DOUT + tl.arange(0, BLOCK_DOUT)
     dc_ok = dcols < D
+    hi = N
+    w_ok = c_ok
+    if GUARD != 0:
+        active = _guard(flag_ptr, GUARD)
+        hi = tl.where(active, N, 0)
+        w_ok = c_ok & active
+    if ONE_EXP:
+        shift = tl.load(shift_ptr)
+    else:
+        shift = 0.0
     if POS == 2:
         lab_c = tl.load(lab_ptr + cols, mask=c_ok, other=0)
     else:
@@ -322,7 +529,9 @@ def _bwd_cols_kernel(a_ptr, b_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr,
     else:
         bias = 0.0
     acc = tl.zeros([BLOCK_M, BLOCK_DOUT], dtype=tl.float32)
-    for r0 in range(0, N, BLOCK_N):
+    if RESIDENT:
+        b_t = _tile(b_ptr, cols, c_ok, stride_b, D, BLOCK_D)
+    for r0 in range(0, hi, BLOCK_N):
         rows = r0 + tl.arange(0, BLOCK_N)
         r_ok = rows < N
         s_r = tl.load(s_ptr + rows * s_stride, mask=r_ok, other=1.0).to(tl.float32)
@@ -338,18 +547,23 @@ def _bwd_cols_kernel(a_ptr, b_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr,
         gr = tl.load(rg_ptr + rows, mask=r_ok, other=0.0)
         gw = tl.load(rgw_ptr + rows, mask=r_ok, other=0.0)
         ok = c_ok[:, None] & r_ok[None, :]
-        St = _dots(b_ptr, cols, c_ok, stride_b, a_ptr, rows, r_ok, stride_a, D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PREC)
+        if RESIDENT:
+            a = _tile(a_ptr, rows, r_ok, stride_a, D, BLOCK_D)
+            St = tl.dot(b_t, tl.trans(a), input_precision=DOT_PREC)
+        else:
+            St = _dots(b_ptr, cols, c_ok, stride_b, a_ptr, rows, r_ok, stride_a, D, BLOCK_M, BLOCK_N, BLOCK_D,
+                       DOT_PREC)
+            a = tl.load(a_ptr + rows.to(tl.int64)[:, None] * stride_a + dcols[None, :],
+                        mask=r_ok[:, None] & dc_ok[None, :], other=0.0)
         z = St * (s_r * LOG2E)[None, :]
         x = St * s_r[None, :] + bias
         keep, pos = _masks(rows[None, :], cols[:, None], ok, t_r[None, :], lab_r[None, :], lab_c[:, None],
                            EXCL_DIAG, EXCL_TGT, POS)
         dst = _dlogits(z, x, rows[None, :], cols[:, None], ok, keep, pos, r_lse[None, :], gr[None, :],
-                       gw[None, :], c_lse, gc, gcw, HAS_COL, SIGMOID)
-        a = tl.load(a_ptr + rows.to(tl.int64)[:, None] * stride_a + dcols[None, :],
-                    mask=r_ok[:, None] & dc_ok[None, :], other=0.0)
+                       gw[None, :], c_lse, gc, gcw, shift, HAS_COL, SIGMOID, ONE_EXP)
         acc = tl.dot((dst * s_r[None, :]).to(a.dtype), a, acc, input_precision=DOT_PREC)
     tl.store(db_ptr + cols.to(tl.int64)[:, None] * stride_db + dcols[None, :], acc.to(db_ptr.dtype.element_ty),
-             mask=c_ok[:, None] & dc_ok[None, :])
+             mask=w_ok[:, None] & dc_ok[None, :])
 
 
 # -------------------------------------------------------------------------------------- host side
@@ -380,28 +594,149 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _launch_fwd(mode: _Mode, a, b, bpos, s, bias, targets, labels, *, columns: bool):
-    """Rows pass over a (``columns``: over b, i.e. the column LSE of a symmetric loss)."""
+def _config(kernel: str, x: torch.Tensor, d: int, version: str, key: tuple, run):
+    """The table's config, or (SSLKERNELS_AUTOTUNE=1, v2, CUDA) the fastest candidate for this key."""
+    if version == "v2" and launch_config.autotune_enabled(x.device):
+        return launch_config.autotune(kernel, x.dtype, d, key, run)
+    return launch_config.get(kernel, x.dtype, d, version)
+
+
+def _resident(cfg, d: int, version: str) -> bool:
+    return version == "v2" and launch_config.is_resident(cfg, d)
+
+
+def _norm_bound(x: torch.Tensor, s: Optional[torch.Tensor]) -> torch.Tensor:
+    """max_i |s_i|·‖x_i‖ (fp32 [1], on the device: no host sync)."""
+    n, d = x.shape
+    block_r, block_d = 32, min(128, launch_config._pad(d))
+    parts = torch.empty((triton.cdiv(n, block_r),), dtype=torch.float32, device=x.device)
+    _norm_bound_kernel[(parts.numel(),)](x, s if s is not None else parts, parts, n, d, x.stride(0),
+                                         1 if s is not None and s.numel() > 1 else 0, HAS_S=s is not None,
+                                         BLOCK_R=block_r, BLOCK_D=block_d)
+    return parts.amax().reshape(1)
+
+
+def _shift(a, b, bpos, s) -> torch.Tensor:
+    """The fixed shift in base 2: log2(e)·max_i |s_i|‖a_i‖·max_j ‖b_j‖ ≥ every z_ij (Cauchy–Schwarz), so
+    exp2(z − shift) ≤ 1 for any inputs; for L2-normalized ones it is s·log2(e), i.e. |S| ≤ 1/τ."""
+    nb = _norm_bound(b, None)
+    if bpos is not None:
+        nb = torch.maximum(nb, _norm_bound(bpos, None))
+    return _norm_bound(a, s) * nb * LOG2E.value
+
+
+def _launch_fwd(mode: _Mode, a, b, bpos, s, bias, targets, labels, *, columns: bool, version: str = "v1",
+                fixed: bool = False, shift=None, repair=None, cfg=None):
+    """Rows pass over a (``columns``: over b, i.e. the column LSE of a symmetric loss).
+
+    ``fixed``: the fixed-shift sums (+ the column sums of a two-sided loss, returned 4th). ``repair``: the
+    LSE buffer of an earlier fixed-shift pass (over the same rows), rewritten in place where it failed.
+    """
     if columns:
         a, b = b, a
     n, d = a.shape
     m = b.shape[0]
-    cfg = launch_config.get("fwd", a.dtype, d)
+    col_sums = fixed and mode.two_sided and not columns
+    if cfg is None:
+        key = (mode, columns, fixed, repair is not None)
+        cfg = _config("fwd", a, d, version, key, lambda c: _launch_fwd(
+            mode, *((b, a) if columns else (a, b)), bpos, s, bias, targets, labels, columns=columns,
+            version=version, fixed=fixed, shift=shift,
+            repair=None if repair is None else repair.clone(), cfg=c))
+    if mode.pos == POS_EXTRA and not columns and _resident(cfg, d, version):
+        cfg = cfg._replace(block_m=min(cfg.block_m, 64))  # MoCo's extra row dot: 128 rows spill at D = 256
     f32 = dict(dtype=torch.float32, device=a.device)
-    val = _empty((n,), **f32)
+    val = _empty((n,), **f32) if repair is None else repair
     pos_kind = POS_NONE if columns else mode.pos
-    pos = _empty((n,), **f32) if pos_kind != POS_NONE else val
-    cnt = _empty((n,), **f32) if pos_kind == POS_LABEL else val
+    pos = _empty((n,), **f32) if pos_kind != POS_NONE and repair is None else val
+    cnt = _empty((n,), **f32) if pos_kind == POS_LABEL and repair is None else val
+    colsum = torch.zeros((m,), **f32) if col_sums else val
     # Unused pointer arguments get any tensor: constexpr flags keep them from being read.
     _fwd_kernel[(triton.cdiv(n, cfg.block_m),)](
         a, b, bpos if bpos is not None else a, s, bias if bias is not None else s,
         targets if targets is not None else val, labels if labels is not None else val, val, pos, cnt,
+        shift if shift is not None else val, colsum,
         n, m, d, a.stride(0), b.stride(0), bpos.stride(0) if bpos is not None else 0, 1 if s.numel() > 1 else 0,
         SCALE_ON_COLS=columns, EXCL_DIAG=mode.excl_diag or (columns and mode.excl_tgt),
         EXCL_TGT=mode.excl_tgt and not columns, POS=pos_kind, SIGMOID=mode.sigmoid,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, DOT_PREC=_dot_precision(a.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return val, pos, cnt
+        RESIDENT=_resident(cfg, d, version), FIXED=fixed and repair is None, COL_SUMS=col_sums,
+        REPAIR=repair is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return val, pos, cnt, (colsum if col_sums else None)
+
+
+def _launch_self_fwd(mode: _Mode, z, s, targets, labels, shift, cfg=None):
+    """NT-Xent / SupCon fixed-shift sums over the upper triangle of tiles: (l, positive sum, count)."""
+    n, d = z.shape
+    if cfg is None:
+        cfg = _config("self_fwd", z, d, "v2", (mode,),
+                      lambda c: _launch_self_fwd(mode, z, s, targets, labels, shift, cfg=c))
+    block = cfg.block_m
+    stats = torch.zeros((3, n), dtype=torch.float32, device=z.device)
+    l, pos, cnt = stats[0], stats[1], stats[2]
+    _self_fwd_kernel[(triton.cdiv(triton.cdiv(n, block), 2),)](
+        z, s, targets if targets is not None else l, labels if labels is not None else l, shift, l, pos, cnt,
+        n, d, z.stride(0), EXCL_TGT=mode.excl_tgt, POS=mode.pos, RESIDENT=_resident(cfg, d, "v2"),
+        BLOCK=block, BLOCK_D=cfg.block_d, DOT_PREC=_dot_precision(z.dtype), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
+    return l, pos, cnt
+
+
+def _forward_stats(mode: _Mode, a, b, bpos, s, bias, targets, labels):
+    """(row LSE, positive, count, column LSE or None) in base 2, by the engine in force."""
+    eng = launch_config.engine()
+    if eng.version == "v1" or eng.shift == "online" or mode.sigmoid:
+        val, pos, cnt, _ = _launch_fwd(mode, a, b, bpos, s, bias, targets, labels, columns=False,
+                                       version=eng.version)
+        c_lse = None
+        if mode.two_sided:
+            c_lse = _launch_fwd(mode, a, b, bpos, s, bias, targets, labels, columns=True, version=eng.version)[0]
+        return val, pos, cnt, c_lse
+    shift = _shift(a, b, bpos, s)
+    if mode.self_sim and eng.self_reuse:
+        l, pos, cnt = _launch_self_fwd(mode, a, s, targets, labels, shift)
+        val = shift + torch.log2(l)
+        colsum = None
+    else:
+        val, pos, cnt, colsum = _launch_fwd(mode, a, b, bpos, s, bias, targets, labels, columns=False,
+                                            version="v2", fixed=True, shift=shift)
+    if not _REPAIR:
+        return val, pos, cnt, None if colsum is None else shift + torch.log2(colsum)
+    # Rows whose sum the shift pushed under the trusted range take the online path, decided on the device.
+    _launch_fwd(mode, a, b, bpos, s, bias, targets, labels, columns=False, version="v2", shift=shift, repair=val)
+    c_lse = None
+    if colsum is not None:
+        c_lse = shift + torch.log2(colsum)
+        _launch_fwd(mode, a, b, bpos, s, bias, targets, labels, columns=True, version="v2", shift=shift,
+                    repair=c_lse)
+    return val, pos, cnt, c_lse
+
+
+# Tests switch the repair pass off to check the fixed-shift sums alone (normalized inputs need none).
+_REPAIR = True
+
+# Rows whose LSE lies more than this (base 2) under the largest one make 2^(shift − lse) too large for
+# the one-exp backward (exp2(z − shift) would lose them to underflow): the two-exp kernels run instead.
+_ONE_EXP_RANGE = 100.0
+
+
+def _one_exp_factors(r_lse, gr, c_lse, gc):
+    """(shift, flag, gr·2^(shift − lse), gc·2^(shift − lseᶜ)) for the one-exp backward, all on the device.
+
+    shift = the largest LSE ≥ every kept z, so exp2(z − shift) ≤ 1. ``flag`` (int32 [1]) is set when some
+    row's LSE is more than _ONE_EXP_RANGE below it; then the guarded two-exp kernels do the work.
+    Rows without any entry (LSE −1e30 or −inf) get a factor 0: their P is 0 either way.
+    """
+    shift = torch.maximum(r_lse.max(), c_lse.max()).reshape(1)
+
+    def factors(lse, g):
+        valid = lse > -1e29
+        fac = torch.where(valid, g * torch.exp2(torch.clamp(shift - lse, max=126.0)), torch.zeros_like(g))
+        return fac, (valid & (lse < shift - _ONE_EXP_RANGE)).any()
+
+    fr, bad_r = factors(r_lse, gr)
+    fc, bad_c = factors(c_lse, gc)
+    return shift, (bad_r | bad_c).to(torch.int32).reshape(1), fr, fc
 
 
 class _ContrastiveLoss(torch.autograd.Function):
@@ -415,8 +750,7 @@ class _ContrastiveLoss(torch.autograd.Function):
     @staticmethod
     def _forward(ctx, mode, a, b, bpos, s, bias, targets, labels):
         b_ = a if b is None else b
-        val, pos, cnt = _launch_fwd(mode, a, b_, bpos, s, bias, targets, labels, columns=False)
-        c_lse = None
+        val, pos, cnt, c_lse = _forward_stats(mode, a, b_, bpos, s, bias, targets, labels)
         if mode.sigmoid:
             rows = val.clone()
         elif mode.pos == POS_LABEL:
@@ -425,7 +759,6 @@ class _ContrastiveLoss(torch.autograd.Function):
         else:
             rows = (val - pos) * math.log(2)
             if mode.two_sided:
-                c_lse = _launch_fwd(mode, a, b_, bpos, s, bias, targets, labels, columns=True)[0]
                 rows = 0.5 * (rows + (c_lse - pos) * math.log(2))
         ctx.mode = mode
         ctx.save_for_backward(a, b, bpos, s, bias, targets, labels, val, pos, cnt, c_lse)
@@ -446,6 +779,7 @@ class _ContrastiveLoss(torch.autograd.Function):
         need = ctx.needs_input_grad  # (mode, a, b, bpos, s, bias, targets, labels)
         if not any(need[1:6]):
             return (None,) * 8
+        eng = launch_config.engine()
         b_ = a if b is None else b
         g = g_rows.to(torch.float32).contiguous()
         gr = gw = g
@@ -459,15 +793,20 @@ class _ContrastiveLoss(torch.autograd.Function):
             c_lse, gc, gcw = val, gr, gw
         else:
             gc = gcw = None
+        stats = _BwdStats(val, gr, gw, c_lse, gc, gcw, pos)
+        one_exp = None
+        if eng.version == "v2" and eng.one_exp_bwd and gc is not None and not mode.sigmoid:
+            shift, flag, fr, fc = _one_exp_factors(val, gr, c_lse, gc)
+            one_exp = (shift, flag, stats._replace(gr=fr, gc=fc))
 
         da = dbpos = gs = gsum = None
         want_dbpos = bpos is not None and need[3]
         if need[1] or need[3] or need[4] or need[5]:
-            da, dbpos, gs, gsum = _launch_bwd_rows(mode, a, b_, bpos, s, bias, targets, labels, val, gr, gw,
-                                                   c_lse, gc, gcw, pos, want_dbpos)
+            da, dbpos, gs, gsum = _guarded(_launch_bwd_rows, one_exp, eng.version, mode, a, b_, bpos, s, bias,
+                                           targets, labels, stats, want_dbpos)
         db = None
         if b is not None and need[2]:
-            db = _launch_bwd_cols(mode, a, b, s, bias, targets, labels, val, gr, gw, c_lse, gc, gcw)
+            db = _guarded(_launch_bwd_cols, one_exp, eng.version, mode, a, b, s, bias, targets, labels, stats)
 
         ds = None
         if need[4]:
@@ -479,49 +818,94 @@ class _ContrastiveLoss(torch.autograd.Function):
         return None, da if need[1] else None, db, dbpos, ds, dbias, None, None
 
 
-def _launch_bwd_rows(mode, a, b, bpos, s, bias, targets, labels, val, gr, gw, c_lse, gc, gcw, pos, want_dbpos):
+class _BwdStats(NamedTuple):
+    """Per-row / per-column statistics the backward kernels read (see _dlogits)."""
+    r_lse: torch.Tensor
+    gr: torch.Tensor
+    gw: torch.Tensor
+    c_lse: Optional[torch.Tensor]
+    gc: Optional[torch.Tensor]
+    gcw: Optional[torch.Tensor]
+    pos: torch.Tensor
+
+
+def _guarded(launch, one_exp, version, *args):
+    """One backward pass: plain; or (one-exp engine) the one-exp kernel and the two-exp fallback, each
+    running only when the device flag says so, both writing the same outputs."""
+    if one_exp is None:
+        return launch(*args, version=version)
+    shift, flag, fast_stats = one_exp
+    fast_args = list(args)
+    fast_args[-2 if launch is _launch_bwd_rows else -1] = fast_stats
+    out = launch(*fast_args, version=version, one_exp=(shift, flag))
+    launch(*args, version=version, fallback=flag, out=out)
+    return out
+
+
+def _launch_bwd_rows(mode, a, b, bpos, s, bias, targets, labels, st: _BwdStats, want_dbpos, *, version,
+                     one_exp=None, fallback=None, out=None, cfg=None):
     """dA (+ MoCo's dK), and the per-row partials of ∂loss/∂s and ∂loss/∂bias."""
     n, d = a.shape
-    has_col = gc is not None
-    placeholder = val  # any tensor for pointer arguments a constexpr flag leaves unread
-    cfg = launch_config.get("bwd_rows", a.dtype, d)
+    has_col = st.gc is not None
+    placeholder = st.r_lse  # any tensor for pointer arguments a constexpr flag leaves unread
+    if cfg is None:
+        key = (mode, want_dbpos, one_exp is not None, fallback is not None)
+        cfg = _config("bwd_rows", a, d, version, key, lambda c: _launch_bwd_rows(
+            mode, a, b, bpos, s, bias, targets, labels, st, want_dbpos, version=version, one_exp=one_exp,
+            fallback=fallback, cfg=c))
+    if mode.pos == POS_EXTRA and _resident(cfg, d, version):
+        # MoCo's epilogue holds two more [BLOCK_M, D] fp32 tiles (k_i, q_i): 32+ rows at D = 256 spill on sm_90.
+        cfg = cfg._replace(block_m=min(cfg.block_m, 16))
     n_chunks = triton.cdiv(d, cfg.block_dout)
-    da = _empty(a.shape, a.dtype, a.device)
-    dbpos = _empty(bpos.shape, bpos.dtype, bpos.device) if want_dbpos else None
-    gs = _empty((n,), torch.float32, a.device)
-    gsum = _empty((n,), torch.float32, a.device) if mode.sigmoid else placeholder
+    if out is None:
+        da = _empty(a.shape, a.dtype, a.device)
+        dbpos = _empty(bpos.shape, bpos.dtype, bpos.device) if want_dbpos else None
+        gs = _empty((n,), torch.float32, a.device)
+        gsum = _empty((n,), torch.float32, a.device) if mode.sigmoid else placeholder
+    else:
+        da, dbpos, gs, gsum = out
+    shift, flag = one_exp if one_exp is not None else (placeholder, fallback)
     _bwd_rows_kernel[(triton.cdiv(n, cfg.block_m), n_chunks)](
         a, b, bpos if bpos is not None else a, s, bias if bias is not None else s,
         targets if targets is not None else placeholder, labels if labels is not None else placeholder,
-        val, gr, gw, c_lse if has_col else placeholder, gc if has_col else placeholder,
-        gcw if has_col else placeholder, pos, da, dbpos if want_dbpos else da, gs, gsum,
+        st.r_lse, st.gr, st.gw, st.c_lse if has_col else placeholder, st.gc if has_col else placeholder,
+        st.gcw if has_col else placeholder, st.pos, da, dbpos if want_dbpos else da, gs, gsum,
+        shift, flag if flag is not None else placeholder,
         n, b.shape[0], d, a.stride(0), b.stride(0), bpos.stride(0) if bpos is not None else 0, da.stride(0),
         dbpos.stride(0) if want_dbpos else 0, 1 if s.numel() > 1 else 0,
         HAS_COL=has_col, EXCL_DIAG=mode.excl_diag, EXCL_TGT=mode.excl_tgt, POS=mode.pos, SIGMOID=mode.sigmoid,
         WANT_DBPOS=want_dbpos, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
-        BLOCK_DOUT=cfg.block_dout, DOT_PREC=_dot_precision(a.dtype), num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
+        BLOCK_DOUT=cfg.block_dout, DOT_PREC=_dot_precision(a.dtype), RESIDENT=_resident(cfg, d, version),
+        ONE_EXP=one_exp is not None, GUARD=1 if one_exp is not None else 2 if fallback is not None else 0,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return da, dbpos, gs, gsum
 
 
-def _launch_bwd_cols(mode, a, b, s, bias, targets, labels, val, gr, gw, c_lse, gc, gcw):
+def _launch_bwd_cols(mode, a, b, s, bias, targets, labels, st: _BwdStats, *, version, one_exp=None,
+                     fallback=None, out=None, cfg=None):
     """dB = dSᵀ·(s ⊙ A)."""
     n, d = a.shape
     m = b.shape[0]
-    has_col = gc is not None
-    placeholder = val
-    cfg = launch_config.get("bwd_cols", a.dtype, d)
-    db = _empty(b.shape, b.dtype, b.device)
+    has_col = st.gc is not None
+    placeholder = st.r_lse
+    if cfg is None:
+        key = (mode, one_exp is not None, fallback is not None)
+        cfg = _config("bwd_cols", a, d, version, key, lambda c: _launch_bwd_cols(
+            mode, a, b, s, bias, targets, labels, st, version=version, one_exp=one_exp, fallback=fallback,
+            cfg=c))
+    db = _empty(b.shape, b.dtype, b.device) if out is None else out
+    shift, flag = one_exp if one_exp is not None else (placeholder, fallback)
     _bwd_cols_kernel[(triton.cdiv(m, cfg.block_m), triton.cdiv(d, cfg.block_dout))](
         a, b, s, bias if bias is not None else s,
         targets if targets is not None else placeholder, labels if labels is not None else placeholder,
-        val, gr, gw, c_lse if has_col else placeholder, gc if has_col else placeholder,
-        gcw if has_col else placeholder, db, n, m, d, a.stride(0), b.stride(0), db.stride(0),
-        1 if s.numel() > 1 else 0,
+        st.r_lse, st.gr, st.gw, st.c_lse if has_col else placeholder, st.gc if has_col else placeholder,
+        st.gcw if has_col else placeholder, db, shift, flag if flag is not None else placeholder,
+        n, m, d, a.stride(0), b.stride(0), db.stride(0), 1 if s.numel() > 1 else 0,
         HAS_COL=has_col, EXCL_DIAG=mode.excl_diag, EXCL_TGT=mode.excl_tgt, POS=mode.pos,
         SIGMOID=mode.sigmoid, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
-        BLOCK_DOUT=cfg.block_dout, DOT_PREC=_dot_precision(a.dtype), num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
+        BLOCK_DOUT=cfg.block_dout, DOT_PREC=_dot_precision(a.dtype), RESIDENT=_resident(cfg, d, version),
+        ONE_EXP=one_exp is not None, GUARD=1 if one_exp is not None else 2 if fallback is not None else 0,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return db
 
 
