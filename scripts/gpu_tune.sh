@@ -1,18 +1,28 @@
 #!/usr/bin/env bash
-# GPU tuning round (issue 10): contrastive tests on CUDA, the engine table at N=32768 D=256 bf16, the
-# eager / torch.compile baselines at the same size, and the paper-size presets of the other targets.
+# GPU tuning round (issue 10): csrc build, the kernel tests on CUDA, autotuning of the contrastive engine
+# at N=32768 D=256 bf16 (winners printed as "[sslkernels autotune] ..."), and the target-size benchmarks
+# (contrastive at N=32768 D=256 bf16, moco/ema/dino paper presets) with eager, torch.compile and peers.
 # Everything lands in $OUT/tune.tgz plus $OUT/tune.log (the device tool returns at most 8 files).
+#   bash scripts/gpu_tune.sh [OUT_DIR]        (TUNE_STEPS="tests autotune bench" selects stages)
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out="${1:-${OUT:-gpu_tune_out}}"; w="$(mktemp -d)"; mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1; unset TRITON_INTERPRET
 py="${PYTHON:-python3}"
+steps="${TUNE_STEPS:-tests autotune bench}"
+if ls .whl/*.whl >/dev/null 2>&1; then  # peers carried as wheels (device README)
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
 run() { local lim="$1"; shift; echo "### $* (limit ${lim}s)"; local t0=$SECONDS; timeout "$lim" "$@"; echo "### exit $? after $((SECONDS - t0))s"; }
 {
-run 150 env SSLKERNELS_POISON=1 "$py" -m pytest -q -x -n 8 -p no:cacheprovider tests/test_ops_contrastive.py tests/test_contrastive_api.py
-run 240 env OUT="$w" "$py" benchmarks/contrastive_engines.py
-run 60 env OUT="$w/s100" SCALE100=1 OPS=clip_loss ENGINES=v2-online,v2-fixed "$py" benchmarks/contrastive_engines.py
-run 120 "$py" -m sslkernels.bench info_nce clip_loss --sizes N=32768:M=32768:D=256 --dtype bf16 --impl eager,compile --out "$w/baselines"
-run 150 "$py" -m sslkernels.bench moco_loss ema_update_ dino_loss --sizes paper --impl ours,eager,compile,peers --out "$w/paper"
+[[ $steps == *tests* ]] && run 60 env PYTHON="$py" bash scripts/build_csrc.sh build/csrc
+[[ $steps == *tests* ]] && run 180 env SSLKERNELS_POISON=1 "$py" -m pytest -q -n 8 -p no:cacheprovider \
+  tests/test_ops_contrastive.py tests/test_ops_dino.py tests/test_ops_ema.py tests/test_ops_queue.py \
+  tests/test_sync_free.py tests/test_state_api.py tests/test_contrastive_api.py tests/test_objectives_api.py
+[[ $steps == *autotune* ]] && run 200 env OUT="$w/autotune" SSLKERNELS_AUTOTUNE=1 OPS=info_nce,clip_loss,nt_xent ENGINES=v2-fixed REPS=5 "$py" benchmarks/contrastive_engines.py
+[[ $steps == *engines* ]] && run 150 env OUT="$w" "$py" benchmarks/contrastive_engines.py
+[[ $steps == *bench* ]] && run 150 "$py" -m sslkernels.bench info_nce clip_loss nt_xent --sizes N=32768:M=32768:D=256 --dtype bf16 --impl ours,eager,compile,peers --out "$w/contrastive"
+[[ $steps == *bench* ]] && run 90 "$py" -m sslkernels.bench moco_loss --sizes paper --dtype bf16 --impl ours,eager,compile --out "$w/moco"
+[[ $steps == *bench* ]] && run 120 "$py" -m sslkernels.bench ema_update_ dino_loss --sizes paper --impl ours,eager,compile,peers --out "$w/paper"
 } 2>&1 | tee "$out/tune.log"
 tar czf "$out/tune.tgz" -C "$w" .

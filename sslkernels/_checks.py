@@ -6,6 +6,8 @@ graph is being captured, where a sync is illegal.
 """
 from __future__ import annotations
 
+import collections
+
 import math
 from numbers import Real
 from typing import Optional, Sequence, Union
@@ -170,6 +172,59 @@ def tensor_list(xs, name: str) -> list:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
     return out
+
+
+def _meta(t: torch.Tensor) -> tuple:
+    return t.data_ptr(), t.dtype, t.shape, t.stride()
+
+
+def tensors_signature(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> tuple:
+    """What validation and kernel planning of a tensor-list op depend on: (address, dtype, shape, strides)
+    of every tensor. Addresses are unique across devices (CUDA's unified addressing), so a repeat of the
+    signature is the same set of memory regions with the same layout: cached results stay valid."""
+    last = _last_signature
+    if last is not None and last[0] is targets and last[1] is sources:
+        return last[2]
+    return tuple(map(_meta, targets)), tuple(map(_meta, sources))
+
+
+# ema_update_ computes the signature of its lists once and the kernel planner reuses it (the same list
+# objects, identified by ``is``) instead of walking 300 tensors a second time; cleared after the call.
+_last_signature: Optional[tuple] = None
+
+
+class remember_signature:
+    def __init__(self, targets, sources, signature):
+        self.entry = (targets, sources, signature)
+
+    def __enter__(self):
+        global _last_signature
+        _last_signature = self.entry
+
+    def __exit__(self, *exc):
+        global _last_signature
+        _last_signature = None
+
+
+# Signatures of ema_update_ lists that passed ema_pairs and the one-device check (an EMA step repeats
+# the same parameters every iteration; re-checking 150+ tensors costs more host time than the kernel).
+_validated_ema: "collections.OrderedDict[tuple, None]" = collections.OrderedDict()
+
+
+def ema_pairs_cached(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor], signature: tuple) -> None:
+    if signature in _validated_ema:
+        _validated_ema.move_to_end(signature)
+        return
+    ema_pairs(targets, sources)
+    if targets:
+        device = targets[0].device
+        for i, t in enumerate(targets):
+            if t.device != device:
+                raise ValueError(f"target[{i}] is on {t.device} but target[0] is on {device}; ema_update_ takes "
+                                 "one device")
+    _validated_ema[signature] = None
+    while len(_validated_ema) > 64:
+        _validated_ema.popitem(last=False)
 
 
 def ema_pairs(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:

@@ -304,17 +304,21 @@ def ema_update_(target, source, momentum: Scalar, *, buffers: str = "copy", back
         targets, sources = check.tensor_list(target, "target"), check.tensor_list(source, "source")
     if len(targets) == len(sources):  # a length mismatch is reported by ema_pairs
         targets, sources = _local_pairs(targets, sources, "ema_update_")
-    check.ema_pairs(targets, sources)
+    if len(targets) != len(sources):
+        check.ema_pairs(targets, sources)  # raises the length message
+    signature = check.tensors_signature(targets, sources)
+    check.ema_pairs_cached(targets, sources, signature)
     if not targets:
         return
     device = targets[0].device
-    for i, t in enumerate(targets):
-        if t.device != device:
-            raise ValueError(f"target[{i}] is on {t.device} but target[0] is on {device}; ema_update_ takes one device")
     momentum = check.momentum(_local_momentum(momentum), device=device)
     if isinstance(momentum, torch.Tensor) and momentum.device != device:
         momentum = momentum.to(device)
-    dispatch("ema_update_", backend, device)([t.data for t in targets], [s.data for s in sources], momentum)
+    # The tensors go as they are (no .data aliases: 300 new tensor objects per call cost more host time than
+    # a ViT-B update's kernel); in-place writes to leaves that require grad are allowed under no_grad.
+    impl = dispatch("ema_update_", backend, device)
+    with check.remember_signature(targets, sources, signature):
+        impl(targets, sources, momentum)
 
 
 # ----------------------------------------------------------------------------- similarity and eval

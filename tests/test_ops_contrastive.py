@@ -486,3 +486,78 @@ def test_engine_settings_and_default_tiles_table(monkeypatch):
     assert launch_config.is_resident(launch_config.get("bwd_rows", torch.bfloat16, 256, "v2"), 256)
     assert not launch_config.is_resident(launch_config.get("bwd_rows", torch.bfloat16, 512, "v2"), 512)
     assert not launch_config.is_resident(launch_config.get("fwd", torch.bfloat16, 256, "v1"), 256)
+
+
+# ---------------------------------------------------------------------------------------- key split
+
+ENGINES_ALL = {**ENGINES, "v2-fixed": dict(version="v2", shift="fixed")}
+
+
+@pytest.mark.parametrize("engine", ["v1", "v2-online", "v2-fixed"])
+@pytest.mark.parametrize("op", ["info_nce", "clip_loss", "nt_xent", "supcon_loss", "moco_loss", "siglip_loss"])
+def test_key_split(op, engine, monkeypatch):
+    # Few rows, many keys: the forward and the rows backward split the keys over programs (MoCo's 256
+    # queries × 65536 queue keys on a GPU) and combine partial LSEs / sums / dA on the host. The split is
+    # forced here (64 programs wanted) with 150 keys = 10 key tiles of 16; a spy checks it happened.
+    monkeypatch.setattr(contrastive, "_SPLIT_PROGRAMS", 64)
+    seen = []
+    real = contrastive._key_split
+    monkeypatch.setattr(contrastive, "_key_split", lambda *a: seen.append(real(*a)) or seen[-1])
+    dt = torch.float32
+    with launch_config.use_engine(**ENGINES_ALL[engine]):
+        if op == "info_nce":
+            q, q64 = _feats(5, 33, dt)
+            k, k64 = _feats(150, 33, dt)
+            tau, tau64 = _scalar(0.3, "1d", 5)
+            targets = torch.randint(0, 150, (5,))
+            out = _impl("info_nce")(q, k, tau, targets.to(DEVICE), False, True, "none")
+            _check(out, info_nce64(q64, k64, tau64, targets, False, True), [(q, q64), (k, k64), (tau, tau64)], dt)
+        elif op == "clip_loss":
+            a, a64 = _feats(150, 7, dt)
+            b, b64 = _feats(150, 7, dt)
+            sc, sc64 = _scalar(4.0, "0d")
+            out = _impl("clip_loss")(a, b, sc, "none")
+            _check(out, info_nce64(a64, b64, 1 / sc64, None, True, False), [(a, a64), (b, b64), (sc, sc64)], dt)
+        elif op == "nt_xent":
+            z1, z164 = _feats(75, 7, dt)
+            z2, z264 = _feats(75, 7, dt)
+            tau, tau64 = _scalar(0.5, "0d")
+            out = _impl("nt_xent")(z1, z2, tau, False, "none")
+            _check(out, nt_xent64(z164, z264, tau64, False), [(z1, z164), (z2, z264), (tau, tau64)], dt)
+        elif op == "supcon_loss":
+            f, f64 = _feats(150, 7, dt)
+            labels = torch.randint(0, 20, (150,))
+            tau, tau64 = _scalar(0.2, "0d")
+            out = _impl("supcon_loss")(f, labels.to(DEVICE), tau, "none")
+            _check(out, supcon64(f64, labels, tau64), [(f, f64), (tau, tau64)], dt)
+        elif op == "siglip_loss":
+            a, a64 = _feats(150, 7, dt, scale=0.3)
+            b, b64 = _feats(150, 7, dt, scale=0.3)
+            sc, sc64 = _scalar(5.0, "0d")
+            bias, bias64 = _scalar(-3.0, "0d")
+            out = _impl("siglip_loss")(a, b, sc, bias, "none")
+            _check(out, siglip64(a64, b64, sc64, bias64), [(a, a64), (b, b64), (sc, sc64), (bias, bias64)], dt)
+        else:
+            q, q64 = _feats(13, 33, dt)
+            key, key64 = _feats(13, 33, dt)
+            queue, queue64 = _feats(150, 33, dt)
+            queue.requires_grad_(False)
+            tau, tau64 = _scalar(0.2, "0d")
+            out = _impl("moco_loss")(q, key, queue, tau, "none")
+            _check(out, moco64(q64, key64, queue64.detach(), tau64), [(q, q64), (key, key64), (tau, tau64)], dt)
+    assert any(sp > 1 for sp, _ in seen), seen
+
+
+def test_key_split_sizes():
+    # Splits cover the keys exactly, in whole key tiles, and vanish when the rows already fill the device.
+    for programs, m, bn, target in [(4, 65536, 64, 132), (1, 100, 16, 8), (3, 150, 16, 64), (300, 65536, 64, 132)]:
+        old = contrastive._SPLIT_PROGRAMS
+        contrastive._SPLIT_PROGRAMS = target
+        try:
+            splits, per = contrastive._key_split(programs, m, bn, torch.device("cpu"))
+        finally:
+            contrastive._SPLIT_PROGRAMS = old
+        assert splits >= 1 and (splits - 1) * per < m <= splits * per
+        assert splits == 1 or per % bn == 0
+        assert splits * programs <= max(target, programs)
+    assert contrastive._key_split(4, 65536, 64, torch.device("cpu")) == (1, 65536)  # interpreter: no split

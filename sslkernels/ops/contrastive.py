@@ -49,6 +49,7 @@ Loss families are flags of the same kernels:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import NamedTuple, Optional
 
@@ -174,7 +175,7 @@ def _sigmoid(x):
 @triton.jit
 def _fwd_kernel(a_ptr, b_ptr, bpos_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr, val_ptr, pos_ptr, cnt_ptr,
                 shift_ptr, colsum_ptr,
-                N, M, D, stride_a, stride_b, stride_bpos, s_stride,
+                N, M, D, stride_a, stride_b, stride_bpos, s_stride, cols_per_split,
                 SCALE_ON_COLS: tl.constexpr, EXCL_DIAG: tl.constexpr, EXCL_TGT: tl.constexpr, POS: tl.constexpr,
                 SIGMOID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 DOT_PREC: tl.constexpr, RESIDENT: tl.constexpr, FIXED: tl.constexpr, COL_SUMS: tl.constexpr,
@@ -187,6 +188,14 @@ def _fwd_kernel(a_ptr, b_ptr, bpos_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr, val_p
     #   combine across programs, running maxima would not), the column LSE of a symmetric loss in one pass.
     # REPAIR: the online path again, only for programs holding a row whose fixed-shift sum failed
     #   _needs_repair (the loop runs 0 times elsewhere: no host sync decides it); rewrites those LSEs.
+    # Key split (grid axis 1): program (i, p) covers keys [p·cols_per_split, (p+1)·cols_per_split) and
+    #   writes its partial statistics to row p of [splits, N] buffers, combined on the host (O(splits·N)).
+    #   It fills the GPU when the rows are few and the keys many (MoCo: 256 queries, 65536 queue keys).
+    pid_s = tl.program_id(1)
+    first = pid_s == 0
+    lo = pid_s * cols_per_split
+    c_end = tl.minimum(M, lo + cols_per_split)
+    out_off = pid_s * N
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     r_ok = rows < N
     s_r = tl.load(s_ptr + rows * s_stride, mask=r_ok, other=1.0).to(tl.float32)
@@ -198,30 +207,31 @@ def _fwd_kernel(a_ptr, b_ptr, bpos_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr, val_p
         lab_r = tl.load(lab_ptr + rows, mask=r_ok, other=0)
     else:
         lab_r = rows
-    hi = M
+    hi = c_end
     if FIXED or REPAIR:
         shift = tl.load(shift_ptr)
     if REPAIR:
         need = r_ok & _needs_repair(tl.load(val_ptr + rows, mask=r_ok, other=0.0), shift, M)
-        hi = tl.where(tl.max(need.to(tl.int32), axis=0) > 0, M, 0)
+        hi = tl.where(tl.max(need.to(tl.int32), axis=0) > 0, c_end, lo)
     m = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
     l = tl.zeros([BLOCK_M], dtype=tl.float32)
     psum = tl.zeros([BLOCK_M], dtype=tl.float32)
     cnt = tl.zeros([BLOCK_M], dtype=tl.float32)
     if POS == 3:
         psum = _row_dots(a_ptr, bpos_ptr, rows, r_ok, stride_a, stride_bpos, D, BLOCK_M, 32) * (s_r * LOG2E)  # 32: few regs
+        # The positive enters the sums of the first key split only.
         if FIXED:
-            l = tl.exp2(psum - shift)
+            l = tl.where(first, tl.exp2(psum - shift), 0.0)
         else:
-            m = psum
-            l = l + 1.0
+            m = tl.where(first, psum, _NEG_BIG)
+            l = l + tl.where(first, 1.0, 0.0)
     if SIGMOID:
         bias = tl.load(bias_ptr).to(tl.float32)
     if RESIDENT:
         a_t = _tile(a_ptr, rows, r_ok, stride_a, D, BLOCK_D)
-    for c0 in range(0, hi, BLOCK_N):
+    for c0 in range(lo, hi, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
-        c_ok = cols < M
+        c_ok = cols < c_end
         ok = r_ok[:, None] & c_ok[None, :]
         if RESIDENT:
             acc = tl.dot(a_t, tl.trans(_tile(b_ptr, cols, c_ok, stride_b, D, BLOCK_D)), input_precision=DOT_PREC)
@@ -260,21 +270,21 @@ def _fwd_kernel(a_ptr, b_ptr, bpos_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr, val_p
                 if POS == 2:
                     cnt += tl.sum(pos.to(tl.float32), axis=1)
     if SIGMOID:
-        tl.store(val_ptr + rows, l, mask=r_ok)
+        tl.store(val_ptr + out_off + rows, l, mask=r_ok)
     elif REPAIR:
         tl.store(val_ptr + rows, m + tl.log2(tl.maximum(l, 1.0)), mask=need)
     else:
         if FIXED:
             # −inf for a row with no entry (repaired); padding rows read l = 1, never stored.
-            tl.store(val_ptr + rows, shift + tl.log2(tl.where(r_ok, l, 1.0)), mask=r_ok)
+            tl.store(val_ptr + out_off + rows, shift + tl.log2(tl.where(r_ok, l, 1.0)), mask=r_ok)
         else:
             # l ≥ 1 once a row has an entry (its maximum adds exp2(0)); a row with none (SupCon's lone
             # anchor, padding) keeps l = 0 and gets LSE = −1e30, finite, its loss masked on the host.
-            tl.store(val_ptr + rows, m + tl.log2(tl.maximum(l, 1.0)), mask=r_ok)
+            tl.store(val_ptr + out_off + rows, m + tl.log2(tl.maximum(l, 1.0)), mask=r_ok)
         if POS != 0:
-            tl.store(pos_ptr + rows, psum, mask=r_ok)
+            tl.store(pos_ptr + out_off + rows, psum, mask=r_ok)
         if POS == 2:
-            tl.store(cnt_ptr + rows, cnt, mask=r_ok)
+            tl.store(cnt_ptr + out_off + rows, cnt, mask=r_ok)
 
 
 @triton.jit
@@ -387,6 +397,7 @@ def _bwd_rows_kernel(a_ptr, b_ptr, bpos_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr,
                      rlse_ptr, rg_ptr, rgw_ptr, clse_ptr, cg_ptr, cgw_ptr, pos_ptr,
                      da_ptr, dbpos_ptr, gs_ptr, gsum_ptr, shift_ptr, flag_ptr,
                      N, M, D, stride_a, stride_b, stride_bpos, stride_da, stride_dbpos, s_stride,
+                     cols_per_split, da_split_stride,
                      HAS_COL: tl.constexpr, EXCL_DIAG: tl.constexpr, EXCL_TGT: tl.constexpr, POS: tl.constexpr,
                      SIGMOID: tl.constexpr, WANT_DBPOS: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DOUT: tl.constexpr,
@@ -396,17 +407,23 @@ def _bwd_rows_kernel(a_ptr, b_ptr, bpos_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr,
     # (not from the low-precision dS that feeds the tensor cores).
     # RESIDENT (BLOCK_D = BLOCK_DOUT ≥ D, one feature chunk): a's tile is loaded once and each key tile
     # once, serving both S = a·bᵀ and dA += dS·b (v1 recomputes S for every output chunk).
+    # Key split (grid axis 2, as in _fwd_kernel): partial dA (fp32), G and Σ dS per split, summed on the host.
     pid_d = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    first = pid_s == 0
+    lo = pid_s * cols_per_split
+    c_end = tl.minimum(M, lo + cols_per_split)
+    out_off = pid_s * N
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     r_ok = rows < N
     r64 = rows.to(tl.int64)
     dcols = pid_d * BLOCK_DOUT + tl.arange(0, BLOCK_DOUT)
     dc_ok = dcols < D
-    hi = M
+    hi = c_end
     w_ok = r_ok
     if GUARD != 0:
         active = _guard(flag_ptr, GUARD)
-        hi = tl.where(active, M, 0)
+        hi = tl.where(active, c_end, lo)
         w_ok = r_ok & active
     if ONE_EXP:
         shift = tl.load(shift_ptr)
@@ -433,9 +450,9 @@ def _bwd_rows_kernel(a_ptr, b_ptr, bpos_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr,
     gsv = tl.zeros([BLOCK_M], dtype=tl.float32)
     if RESIDENT:
         a_t = _tile(a_ptr, rows, r_ok, stride_a, D, BLOCK_D)
-    for c0 in range(0, hi, BLOCK_N):
+    for c0 in range(lo, hi, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
-        c_ok = cols < M
+        c_ok = cols < c_end
         ok = r_ok[:, None] & c_ok[None, :]
         if RESIDENT:
             b = _tile(b_ptr, cols, c_ok, stride_b, D, BLOCK_D)
@@ -470,21 +487,21 @@ def _bwd_rows_kernel(a_ptr, b_ptr, bpos_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr,
         acc = tl.dot(ds.to(b.dtype), b, acc, input_precision=DOT_PREC)
     out_mask = w_ok[:, None] & dc_ok[None, :]
     if POS == 3:
-        # MoCo's positive column: dS_i0 = g_i (P_i0 − 1), with the key row k_i as its "b".
+        # MoCo's positive column: dS_i0 = g_i (P_i0 − 1), with the key row k_i as its "b" (first split only).
         pos2 = tl.load(pos_ptr + rows, mask=r_ok, other=0.0)
-        dpos = gr * (tl.exp2(pos2 - r_lse) - 1.0)
+        dpos = tl.where(first, gr * (tl.exp2(pos2 - r_lse) - 1.0), 0.0)
         kp = tl.load(bpos_ptr + r64[:, None] * stride_bpos + dcols[None, :], mask=out_mask, other=0.0)
         acc += dpos[:, None] * kp.to(tl.float32)
         gsv += dpos * (pos2 / (s_r * LOG2E))
         if WANT_DBPOS:
             a = tl.load(a_ptr + r64[:, None] * stride_a + dcols[None, :], mask=out_mask, other=0.0).to(tl.float32)
             tl.store(dbpos_ptr + r64[:, None] * stride_dbpos + dcols[None, :],
-                     ((s_r * dpos)[:, None] * a).to(dbpos_ptr.dtype.element_ty), mask=out_mask)
-    tl.store(da_ptr + r64[:, None] * stride_da + dcols[None, :],
+                     ((s_r * dpos)[:, None] * a).to(dbpos_ptr.dtype.element_ty), mask=out_mask & first)
+    tl.store(da_ptr + pid_s.to(tl.int64) * da_split_stride + r64[:, None] * stride_da + dcols[None, :],
              (acc * s_r[:, None]).to(da_ptr.dtype.element_ty), mask=out_mask)
-    tl.store(gs_ptr + rows, gsv, mask=w_ok & (pid_d == 0))
+    tl.store(gs_ptr + out_off + rows, gsv, mask=w_ok & (pid_d == 0))
     if SIGMOID:
-        tl.store(gsum_ptr + rows, dsum, mask=w_ok & (pid_d == 0))
+        tl.store(gsum_ptr + out_off + rows, dsum, mask=w_ok & (pid_d == 0))
 
 
 @triton.jit
@@ -646,23 +663,66 @@ def _launch_fwd(mode: _Mode, a, b, bpos, s, bias, targets, labels, *, columns: b
     if mode.pos == POS_EXTRA and not columns and _resident(cfg, d, version):
         cfg = cfg._replace(block_m=min(cfg.block_m, 64))  # MoCo's extra row dot: 128 rows spill at D = 256
     f32 = dict(dtype=torch.float32, device=a.device)
-    val = _empty((n,), **f32) if repair is None else repair
+    row_tiles = triton.cdiv(n, cfg.block_m)
+    splits, per_split = (1, m) if repair is not None else _key_split(row_tiles, m, cfg.block_n, a.device)
+    val = _empty((splits, n), **f32) if repair is None else repair
     pos_kind = POS_NONE if columns else mode.pos
-    pos = _empty((n,), **f32) if pos_kind != POS_NONE and repair is None else val
-    cnt = _empty((n,), **f32) if pos_kind == POS_LABEL and repair is None else val
+    pos = _empty((splits, n), **f32) if pos_kind != POS_NONE and repair is None else val
+    cnt = _empty((splits, n), **f32) if pos_kind == POS_LABEL and repair is None else val
     colsum = torch.zeros((m,), **f32) if col_sums else val
     # Unused pointer arguments get any tensor: constexpr flags keep them from being read.
-    _fwd_kernel[(triton.cdiv(n, cfg.block_m),)](
+    _fwd_kernel[(row_tiles, splits)](
         a, b, bpos if bpos is not None else a, s, bias if bias is not None else s,
         targets if targets is not None else val, labels if labels is not None else val, val, pos, cnt,
         shift if shift is not None else val, colsum,
         n, m, d, a.stride(0), b.stride(0), bpos.stride(0) if bpos is not None else 0, 1 if s.numel() > 1 else 0,
-        SCALE_ON_COLS=columns, EXCL_DIAG=mode.excl_diag or (columns and mode.excl_tgt),
+        per_split, SCALE_ON_COLS=columns, EXCL_DIAG=mode.excl_diag or (columns and mode.excl_tgt),
         EXCL_TGT=mode.excl_tgt and not columns, POS=pos_kind, SIGMOID=mode.sigmoid,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, DOT_PREC=_dot_precision(a.dtype),
         RESIDENT=_resident(cfg, d, version), FIXED=fixed and repair is None, COL_SUMS=col_sums,
         REPAIR=repair is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if repair is None:
+        val, pos, cnt = _combine_splits(val, pos, cnt, pos_kind, mode.sigmoid)
     return val, pos, cnt, (colsum if col_sums else None)
+
+
+# Programs to aim for when splitting the keys; None: the device's SM count on CUDA, no split in the
+# interpreter (tests set it to exercise the split path on CPU).
+_SPLIT_PROGRAMS: Optional[int] = None
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _key_split(programs: int, m: int, block_n: int, device: torch.device):
+    """(splits, keys per split): enough splits over the keys for ``programs`` row programs to fill the
+    device once, each split keeping at least 4 key tiles so the partials stay a small fraction of the work."""
+    target = _SPLIT_PROGRAMS
+    if target is None:
+        target = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+            if device.type == "cuda" else 1
+    splits = max(1, min(target // max(programs, 1), triton.cdiv(m, 4 * block_n)))
+    if splits == 1:
+        return 1, max(m, 1)
+    per_split = triton.cdiv(triton.cdiv(m, splits), block_n) * block_n
+    return triton.cdiv(m, per_split), per_split
+
+
+def _combine_splits(val, pos, cnt, pos_kind: int, sigmoid: bool):
+    """Per-split forward statistics [splits, N] -> [N]: LSEs (base 2) combine by log-sum-exp, sums add;
+    MoCo's positive logit is computed whole by every split."""
+    if val.shape[0] == 1:
+        return val[0], pos[0] if pos.dim() == 2 else pos, cnt[0] if cnt.dim() == 2 else cnt
+    out = val.sum(0) if sigmoid else torch.logsumexp(val * LN2.value, dim=0) / LN2.value
+    out_pos = pos
+    if pos_kind == POS_EXTRA:
+        out_pos = pos[0]
+    elif pos_kind != POS_NONE:
+        out_pos = pos.sum(0)
+    out_cnt = cnt.sum(0) if pos_kind == POS_LABEL else out
+    return out, out_pos if pos_kind != POS_NONE else out, out_cnt
 
 
 def _launch_self_fwd(mode: _Mode, z, s, targets, labels, shift, cfg=None):
@@ -802,8 +862,9 @@ class _ContrastiveLoss(torch.autograd.Function):
         da = dbpos = gs = gsum = None
         want_dbpos = bpos is not None and need[3]
         if need[1] or need[3] or need[4] or need[5]:
-            da, dbpos, gs, gsum = _guarded(_launch_bwd_rows, one_exp, eng.version, mode, a, b_, bpos, s, bias,
-                                           targets, labels, stats, want_dbpos)
+            da, dbpos, gs, gsum = _combine_bwd_rows(
+                *_guarded(_launch_bwd_rows, one_exp, eng.version, mode, a, b_, bpos, s, bias, targets, labels,
+                          stats, want_dbpos), a.dtype)
         db = None
         if b is not None and need[2]:
             db = _guarded(_launch_bwd_cols, one_exp, eng.version, mode, a, b, s, bias, targets, labels, stats)
@@ -857,28 +918,43 @@ def _launch_bwd_rows(mode, a, b, bpos, s, bias, targets, labels, st: _BwdStats, 
         # MoCo's epilogue holds two more [BLOCK_M, D] fp32 tiles (k_i, q_i): 32+ rows at D = 256 spill on sm_90.
         cfg = cfg._replace(block_m=min(cfg.block_m, 16))
     n_chunks = triton.cdiv(d, cfg.block_dout)
+    row_tiles = triton.cdiv(n, cfg.block_m)
+    m = b.shape[0]
     if out is None:
-        da = _empty(a.shape, a.dtype, a.device)
+        splits, per_split = _key_split(row_tiles * n_chunks, m, cfg.block_n, a.device)
+        # Split partials of dA are fp32 [splits, N, D], summed (and cast) by _combine_bwd_rows.
+        da = _empty(a.shape, a.dtype, a.device) if splits == 1 else _empty((splits, n, d), torch.float32, a.device)
         dbpos = _empty(bpos.shape, bpos.dtype, bpos.device) if want_dbpos else None
-        gs = _empty((n,), torch.float32, a.device)
-        gsum = _empty((n,), torch.float32, a.device) if mode.sigmoid else placeholder
+        gs = _empty((splits, n), torch.float32, a.device)
+        gsum = _empty((splits, n), torch.float32, a.device) if mode.sigmoid else placeholder
     else:
-        da, dbpos, gs, gsum = out
+        da, dbpos, gs, gsum = out  # the fallback pass writes the same buffers: same split
+        splits = gs.shape[0]
+        per_split = triton.cdiv(m, splits) if splits > 1 else max(m, 1)
     shift, flag = one_exp if one_exp is not None else (placeholder, fallback)
-    _bwd_rows_kernel[(triton.cdiv(n, cfg.block_m), n_chunks)](
+    da_rows = da if da.dim() == 2 else da[0]
+    _bwd_rows_kernel[(row_tiles, n_chunks, splits)](
         a, b, bpos if bpos is not None else a, s, bias if bias is not None else s,
         targets if targets is not None else placeholder, labels if labels is not None else placeholder,
         st.r_lse, st.gr, st.gw, st.c_lse if has_col else placeholder, st.gc if has_col else placeholder,
         st.gcw if has_col else placeholder, st.pos, da, dbpos if want_dbpos else da, gs, gsum,
         shift, flag if flag is not None else placeholder,
-        n, b.shape[0], d, a.stride(0), b.stride(0), bpos.stride(0) if bpos is not None else 0, da.stride(0),
+        n, m, d, a.stride(0), b.stride(0), bpos.stride(0) if bpos is not None else 0, da_rows.stride(0),
         dbpos.stride(0) if want_dbpos else 0, 1 if s.numel() > 1 else 0,
+        per_split, da.stride(0) if da.dim() == 3 else 0,
         HAS_COL=has_col, EXCL_DIAG=mode.excl_diag, EXCL_TGT=mode.excl_tgt, POS=mode.pos, SIGMOID=mode.sigmoid,
         WANT_DBPOS=want_dbpos, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
         BLOCK_DOUT=cfg.block_dout, DOT_PREC=_dot_precision(a.dtype), RESIDENT=_resident(cfg, d, version),
         ONE_EXP=one_exp is not None, GUARD=1 if one_exp is not None else 2 if fallback is not None else 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return da, dbpos, gs, gsum
+
+
+def _combine_bwd_rows(da, dbpos, gs, gsum, dtype: torch.dtype):
+    """Sum the key splits' partials of a rows pass ([splits, ...] -> [...])."""
+    if da.dim() == 3:
+        da = da.sum(0).to(dtype)
+    return da, dbpos, gs.sum(0), gsum.sum(0) if gsum.dim() == 2 else gsum
 
 
 def _launch_bwd_cols(mode, a, b, s, bias, targets, labels, st: _BwdStats, *, version, one_exp=None,

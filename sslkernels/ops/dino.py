@@ -94,6 +94,40 @@ def _dino_fwd_kernel(s_ptr, t_ptr, c_ptr, tt_ptr, part_ptr, B, P, stride_s, stri
 
 
 @triton.jit
+def _dino_merge_kernel(part_ptr, lse_t_ptr, lse_s_ptr, rows_ptr, n_split, inv_ts, inv_terms,
+                       G: tl.constexpr, S: tl.constexpr, GP: tl.constexpr, SP: tl.constexpr, KP: tl.constexpr):
+    # Program i merges sample i's P-split partials (rescaled to the global row maxima) into the row LSEs
+    # and its loss; one launch instead of a chain of small torch ops whose host time would dominate.
+    i = tl.program_id(0)
+    k = tl.arange(0, KP)
+    ga = tl.arange(0, GP)
+    sb = tl.arange(0, SP)
+    k_ok = k < n_split
+    width = 3 * GP + 2 * SP
+    base = part_ptr + (i * n_split + k)[:, None] * width
+    m_t = tl.load(base + ga[None, :], mask=k_ok[:, None], other=_NEG_BIG)
+    z_t = tl.load(base + GP + ga[None, :], mask=k_ok[:, None], other=0.0)
+    w_t = tl.load(base + 2 * GP + ga[None, :], mask=k_ok[:, None], other=0.0)
+    mt = tl.max(m_t, axis=0)
+    sc = tl.exp(m_t - mt[None, :])
+    zt = tl.sum(z_t * sc, axis=0)
+    wt = tl.sum(w_t * sc, axis=0)
+    t_ok = ga < G
+    lse_t = mt + tl.log(tl.where(t_ok, zt, 1.0))
+    cross = tl.sum(tl.where(t_ok, wt / tl.where(t_ok, zt, 1.0), 0.0), axis=0)  # Σ_a ⟨t_a, Σ_b s_b − s_a⟩
+    m_s = tl.load(base + 3 * GP + sb[None, :], mask=k_ok[:, None], other=_NEG_BIG)
+    z_s = tl.load(base + 3 * GP + SP + sb[None, :], mask=k_ok[:, None], other=0.0)
+    ms = tl.max(m_s, axis=0)
+    s_ok = sb < S
+    lse_s = ms + tl.log(tl.where(s_ok, tl.sum(z_s * tl.exp(m_s - ms[None, :]), axis=0), 1.0))
+    n_b = tl.where(sb < G, G - 1.0, G * 1.0)
+    weighted = tl.sum(tl.where(s_ok, lse_s * n_b, 0.0), axis=0)
+    tl.store(lse_t_ptr + i * GP + ga, lse_t)
+    tl.store(lse_s_ptr + i * SP + sb, lse_s)
+    tl.store(rows_ptr + i, (weighted - inv_ts * cross) * inv_terms)
+
+
+@triton.jit
 def _dino_bwd_kernel(s_ptr, t_ptr, c_ptr, tt_ptr, lse_t_ptr, lse_s_ptr, coef_ptr, g_ptr, B, P,
                      stride_s, stride_t, stride_g, inv_ts, tt_val, G: tl.constexpr, S: tl.constexpr,
                      GP: tl.constexpr, SP: tl.constexpr, TT_FROM_PTR: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -175,23 +209,15 @@ class _DinoLoss(torch.autograd.Function):
             student.stride(0), teacher.stride(0), inv_ts, tt_val, per_split, G=G, S=S, GP=gp, SP=sp,
             TT_FROM_PTR=tt_ptr is not None, BLOCK_P=block_p, num_warps=warps)
 
-        # Merge the P-splits: rescale every partial sum to the global row maximum.
-        m_t, z_t, w_t = part[..., :gp], part[..., gp:2 * gp], part[..., 2 * gp:3 * gp]
-        m_s, z_s = part[..., 3 * gp:3 * gp + sp], part[..., 3 * gp + sp:]
-        mt = m_t.amax(dim=1, keepdim=True)
-        scale_t = torch.exp(m_t - mt)
-        zt = (z_t * scale_t).sum(dim=1)
-        cross = ((w_t * scale_t).sum(dim=1) / zt)[:, :G]  # ⟨t_a, Σ_b s_b − s_a⟩, B×G
-        lse_t = mt.squeeze(1) + torch.log(zt)
-        ms = m_s.amax(dim=1, keepdim=True)
-        lse_s = ms.squeeze(1) + torch.log((z_s * torch.exp(m_s - ms)).sum(dim=1))
-        n_b = torch.full((sp,), float(G), device=student.device)
-        n_b[:min(G, sp)] -= 1.0
-        weighted = (lse_s[:, :S] * n_b[:S]).sum(dim=1)
-        rows = (weighted - inv_ts * cross.sum(dim=1)) / _n_terms(G, S)
+        # Merge the P-splits: rescale every partial sum to the global row maximum (one launch).
+        lse_t = _empty((B, gp), torch.float32, student.device)
+        lse_s = _empty((B, sp), torch.float32, student.device)
+        rows = _empty((B,), torch.float32, student.device)
+        _dino_merge_kernel[(B,)](part, lse_t, lse_s, rows, n_split, inv_ts, 1.0 / _n_terms(G, S), G=G, S=S,
+                                 GP=gp, SP=sp, KP=triton.next_power_of_2(n_split), num_warps=1)
 
         if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(student, teacher, center, tt_ptr, lse_t.contiguous(), lse_s.contiguous())
+            ctx.save_for_backward(student, teacher, center, tt_ptr, lse_t, lse_s)
             ctx.dims = (B, S, G, gp, sp, block_p, warps, inv_ts, tt_val, reduction)
             ctx.tt_from_ptr = tt_ptr is not None
         return reduce(rows, reduction)

@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from ..backends import cuda_extension, register, triton_interpreted
+from .._checks import tensors_signature
 from ..reference import compute_dtype
 
 Scalar = Union[float, torch.Tensor]
@@ -123,21 +124,49 @@ def _flat_pair(t: torch.Tensor, s: torch.Tensor) -> bool:
     return t.stride() == s.stride() and _dense(t)
 
 
-def _plan(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor], split_aligned: bool):
-    """Kernel groups {(target dtype, source dtype[, aligned]): pairs} and the pairs for the eager path."""
-    groups: Dict[tuple, List[Pair]] = {}
-    rest: List[Pair] = []
-    for t, s in zip(targets, sources):
+def _plan_indices(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor], split_aligned: bool):
+    """Kernel groups {(target dtype, source dtype[, aligned]): pair indices} and the indices for the eager path."""
+    groups: Dict[tuple, List[int]] = {}
+    rest: List[int] = []
+    for i, (t, s) in enumerate(zip(targets, sources)):
         if t.numel() == 0:
             continue
         if t.dtype in _TL_DTYPE and s.dtype in _TL_DTYPE and _flat_pair(t, s):
             key = (t.dtype, s.dtype)
             if split_aligned:
                 key += (t.data_ptr() % 16 == 0 and s.data_ptr() % 16 == 0,)
-            groups.setdefault(key, []).append((t, s))
+            groups.setdefault(key, []).append(i)
         else:
-            rest.append((t, s))
+            rest.append(i)
     return groups, rest
+
+
+# Plans by tensors_signature: a training loop updates the same parameters every step, and planning
+# (dtype groups, layouts, alignment, table keys) costs more host time than a ViT-B-sized kernel. Only
+# indices and keys are kept, never the tensors.
+_plans: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+
+
+def _plan(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor], split_aligned: bool,
+          device: Optional[torch.device] = None, chunk_size: int = 0):
+    """(groups {(target dtype, source dtype[, aligned]): (pairs, table key)}, pairs for the eager path)."""
+    sig = (split_aligned, device, chunk_size, tensors_signature(targets, sources))
+    hit = _plans.get(sig)
+    if hit is None:
+        idx_groups, rest_idx = _plan_indices(targets, sources, split_aligned)
+        keyed = {}
+        for g, idx in idx_groups.items():
+            keyed[g] = (idx, (device, chunk_size) + tuple(
+                (targets[i].data_ptr(), sources[i].data_ptr(), targets[i].numel()) for i in idx))
+        hit = (keyed, rest_idx)
+        _plans[sig] = hit
+        while len(_plans) > _CACHE_SIZE:
+            _plans.popitem(last=False)
+    else:
+        _plans.move_to_end(sig)
+    keyed, rest_idx = hit
+    groups = {g: ([(targets[i], sources[i]) for i in idx], key) for g, (idx, key) in keyed.items()}
+    return groups, [(targets[i], sources[i]) for i in rest_idx]
 
 
 class _Tables(NamedTuple):
@@ -166,8 +195,9 @@ def build_tables(pairs: Sequence[Pair], chunk_size: int) -> Tuple[torch.Tensor, 
     return torch.cat([table, torch.stack([idx, start], dim=1).reshape(-1)]), idx.numel()
 
 
-def _tables(pairs: Sequence[Pair], device: torch.device, chunk_size: int) -> _Tables:
-    key = (device, chunk_size) + tuple((t.data_ptr(), s.data_ptr(), t.numel()) for t, s in pairs)
+def _tables(pairs: Sequence[Pair], device: torch.device, chunk_size: int, key: Optional[tuple] = None) -> _Tables:
+    if key is None:
+        key = (device, chunk_size) + tuple((t.data_ptr(), s.data_ptr(), t.numel()) for t, s in pairs)
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     hit = _graph_tables.get(key)
     if hit is None:
@@ -297,11 +327,11 @@ def ema_update_triton(targets: List[torch.Tensor], sources: List[torch.Tensor], 
         # The tables hold raw addresses, which the interpreter can only dereference in host memory.
         raise ValueError("ema_update_ with backend='triton' under TRITON_INTERPRET=1 needs CPU tensors; "
                          f"got tensors on {device}")
-    groups, rest = _plan(targets, sources, split_aligned=True)
+    groups, rest = _plan(targets, sources, True, device, CHUNK_SIZE)
     momentum = _momentum_on(momentum, device)
     with _device_guard(device):
-        for (t_dtype, s_dtype, aligned), pairs in groups.items():
-            tables = _tables(pairs, device, CHUNK_SIZE)
+        for (t_dtype, s_dtype, aligned), (pairs, key) in groups.items():
+            tables = _tables(pairs, device, CHUNK_SIZE, key)
             if isinstance(momentum, torch.Tensor):
                 m_ptr, m_split, w_split, from_ptr = momentum, (0.0, 0.0), (0.0, 0.0), True
             else:
@@ -323,12 +353,12 @@ def ema_update_cuda(targets: List[torch.Tensor], sources: List[torch.Tensor], mo
         return
     device = targets[0].device
     # The kernel checks alignment per tensor, so groups need not split on it.
-    groups, rest = _plan(targets, sources, split_aligned=False)
+    groups, rest = _plan(targets, sources, False, device, CHUNK_SIZE)
     momentum = _momentum_on(momentum, device)
     with _device_guard(device):
         stream = torch.cuda.current_stream(device).cuda_stream
-        for (t_dtype, s_dtype), pairs in groups.items():
-            tables = _tables(pairs, device, CHUNK_SIZE)
+        for (t_dtype, s_dtype), (pairs, key) in groups.items():
+            tables = _tables(pairs, device, CHUNK_SIZE, key)
             if isinstance(momentum, torch.Tensor):
                 m_addr, m_code, m_value = momentum.data_ptr(), _C_CODE[momentum.dtype], 0.0
             else:

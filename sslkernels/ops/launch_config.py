@@ -91,13 +91,16 @@ TABLES = {
 # purpose: each is a compile (~2–5 s) plus a do_bench per (kernel, dtype, D bucket, mode).
 CANDIDATES: Dict[str, List[Config]] = {
     "fwd": [Config(128, 64, 0, 0, 8, 2), Config(128, 64, 0, 0, 8, 3), Config(128, 128, 0, 0, 8, 2),
-            Config(64, 64, 0, 0, 4, 3), Config(128, 32, 0, 0, 4, 3)],
+            Config(64, 64, 0, 0, 4, 3), Config(128, 32, 0, 0, 4, 3), Config(128, 64, 0, 0, 8, 4),
+            Config(64, 128, 0, 0, 8, 2)],
     "self_fwd": [Config(128, 128, 0, 0, 8, 2), Config(64, 64, 0, 0, 4, 3), Config(128, 128, 0, 0, 8, 3),
                  Config(64, 64, 0, 0, 8, 2)],
     "bwd_rows": [Config(64, 64, 0, 0, 8, 2), Config(64, 64, 0, 0, 4, 2), Config(128, 64, 0, 0, 8, 2),
-                 Config(64, 32, 0, 0, 4, 3), Config(64, 128, 0, 0, 8, 2)],
+                 Config(64, 32, 0, 0, 4, 3), Config(64, 128, 0, 0, 8, 2), Config(64, 64, 0, 0, 8, 3),
+                 Config(64, 64, 0, 0, 4, 3)],
     "bwd_cols": [Config(64, 64, 0, 0, 8, 2), Config(64, 64, 0, 0, 4, 2), Config(128, 64, 0, 0, 8, 2),
-                 Config(64, 32, 0, 0, 4, 3), Config(64, 128, 0, 0, 8, 2)],
+                 Config(64, 32, 0, 0, 4, 3), Config(64, 128, 0, 0, 8, 2), Config(64, 64, 0, 0, 8, 3),
+                 Config(64, 64, 0, 0, 4, 3)],
 }
 RESIDENT_MAX_D = {"half": 256, "fp32": 128}
 
