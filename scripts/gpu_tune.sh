@@ -16,13 +16,11 @@ fi
 run() { local lim="$1"; shift; echo "### $* (limit ${lim}s)"; local t0=$SECONDS; timeout "$lim" "$@"; echo "### exit $? after $((SECONDS - t0))s"; }
 {
 [[ $steps == *tests* ]] && run 60 env PYTHON="$py" bash scripts/build_csrc.sh build/csrc
-[[ $steps == *tests* ]] && run 180 env SSLKERNELS_POISON=1 "$py" -m pytest -q -n 8 -p no:cacheprovider \
-  tests/test_ops_contrastive.py tests/test_ops_dino.py tests/test_ops_ema.py tests/test_ops_queue.py \
-  tests/test_sync_free.py tests/test_state_api.py tests/test_contrastive_api.py tests/test_objectives_api.py
+[[ $steps == *tests* ]] && run 200 env SSLKERNELS_POISON=1 "$py" -m pytest -q -n 8 -p no:cacheprovider tests
 [[ $steps == *autotune* ]] && run 200 env OUT="$w/autotune" SSLKERNELS_AUTOTUNE=1 OPS=info_nce,clip_loss,nt_xent ENGINES=v2-fixed REPS=5 "$py" benchmarks/contrastive_engines.py
-[[ $steps == *engines* ]] && run 150 env OUT="$w" "$py" benchmarks/contrastive_engines.py
-[[ $steps == *bench* ]] && run 150 "$py" -m sslkernels.bench info_nce clip_loss nt_xent --sizes N=32768:M=32768:D=256 --dtype bf16 --impl ours,eager,compile,peers --out "$w/contrastive"
-[[ $steps == *bench* ]] && run 90 "$py" -m sslkernels.bench moco_loss --sizes paper --dtype bf16 --impl ours,eager,compile --out "$w/moco"
+[[ $steps == *engines* ]] && run 120 env OUT="$w" ENGINES="${ENGINES:-v2-online,v2-fixed}" "$py" benchmarks/contrastive_engines.py
+[[ $steps == *bench* || $steps == *contrastive* ]] && run 150 "$py" -m sslkernels.bench info_nce clip_loss nt_xent --sizes N=32768:M=32768:D=256 --dtype bf16 --impl ours,eager,compile,peers --out "$w/contrastive"
+[[ $steps == *bench* || $steps == *moco* ]] && run 90 "$py" -m sslkernels.bench moco_loss --sizes paper --dtype bf16 --impl ours,eager,compile --out "$w/moco"
 [[ $steps == *bench* ]] && run 120 "$py" -m sslkernels.bench ema_update_ dino_loss --sizes paper --impl ours,eager,compile,peers --out "$w/paper"
 } 2>&1 | tee "$out/tune.log"
 tar czf "$out/tune.tgz" -C "$w" .

@@ -745,7 +745,7 @@ def _launch_self_fwd(mode: _Mode, z, s, targets, labels, shift, cfg=None):
 def _forward_stats(mode: _Mode, a, b, bpos, s, bias, targets, labels):
     """(row LSE, positive, count, column LSE or None) in base 2, by the engine in force."""
     eng = launch_config.engine()
-    if eng.version == "v1" or eng.shift == "online" or mode.sigmoid:
+    if eng.version == "v1" or eng.shift == "online" or mode.sigmoid or _splits_keys(mode, a, b):
         val, pos, cnt, _ = _launch_fwd(mode, a, b, bpos, s, bias, targets, labels, columns=False,
                                        version=eng.version)
         c_lse = None
@@ -770,6 +770,16 @@ def _forward_stats(mode: _Mode, a, b, bpos, s, bias, targets, labels):
         _launch_fwd(mode, a, b, bpos, s, bias, targets, labels, columns=True, version="v2", shift=shift,
                     repair=c_lse)
     return val, pos, cnt, c_lse
+
+
+def _splits_keys(mode: _Mode, a, b) -> bool:
+    """Whether the rows pass splits the keys (few rows, many keys: MoCo's queue). Those shapes take the
+    online path: they are bound by reading the keys, not by exps, and a fixed-shift repair pass (run
+    unsplit) would read the keys again on a handful of programs."""
+    if mode.self_sim:
+        return False
+    cfg = launch_config.get("fwd", a.dtype, a.shape[1], "v2")
+    return _key_split(triton.cdiv(a.shape[0], cfg.block_m), b.shape[0], cfg.block_n, a.device)[0] > 1
 
 
 # Tests switch the repair pass off to check the fixed-shift sums alone (normalized inputs need none).
