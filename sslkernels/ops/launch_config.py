@@ -1,10 +1,9 @@
 """Launch configurations and engine switches of the fused contrastive kernels (ops/contrastive.py).
 
-Device: untuned for sm_90 — chosen for correctness and checked offline only (every variant compiles for
-sm_80 and sm_90 with triton 3.6 and 3.8; ``scripts/triton_compile_check.py`` prints registers, spills
-and shared memory). No timing has been taken; benchmarks/NOTES.md holds the predictions and the plan for
-the first H100 session, which replaces the "untuned" labels below with what it measured.
-
+Device: the half-precision v2 rows for 64 < D ≤ 256 were tuned on an H100 (sm_90) with the opt-in
+autotuner (see the FWD table's comment); the other rows are untuned, chosen for correctness and checked
+offline (``scripts/triton_compile_check.py`` prints registers, spills and shared memory for sm_80/sm_90).
+benchmarks/NOTES.md holds each change's prediction and measured outcome.
 Two engines, both kept so one run can compare them (``SSLKERNELS_CONTRASTIVE_ENGINE=v1|v2``):
   v1  the first engine: every key tile reloads the query tile once per feature chunk, the backward
       recomputes the logits once per output feature chunk, an online max per row, a second forward pass
