@@ -18,7 +18,7 @@ from . import contrastive_cpu, cross_correlation, dino_cpu, knn_cpu  # noqa: E40
 # Triton kernel families: without Triton installed, their ops keep their other backends.
 import importlib as _importlib  # noqa: E402
 
-for _module in ("contrastive", "cosine", "dino", "ema", "queue", "sinkhorn"):
+for _module in ("contrastive", "cosine", "dino", "ema", "queue", "similarity", "sinkhorn"):
     try:
         _importlib.import_module(f"{__name__}.{_module}")
     except ImportError as _err:  # pragma: no cover - depends on the environment
