@@ -8,6 +8,11 @@ VmRSS before the call). glibc keeps freed memory for reuse, which would hide lat
 this runs in a worker process started with MALLOC_MMAP_THRESHOLD_=65536: every allocation of 64 KiB
 or more is its own mmap and goes back to the OS when freed. One worker measures every case of a run
 (``python -m sslkernels.bench.memory`` reads jobs as JSON on stdin), rebuilding the same seeded inputs.
+
+Before each measurement the worker makes one untimed call of the same implementation in the same mode:
+the first call of a code path pages in library code, grows the small-object heap, starts thread pools
+and fills caches (about 120 MiB for a fresh libtorch process), none of which is the op's own memory.
+The worker uses the parent's thread count (SSLKERNELS_BENCH_THREADS), as thread pools hold memory too.
 """
 from __future__ import annotations
 
@@ -17,12 +22,15 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
+import threading
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
 MMAP_THRESHOLD = 65536
+RSS_METHOD = "RSS growth (VmHWM − VmRSS) in a worker process, after a warm-up call"
 
 
 def peak_cuda(fn: Callable[[], Any]) -> int:
@@ -77,28 +85,56 @@ def job(case_key: str, op: str, size: Dict[str, Any], dtype: str, impl: str, kin
     return {"case": case_key, "op": op, "size": size, "dtype": dtype, "impl": impl, "kind": kind, "modes": modes}
 
 
-def run_worker(jobs: List[Dict[str, Any]], timeout_s: float = 600.0) -> Dict[tuple, Dict[str, Any]]:
-    """Measure ``jobs`` in a fresh CPU worker; returns {(case, impl, mode): {"peak_bytes" | "error": ...}}."""
+def run_worker(jobs: List[Dict[str, Any]], idle_timeout_s: float = 600.0,
+               on_result: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[tuple, Dict[str, Any]]:
+    """Measure ``jobs`` in a fresh CPU worker; returns {(case, impl, mode): {"peak_bytes" | "error": ...}}.
+
+    Results stream back one JSON line each (``on_result`` sees them as they come); the worker is
+    stopped when ``idle_timeout_s`` pass without one.
+    """
     if not jobs:
         return {}
     env = dict(os.environ)
     env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
+    env["SSLKERNELS_BENCH_THREADS"] = str(torch.get_num_threads())
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    try:
-        proc = subprocess.run([sys.executable, "-m", "sslkernels.bench.memory"], input=json.dumps(jobs),
-                              capture_output=True, text=True, env=env, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return _all_failed(jobs, f"memory worker timed out after {timeout_s:.0f} s")
     results: Dict[tuple, Dict[str, Any]] = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("{"):
-            r = json.loads(line)
-            results[(r["case"], r["impl"], r["mode"])] = r
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        for key, r in _all_failed(jobs, f"memory worker exited {proc.returncode}: {tail}"[:200]).items():
-            results.setdefault(key, r)
+    with tempfile.TemporaryFile(mode="w+") as err, tempfile.TemporaryFile(mode="w+") as inp:
+        json.dump(jobs, inp)
+        inp.seek(0)
+        proc = subprocess.Popen([sys.executable, "-m", "sslkernels.bench.memory"], stdin=inp,
+                                stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+        timed_out = threading.Event()
+
+        def kill():
+            timed_out.set()
+            proc.kill()
+        timer = threading.Timer(idle_timeout_s, kill)
+        timer.start()
+        try:
+            for line in proc.stdout:
+                timer.cancel()
+                timer = threading.Timer(idle_timeout_s, kill)
+                timer.start()
+                if line.startswith("{"):
+                    r = json.loads(line)
+                    results[(r["case"], r["impl"], r["mode"])] = r
+                    if on_result is not None:
+                        on_result(r)
+            rc = proc.wait()
+        finally:
+            timer.cancel()
+        err.seek(0)
+        tail = (err.read().strip().splitlines() or ["no output"])[-1]
+    if timed_out.is_set():
+        why = f"memory worker stopped after {idle_timeout_s:.0f} s without a result"
+    elif rc != 0:
+        why = f"memory worker exited {rc}: {tail}"[:200]
+    else:
+        return results
+    for key, r in _all_failed(jobs, why).items():
+        results.setdefault(key, r)
     return results
 
 
@@ -112,6 +148,8 @@ def _worker_main() -> None:
 
     why = rss_tracking_available()
     jobs = json.load(sys.stdin)
+    if os.environ.get("SSLKERNELS_BENCH_THREADS"):
+        torch.set_num_threads(int(os.environ["SSLKERNELS_BENCH_THREADS"]))
     device = torch.device("cpu")
     by_case: "OrderedDict[str, List[dict]]" = OrderedDict()
     for j in jobs:
@@ -146,7 +184,10 @@ def _worker_main() -> None:
                 continue
             for m in j["modes"]:
                 try:
-                    calls.reset()  # gradients of the previous mode would be freed inside the call
+                    # Warm-up: the same call once, unmeasured (library paging, heap growth, thread pools).
+                    calls.reset()
+                    calls.for_mode(m)()
+                    calls.reset()  # gradients of the previous call would be freed inside the measured one
                     emit(j, m, peak_bytes=peak_rss(calls.for_mode(m)))
                 except Exception as err:  # noqa: BLE001
                     emit(j, m, error=describe_error(err))
