@@ -47,6 +47,7 @@ class Config:
     modes: Optional[List[str]] = None      # fwd / bwd / fwd+bwd (None: every mode of each op)
     threads: Optional[int] = None          # CPU threads (torch.set_num_threads); None: torch's default
     progress: Optional[bool] = None        # a progress bar (None: when stderr is a terminal)
+    left_out: Dict[str, str] = field(default_factory=dict)  # group or impl name -> why this run skips it
 
 
 @dataclass
@@ -167,9 +168,10 @@ def run_case(spec: OpSpec, size: Size, dtype: torch.dtype, cfg: Config, modes: S
             for mode in modes:
                 add(impl, mode, status="skipped", reason=f"stopped: {stopped[impl.name]}")
             continue
-        if impl.skip:
+        skip = cfg.left_out.get(impl.group) or cfg.left_out.get(impl.name) or impl.skip
+        if skip:
             for mode in modes:
-                add(impl, mode, status="skipped", reason=impl.skip)
+                add(impl, mode, status="skipped", reason=skip)
             continue
         t0 = time.perf_counter()
         try:
@@ -332,7 +334,8 @@ _DTYPE_OF = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat1
 
 def plan(cfg: Config, log: Callable[[str], None] = _log) -> List[PlanItem]:
     specs = [resolve_op(o) for o in cfg.ops] if cfg.ops else list(SPECS.values())
-    wanted = cfg.impls or list(GROUPS)
+    # Left-out implementations are planned too, so they are recorded as skipped with the reason.
+    wanted = list(dict.fromkeys([*(cfg.impls or GROUPS), *cfg.left_out]))
     out: List[PlanItem] = []
     if TARGETS in cfg.sizes:
         # The targets' own cases, dtypes, modes and implementations (an explicit --impl narrows them).
