@@ -5,11 +5,12 @@ results.json (``python -m sslkernels.bench --report path/to/results.json [--out 
 
 Plots (each panel one op, implementations in fixed colours across panels, log axes):
   time.png       median time per implementation and size, in the mode a training step pays
-  memory.png     peak extra memory of the same calls
+  memory.png     peak extra memory of the same calls (allocator peak; CPU RSS growth is in the tables)
   speedup.png    eager time / this time, where the case ran the eager reference
   roofline.png   roofline time / measured time: the fraction of the device's measured ceiling reached
   sweep_time.png, sweep_memory.png   time and memory against the swept dim (``--sweep N``), with the
-                 size where each implementation ran out of memory or was stopped marked ×
+                 size where each implementation ran out of memory or was stopped marked × (CPU: the
+                 worker's RSS growth dashed next to the allocator peak)
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 CSV_FIELDS = [
     "op", "size", "dims", "dtype", "device", "impl", "group", "kind", "mode", "status", "reason",
-    "median_ms", "p20_ms", "p80_ms", "reps", "setup_s", "peak_mem_bytes", "mem_method", "flops", "bytes",
+    "median_ms", "p20_ms", "p80_ms", "reps", "setup_s", "peak_mem_bytes", "mem_method", "rss_growth_bytes",
+    "rss_method", "flops", "bytes",
     "tflops", "gbps", "roofline_frac", "bound", "speedup_vs_eager", "mem_vs_eager", "check_rel_err", "sweep",
     "note", "source",
 ]
@@ -100,23 +102,35 @@ def _primary(op: str) -> str:
 
 DETAIL_HEAD = ("mode", "impl", "median ms", "p20-p80 ms", "peak MiB", "TFLOP/s", "GB/s", "roof %", "x eager",
                "mem/eager")
+RSS_HEAD = "RSS MiB"
+
+
+def _has_rss(records: List[Dict[str, Any]]) -> bool:
+    return any(r.get("rss_growth_bytes") is not None for r in records)
+
+
+def detail_head(records: List[Dict[str, Any]]) -> Tuple[str, ...]:
+    """DETAIL_HEAD, with the worker's RSS growth after the peak where the run measured it (CPU)."""
+    return DETAIL_HEAD[:5] + (RSS_HEAD,) + DETAIL_HEAD[5:] if _has_rss(records) else DETAIL_HEAD
 
 
 def detail_sections(records: List[Dict[str, Any]]) -> List[Tuple[str, List[Tuple[str, ...]]]]:
-    """(case title, rows under DETAIL_HEAD) per case."""
+    """(case title, rows under detail_head(records)) per case."""
+    rss = _has_rss(records)
     out = []
     for (op, size, dims, dtype), recs in _grouped(records).items():
         rows: List[Tuple[str, ...]] = []
         ran = [r for r in recs if r["status"] in ("ok", "oom", "error")]
         for r in sorted(ran, key=lambda r: (MODES.index(r["mode"]), _GROUP_ORDER.get(r["group"], 9), r["impl"])):
             if r["status"] != "ok":
-                rows.append((r["mode"], _impl_label(r), r["status"].upper(), r["reason"][:60], *([""] * 6)))
+                rows.append((r["mode"], _impl_label(r), r["status"].upper(), r["reason"][:60],
+                             *([""] * (7 if rss else 6))))
                 continue
             spread = (f"{r['p20_ms']:.3g}-{r['p80_ms']:.3g}" if r["p20_ms"] is not None
                       else "derived" if r["reason"].startswith("bwd =") else "-")
             frac = None if r.get("roofline_frac") is None else 100 * r["roofline_frac"]
             rows.append((r["mode"], _impl_label(r), _num(r["median_ms"]), spread, _mib(r["peak_mem_bytes"]),
-                         _num(r.get("tflops")), _num(r.get("gbps")), _num(frac, "{:.3g}"),
+                         *((_mib(r.get("rss_growth_bytes")),) if rss else ()), _num(r.get("tflops")), _num(r.get("gbps")), _num(frac, "{:.3g}"),
                          _ratio(r.get("speedup_vs_eager")), _ratio(r.get("mem_vs_eager"))))
         out.append((f"{op}  {size}  [{dims}]  {dtype}", rows))
     return out
@@ -127,7 +141,7 @@ def detail_table(records: List[Dict[str, Any]]) -> str:
     for title, section in detail_sections(records):
         rows.append((title,))
         rows.extend(section)
-    return _render(DETAIL_HEAD, rows)
+    return _render(detail_head(records), rows)
 
 
 def summary_rows(records: List[Dict[str, Any]]) -> Table:
@@ -241,6 +255,7 @@ def _md_table(head: Tuple[str, ...], rows: List[Tuple[str, ...]]) -> str:
 def _header_lines(doc: Dict[str, Any]) -> List[str]:
     env, roof = doc["environment"], doc["roofline"]
     threads = env.get("torch_threads")
+    rss_res = env.get("rss_resolution_bytes")
     matmul = ", ".join(f"{v['matmul_tflops']:.3g} TFLOP/s {k}" for k, v in roof.get("by_dtype", {}).items()) \
         or f"{roof['matmul_tflops']:.3g} TFLOP/s"
     return [
@@ -248,14 +263,17 @@ def _header_lines(doc: Dict[str, Any]) -> List[str]:
         f"torch {env['torch']}, triton {env.get('triton')}, sslkernels {env.get('sslkernels')} "
         f"(git {env.get('git_commit') or '?'}), {env.get('timestamp', '')}",
         f"roofline measured in this run: matmul {matmul} ({roof['matmul_note']}, n={roof['matmul_n']}); "
-        f"copy {roof['copy_gbps']:.3g} GB/s ({roof['copy_bytes'] >> 20} MiB)",
+        f"copy {roof['copy_gbps']:.3g} GB/s ({roof['copy_bytes'] >> 20} MiB)"
+        + (f"; RSS resolution {_g(rss_res / 2 ** 20)} MiB ({env.get('cpu_count')} CPUs)" if rss_res else ""),
     ]
 
 
 LEGEND = [
     "median ms: median over repeats (p20-p80: the spread); peak MiB: extra memory of one call beyond what was "
-    "allocated before it (inputs, and for bwd the saved forward graph, are not counted; CPU: growth of the "
-    "resident set in a worker process after a warm-up call; GPU: max_memory_allocated)",
+    "allocated before it (inputs, and for bwd the saved forward graph, are not counted; GPU: max_memory_allocated; "
+    "CPU: peak of torch's CPU allocator from the profiler's allocation events); RSS MiB (CPU): growth of the "
+    "resident set in a worker process after a warm-up call (counts everything the process touches, but the "
+    "kernel's per-CPU batched counting can hide growth below the resolution in the header)",
     "x eager: eager time / this time (>1: faster); mem/eager: this peak / eager peak; "
     "summary cells: other time / ours time (>1: ours faster) / other peak / ours peak",
     "TFLOP/s and GB/s count the useful work of the op (formulas in results.json), not recomputation; "
@@ -302,7 +320,7 @@ def markdown_report(doc: Dict[str, Any], plots: List[Path]) -> str:
         parts += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     parts += ["## Details", "", *(f"- {line}" for line in LEGEND), ""]
     for title, rows in detail_sections(records):
-        parts += [f"### {title}", "", _md_table(DETAIL_HEAD, rows), ""]
+        parts += [f"### {title}", "", _md_table(detail_head(records), rows), ""]
     skipped = skipped_lines(records)
     if skipped:
         parts += ["## Not run", "", *(f"- {s}" for s in skipped), ""]
@@ -482,6 +500,11 @@ def _plot_sweep(plt, records, colors, what: str, path: Path) -> Optional[Path]:
                 continue
             drew = True
             ax.plot(*zip(*pts), marker="o", ms=4, color=colors.get(impl), label=impl)
+            rss = [(r["dims"][dim], max(r["rss_growth_bytes"], 4096) / 2 ** 20) for r in rs
+                   if what == "memory" and r["status"] == "ok" and r.get("rss_growth_bytes") is not None]
+            if rss:  # CPU: the worker's RSS growth of the same calls, dashed
+                ax.plot(*zip(*rss), marker=".", ms=3, ls="--", lw=0.9, color=colors.get(impl),
+                        label=f"{impl} (RSS growth)")
             failed = [r for r in rs if r["status"] in ("oom", "error")]
             stop = [r for r in rs if r["status"] == "skipped" and r["reason"].startswith("stopped")]
             if stop and not failed:
@@ -498,7 +521,7 @@ def _plot_sweep(plt, records, colors, what: str, path: Path) -> Optional[Path]:
         _log_ticks(ax.yaxis)
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:g}"))
         ax.set_xlabel(dim)
-        ax.set_ylabel("median time, ms" if what == "time" else "peak extra memory, MiB")
+        ax.set_ylabel("median time, ms" if what == "time" else "peak extra memory, MiB (log)")
         ax.set_title(f"{'Time' if what == 'time' else 'Peak extra memory'} against {dim}: {op} {mode} {dtype}"
                      f"  ({fixed})", fontsize=9, loc="left")
         ax.grid(which="major", alpha=0.3)

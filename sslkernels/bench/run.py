@@ -112,7 +112,8 @@ def _base_record(spec: OpSpec, size: Size, dtype: torch.dtype, device: torch.dev
         "dtype": dtype_name(dtype), "device": device.type, "impl": impl.name, "group": impl.group,
         "kind": impl.kind, "mode": mode, "status": "ok", "reason": "", "note": impl.note,
         "median_ms": None, "p20_ms": None, "p80_ms": None, "reps": None, "setup_s": None,
-        "peak_mem_bytes": None, "mem_method": None, "check_rel_err": None,
+        "peak_mem_bytes": None, "mem_method": None, "rss_growth_bytes": None, "rss_method": None,
+        "check_rel_err": None,
     }
 
 
@@ -237,10 +238,14 @@ def _measure_mode(rec: Dict[str, Any], calls, mode: str, cfg: Config) -> None:
         fn = calls.for_mode(mode)
         t = measure(fn, device, cfg.budget)
         rec.update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, reps=t.reps)
-        if device.type == "cuda" and cfg.memory:
+        if cfg.memory:
             # Gradients left by the timing loop would be freed inside the call and hide its peak.
             calls.reset()
-            rec.update(peak_mem_bytes=memory.peak_cuda(calls.for_mode(mode)), mem_method="cuda max_memory_allocated")
+            if device.type == "cuda":
+                rec.update(peak_mem_bytes=memory.peak_cuda(calls.for_mode(mode)), mem_method=memory.CUDA_METHOD)
+            else:
+                rec.update(peak_mem_bytes=memory.peak_cpu_alloc(calls.for_mode(mode)),
+                           mem_method=memory.CPU_ALLOC_METHOD)
     except Exception as err:  # noqa: BLE001
         if is_oom(err):
             rec.update(status="oom", reason=describe_error(err))
@@ -273,15 +278,15 @@ def _derive_bwd(records: List[Dict[str, Any]]) -> None:
             r["status"] = "error"
 
 
-def _cpu_memory(records: List[Dict[str, Any]], progress_enabled: Optional[bool] = None,
-                log: Callable[[str], None] = _log) -> None:
-    """Fill CPU peak memory from one worker process (compiled implementations are not re-compiled there)."""
+def _cpu_rss(records: List[Dict[str, Any]], progress_enabled: Optional[bool] = None,
+             log: Callable[[str], None] = _log) -> None:
+    """Fill ``rss_growth_bytes`` from one worker process (compiled implementations are not re-compiled there)."""
     jobs: Dict[Tuple[str, str], Dict[str, Any]] = {}
     for r in records:
         if r["status"] != "ok" or r["device"] != "cpu":
             continue
         if r["group"] == "compile":
-            r["mem_method"] = "not measured on CPU (would recompile in the memory worker)"
+            r["rss_method"] = "not measured (would recompile in the memory worker)"
             continue
         spec = resolve_op(r["op"])
         size = Size(r["size"], r["dims"], r["source"])
@@ -293,8 +298,8 @@ def _cpu_memory(records: List[Dict[str, Any]], progress_enabled: Optional[bool] 
     if not jobs:
         return
     n = sum(len(j["modes"]) for j in jobs.values())
-    log(f"measuring CPU memory in a worker process ({len(jobs)} implementation × case jobs, {n} measurements) ...")
-    with Progress(n, "memory", progress_enabled, unit="meas") as bar:
+    log(f"measuring RSS growth in a worker process ({len(jobs)} implementation × case jobs, {n} measurements) ...")
+    with Progress(n, "rss", progress_enabled, unit="meas") as bar:
         results = memory.run_worker(list(jobs.values()),
                                     on_result=lambda r: bar.update(1, f"{r['case'].split('|')[0]} {r['impl']}"))
     for r in records:
@@ -303,10 +308,10 @@ def _cpu_memory(records: List[Dict[str, Any]], progress_enabled: Optional[bool] 
         spec = resolve_op(r["op"])
         key = case_key(spec, Size(r["size"], r["dims"], r["source"]), DTYPES[r["dtype"]])
         res = results.get((key, r["impl"], r["mode"]), {"error": "no result from the memory worker"})
-        if "peak_bytes" in res:
-            r.update(peak_mem_bytes=res["peak_bytes"], mem_method=memory.RSS_METHOD)
+        if "rss_bytes" in res:
+            r.update(rss_growth_bytes=res["rss_bytes"], rss_method=memory.RSS_METHOD)
         else:
-            r["mem_method"] = f"not measured: {res['error']}"
+            r["rss_method"] = f"not measured: {res['error']}"
 
 
 def _ratios(records: List[Dict[str, Any]]) -> None:
@@ -383,6 +388,8 @@ def run(cfg: Config, log: Callable[[str], None] = _log) -> Dict[str, Any]:
     if cfg.threads and device.type == "cpu":
         torch.set_num_threads(cfg.threads)
     env = environment(device)
+    if device.type == "cpu":
+        env["rss_resolution_bytes"] = memory.rss_resolution_bytes()
     log(f"device: {env['device_name']} ({device}); torch {env['torch']}, triton {env['triton']}, "
         f"{env['torch_threads']} threads")
     planned = plan(cfg, log)
@@ -424,7 +431,7 @@ def run(cfg: Config, log: Callable[[str], None] = _log) -> Dict[str, Any]:
                     break
     _derive_bwd(records)
     if cfg.memory and device.type == "cpu":
-        _cpu_memory(records, cfg.progress, log)
+        _cpu_rss(records, cfg.progress, log)
     _ratios(records)
     _work(records, ceilings)
     doc = {
