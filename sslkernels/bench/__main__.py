@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--impl", default=None,
                    help=f"comma list of groups ({', '.join(GROUPS)}) and/or implementation names "
-                        "(ours:cuda, foreach_lerp, open_clip, ...); default: all, except compile with --quick "
+                        "(ours:cuda, foreach_lerp, open_clip, ...); default: all, except compile with --quick on CPU "
                         "(inductor takes 5-45 s per case on a CPU, most of a quick run; --impl all brings it back)")
     p.add_argument("--modes", default=None, help="comma list of fwd, bwd, fwd+bwd (default: every mode of each op)")
     p.add_argument("--threads", type=int, default=None,
@@ -99,7 +99,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     wanted = [s.strip() for s in args.impl.split(",") if s.strip()] if args.impl else None
     left_out = {}
-    if wanted is None and args.quick:
+    if wanted is None and args.quick and device.type == "cpu":
+        # On a GPU inductor compiles a quick case in seconds and compile stays in (main's GPU quick run has it).
         wanted = [g for g in GROUPS if g != "compile"]
         left_out["compile"] = ("left out of --quick: inductor compiles each case for 5-45 s on a CPU "
                                "(--impl all brings it back)")
