@@ -19,7 +19,7 @@ def pytest_addoption(parser):
                     help="default: cuda when available")
     group.addoption("--bench-sizes", default="quick", help="comma list of presets / size labels (as the CLI)")
     group.addoption("--bench-dtype", default="fp32", choices=sorted(DTYPES))
-    group.addoption("--bench-impl", default="ours,eager",
+    group.addoption("--bench-impl", default="ours,eager,baselines",
                     help=f"comma list of groups {GROUPS} and/or implementation names")
 
 

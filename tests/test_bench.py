@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from sslkernels import backends
-from sslkernels.bench import cases, impls, report, run
+from sslkernels.bench import cases, impls, memory, report, run, targets
 from sslkernels.bench.__main__ import main
+from sslkernels.bench.timing import Budget
 
 # Every op of shared/API.md (MemoryQueue.enqueue_ included) has a benchmark case.
 API_OPS = {
@@ -79,7 +80,7 @@ def test_triton_is_not_timed_on_cpu():
 
 def test_cli_quick_cpu_end_to_end(tmp_path, capsys):
     out = tmp_path / "bench"
-    rc = main(["info_nce", "ema_update_", "--quick", "--device", "cpu", "--impl", "ours,eager", "--out", str(out)])
+    rc = main(["info_nce", "ema_update_", "--quick", "--device", "cpu", "--out", str(out), "--no-progress"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "Summary" in printed and "info_nce" in printed
@@ -93,6 +94,20 @@ def test_cli_quick_cpu_end_to_end(tmp_path, capsys):
             "p80_ms", "peak_mem_bytes", "flops", "bytes", "tflops", "gbps", "roofline_frac", "speedup_vs_eager"}
     assert all(keys <= set(r) for r in records)
 
+    # The EMA baselines go through the same harness: timed, their allocator peak taken in the timing process
+    # and their RSS growth in the same worker as every other implementation.
+    base = {r["impl"]: r for r in records if r["group"] == "baselines"}
+    assert set(base) == {"foreach_lerp", "python_loop"}
+    for r in base.values():
+        assert r["status"] == "ok" and r["mem_method"] == memory.CPU_ALLOC_METHOD, r
+        assert r["rss_method"] == memory.RSS_METHOD and r["rss_growth_bytes"] >= 0, r
+    # Exact, not luck: the fused lerp allocates nothing; the loop's peak is at its largest parameter, where
+    # p_t * m, p_s * (1 - m) and their sum are alive at once (3 × 4 bytes × its numel), and the tensors it
+    # replaces are freed as it goes (otherwise the peak would grow to the whole model).
+    assert base["foreach_lerp"]["peak_mem_bytes"] == 0, base["foreach_lerp"]
+    largest = max(math.prod(s) for s in cases._ema_shapes(cases.SPECS["ema_update_"].sizes["quick"][0]))
+    assert 3 * 4 * largest <= base["python_loop"]["peak_mem_bytes"] < 4 * 4 * largest, base["python_loop"]
+
     eager = [r for r in records if r["impl"] == "eager"]
     assert {(r["op"], r["mode"]) for r in eager} == {("info_nce", "fwd"), ("info_nce", "bwd"),
                                                      ("info_nce", "fwd+bwd"), ("ema_update_", "fwd")}
@@ -104,10 +119,21 @@ def test_cli_quick_cpu_end_to_end(tmp_path, capsys):
             assert r["gbps"] > 0 and r["roofline_frac"] > 0, r
         else:
             assert r["status"] == "skipped" and r["reason"], r
+    # --quick leaves torch.compile out, and says so in the results.
+    comp = [r for r in records if r["impl"] == "compile"]
+    assert comp and all(r["status"] == "skipped" and "--quick" in r["reason"] for r in comp), comp
     assert all(r["speedup_vs_eager"] == pytest.approx(1.0) for r in eager)
-    # Memory comes from the worker process on CPU; a failure there would leave a reason, not a number.
-    info = [r for r in eager if r["op"] == "info_nce" and r["mode"] == "fwd"][0]
-    assert info["peak_mem_bytes"] is not None and info["peak_mem_bytes"] > 0, info["mem_method"]
+    # The allocator peak is exact at any size: eager info_nce materializes its N×M fp32 logits (256 KiB here)
+    # and a log-softmax of the same size; nothing near the ~120 MiB of a first call in a fresh process.
+    info = {r["mode"]: r for r in eager if r["op"] == "info_nce"}
+    logits = 256 * 256 * 4
+    for mode, r in info.items():
+        assert r["mem_method"] == memory.CPU_ALLOC_METHOD, r
+        assert 2 * logits <= r["peak_mem_bytes"] < 16 << 20, (mode, r["peak_mem_bytes"])
+        # RSS growth is measured too (whether 256 KiB shows depends on the kernel's per-CPU batching:
+        # test_sweep_writes_time_and_memory_plots checks it above the resolution).
+        assert r["rss_method"] == memory.RSS_METHOD and r["rss_growth_bytes"] is not None, r
+    assert doc["environment"]["rss_resolution_bytes"] == memory.rss_resolution_bytes()
     # The CPU path of info_nce (when registered) is timed against eager and agrees with it.
     ours = [r for r in records if r["op"] == "info_nce" and r["impl"] == "ours"]
     if "cpu" in backends.available("info_nce"):
@@ -119,7 +145,107 @@ def test_cli_quick_cpu_end_to_end(tmp_path, capsys):
     assert set(report.CSV_FIELDS) == set(rows[0])
     assert all(float(r["median_ms"]) > 0 for r in rows if r["status"] == "ok")
     assert (out / "table.txt").read_text().startswith("sslkernels benchmark")
+    md = (out / "results.md").read_text()
+    assert md.startswith("# sslkernels benchmark") and "| op | size |" in md and "![time](time.png)" in md
+    assert doc["environment"]["git_commit"] is not None
+    assert doc["config"]["impls"] == ["ours", "eager", "baselines", "peers"]
+    for png in ("time.png", "memory.png", "speedup.png", "roofline.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
 
     # The table can be regenerated from results.json alone.
     assert main(["--report", str(out / "results.json")]) == 0
     assert "Details" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", sorted(API_OPS))
+def test_every_op_runs_through_the_harness(name):
+    """A tiny case of every op, every mode, ours and eager: timed, checked against eager, work placed."""
+    spec = cases.SPECS[name]
+    cpu = torch.device("cpu")
+    tiny = {k: max(1, v // 4) if k in ("N", "M", "K", "B", "P") and v >= 64 else v
+            for k, v in spec.sizes["quick"][0].dims.items()}
+    size = cases.Size("tiny", tiny) if name != "ema_update_" else spec.sizes["quick"][0]
+    cfg = run.Config(ops=[name], sizes=["quick"], dtype=torch.float32, impls=["ours", "eager"], device=cpu,
+                     quick=True, memory=False, budget=Budget(cpu_s=0.002, min_reps=1, max_reps=3))
+    recs = run.run_case(spec, size, torch.float32, cfg, spec.modes)
+    run._derive_bwd(recs)
+    run._ratios(recs)
+    run._work(recs, {"matmul_tflops": 0.05, "copy_gbps": 5.0})
+    eager = [r for r in recs if r["impl"] == "eager"]
+    assert {r["mode"] for r in eager} == set(spec.modes)
+    for r in recs:
+        assert r["status"] in ("ok", "skipped"), r
+        if r["status"] == "ok":
+            assert r["median_ms"] > 0 and r["gbps"] > 0, r
+            if r["check_rel_err"] is not None:
+                assert r["check_rel_err"] < 1e-3, r
+
+
+def test_targets_preset_plans_exactly_the_cpu_targets():
+    cpu = torch.device("cpu")
+    cfg = run.Config(ops=[], sizes=["targets"], dtype=torch.float32, impls=None, device=cpu)
+    plan = {(p.spec.name, p.sizes[0].label): p for p in run.plan(cfg)}
+    assert set(plan) == {("info_nce", "cpu-target"), ("nt_xent", "simclr"), ("dino_loss", "small"),
+                         ("ema_update_", "resnet50")}
+    assert plan[("info_nce", "cpu-target")].sizes[0].dims == {"N": 8192, "M": 8192, "D": 128}
+    assert plan[("info_nce", "cpu-target")].modes == ("fwd+bwd",)
+    assert plan[("ema_update_", "resnet50")].impls == ["ours", "foreach_lerp", "python_loop"]
+    assert plan[("ema_update_", "resnet50")].sizes[0].dims["tensors"] == 161
+    # --impl narrows a target run; other sizes can come along.
+    cfg = run.Config(ops=["info_nce"], sizes=["targets", "quick"], dtype=torch.float32, impls=["ours"], device=cpu)
+    plan = run.plan(cfg)
+    assert [(p.spec.name, p.sizes[0].label, p.impls) for p in plan] == [
+        ("info_nce", "cpu-target", ["ours"]), ("info_nce", "quick", ["ours"])]
+    # Every GPU target's case and reference exists (the H100 run reads them off the same way).
+    for op, size, dtype, modes, names in targets.cases("cuda"):
+        assert op in cases.SPECS and dtype in cases.DTYPES and set(modes) <= set(cases.SPECS[op].modes), op
+
+
+def _rec(op, size, dims, impl, group, mode, ms, mem):
+    return {"op": op, "size": size, "dims": dims, "dtype": "fp32", "impl": impl, "group": group, "kind": "cpu",
+            "mode": mode, "status": "ok", "reason": "", "median_ms": ms, "peak_mem_bytes": mem}
+
+
+def test_targets_are_read_off_the_records():
+    d = {"N": 8192, "M": 8192, "D": 128}
+    r50 = cases.SPECS["ema_update_"].sizes["small"][0]
+    doc = {"config": {"device": "cpu"}, "roofline": {"matmul_tflops": 0.05, "copy_gbps": 8.0},
+           "results": [_rec("info_nce", "cpu-target", d, "ours", "ours", "fwd+bwd", 900.0, 40 << 20),
+                       _rec("info_nce", "cpu-target", d, "eager", "eager", "fwd+bwd", 1000.0, 1 << 30),
+                       _rec("ema_update_", "resnet50", r50.dims, "ours", "ours", "fwd", 10.0, 0),
+                       _rec("ema_update_", "resnet50", r50.dims, "foreach_lerp", "baselines", "fwd", 11.0, 0),
+                       _rec("ema_update_", "resnet50", r50.dims, "python_loop", "baselines", "fwd", 40.0, 1 << 20)]}
+    got = {(t["op"], t["metric"], t["limit"]): t for t in targets.evaluate(doc)}
+    assert got[("info_nce", "mem_ratio", 0.1)]["value"] == pytest.approx(40 / 1024)
+    assert got[("info_nce", "mem_ratio", 0.1)]["verdict"] == "pass"
+    assert got[("info_nce", "time_ratio", 1.0)]["value"] == pytest.approx(0.9)
+    assert got[("ema_update_", "speedup", 1.0)]["verdict"] == "pass"
+    assert got[("ema_update_", "speedup", 5.0)]["value"] == pytest.approx(4.0)
+    assert got[("ema_update_", "speedup", 5.0)]["verdict"] == "FAIL"
+    assert not any(t["op"] == "nt_xent" for t in targets.evaluate(doc))  # not in this run: not listed
+    head, rows = report.target_rows(doc | {"targets": list(got.values())})
+    assert len(rows) == 4 and "FAIL" in {r[4] for r in rows}
+
+
+def test_sweep_writes_time_and_memory_plots(tmp_path):
+    out = tmp_path / "sweep"
+    rc = main(["info_nce", "--sweep", "N", "--sweep-start", "512", "--sweep-max", "1024", "--impl", "ours,eager",
+               "--quick", "--device", "cpu", "--out", str(out), "--no-progress", "--threads", "1"])
+    assert rc == 0
+    doc = json.loads((out / "results.json").read_text())
+    ns = sorted({r["dims"]["N"] for r in doc["results"]})
+    assert ns == [512, 1024] and all(r["mode"] == "fwd+bwd" and r["sweep"] == "N" for r in doc["results"])
+    assert all(r["peak_mem_bytes"] is not None for r in doc["results"] if r["status"] == "ok")
+    # Eager at N=1024 holds its 1024×1024 fp32 logits (4 MiB) and a gradient of the same size: the allocator
+    # peak sees them exactly; the worker's RSS growth sees them too, less at most the kernel's per-CPU
+    # batching (rss_resolution_bytes: 2 MiB on 16 cores), and counts the op, not the ~120 MiB of a first call.
+    eager = [r for r in doc["results"] if r["impl"] == "eager" and r["dims"]["N"] == 1024][0]
+    logits = 1024 * 1024 * 4
+    assert 2 * logits <= eager["peak_mem_bytes"] < 64 << 20, eager
+    assert 2 * logits - memory.rss_resolution_bytes() <= eager["rss_growth_bytes"] < 64 << 20, eager
+    ours = [r for r in doc["results"] if r["impl"] == "ours" and r["dims"]["N"] == 1024][0]
+    if ours["kind"] == "cpu":  # the chunked CPU path never holds the full logits
+        assert ours["peak_mem_bytes"] < eager["peak_mem_bytes"], (ours, eager)
+    for png in ("sweep_time.png", "sweep_memory.png"):
+        assert (out / png).stat().st_size > 10_000, png
+    assert "![sweep_time](sweep_time.png)" in (out / "results.md").read_text()

@@ -11,12 +11,13 @@ from typing import List, Optional
 
 import torch
 
-from . import report
+from . import report, targets
 from .cases import DTYPES, PRESETS, SPECS, default_preset, resolve_op
 from .env import default_out_dir
 from .impls import FUSED_KINDS, GROUPS, discover
 from .peers import PEERS
-from .run import Config, run
+from .baselines import BASELINES
+from .run import TARGETS, Config, run
 from .timing import DEFAULT, QUICK
 
 
@@ -25,16 +26,25 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m sslkernels.bench",
         description="Benchmark sslkernels' ops against the eager reference, torch.compile and other libraries.",
         epilog="Examples: --quick (every op, small sizes, < 5 min on a laptop CPU); "
+               "--sizes targets (exactly the cases of the issues' targets on this device, with pass/fail); "
                "clip_loss --sizes clip-b,clip-l --dtype bf16; info_nce --sweep N --impl ours,eager; "
                "--list (ops, sizes, formulas, implementations on this device).")
     p.add_argument("ops", nargs="*", help=f"ops to run (default: all): {', '.join(SPECS)}")
     p.add_argument("--sizes", default=None,
-                   help=f"comma list of presets ({', '.join(PRESETS)}), size labels (e.g. simclr,clip-b), "
-                        "or dim overrides like N=8192:D=256 (default: paper on CUDA, small on CPU, quick with --quick)")
+                   help=f"comma list of presets ({', '.join(PRESETS)}, {TARGETS}), size labels (e.g. simclr,clip-b), "
+                        "or dim overrides like N=8192:D=256 (default: paper on CUDA, small on CPU, quick with --quick). "
+                        f"'{TARGETS}': the cases of the issues' targets for this device, each in its own dtype "
+                        "and modes, and only the implementations they compare")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    p.add_argument("--impl", default=",".join(GROUPS),
-                   help="comma list of groups (ours, eager, compile, peers) and/or implementation names "
-                        "(ours:cuda, open_clip, ...)")
+    p.add_argument("--impl", default=None,
+                   help=f"comma list of groups ({', '.join(GROUPS)}) and/or implementation names "
+                        "(ours:cuda, foreach_lerp, open_clip, ...); default: all, except compile with --quick on CPU "
+                        "(inductor takes 5-45 s per case on a CPU, most of a quick run; --impl all brings it back)")
+    p.add_argument("--modes", default=None, help="comma list of fwd, bwd, fwd+bwd (default: every mode of each op)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (torch.set_num_threads; the memory worker uses the same). On a busy "
+                        "machine 1 thread gives far steadier times: idle OpenMP workers wait on descheduled ones")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (it is shown only on a terminal)")
     p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--out", default=None, help="output folder (default: benchmarks/results/<device>/<timestamp>)")
     p.add_argument("--quick", action="store_true", help="small sizes and short timing budgets")
@@ -46,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-limit-s", type=float, default=None, help="default: 2 s (0.5 s with --quick)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--list", action="store_true", help="list ops, sizes, formulas and implementations, then exit")
-    p.add_argument("--report", default=None, metavar="RESULTS_JSON", help="re-print the table of a results.json")
+    p.add_argument("--report", default=None, metavar="RESULTS_JSON",
+                   help="re-print the table of a results.json (with --out: rewrite its tables, Markdown and plots there)")
     return p
 
 
@@ -58,6 +69,9 @@ def _list(device: torch.device) -> str:
         lines.append(f"  work: {spec.formula}")
         for preset, sizes in spec.sizes.items():
             lines.append(f"  {preset:<6} " + "; ".join(f"{s.label} [{s.describe()}]" for s in sizes))
+        tsizes = [f"{c[1].label} [{c[1].describe()}] {c[2]}" for c in targets.cases(device.type, [spec.name])]
+        if tsizes:
+            lines.append(f"  {TARGETS:<6} " + "; ".join(tsizes))
         lines.append("  impls: " + ", ".join(f"{i.name}" + (f" (skip: {i.skip})" if i.skip else "") for i in impls))
     return "\n".join(lines)
 
@@ -66,6 +80,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.report:
         doc = json.loads(Path(args.report).read_text())
+        if args.out:  # regenerate every file (tables, Markdown, plots) from the results alone
+            written = report.write_all(doc, Path(args.out))
+            print(f"wrote {', '.join(str(f) for f in written['files'])}", file=sys.stderr)
         sys.stdout.write(report.text_report(doc))
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -80,17 +97,32 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as err:
         print(err, file=sys.stderr)
         return 2
-    wanted = [s.strip() for s in args.impl.split(",") if s.strip()]
-    known = set(GROUPS) | {f"ours:{k}" for k in FUSED_KINDS} | {p.name for ps in PEERS.values() for p in ps}
-    unknown = [w for w in wanted if w not in known]
+    wanted = [s.strip() for s in args.impl.split(",") if s.strip()] if args.impl else None
+    left_out = {}
+    if wanted is None and args.quick and device.type == "cpu":
+        # On a GPU inductor compiles a quick case in seconds and compile stays in (main's GPU quick run has it).
+        wanted = [g for g in GROUPS if g != "compile"]
+        left_out["compile"] = ("left out of --quick: inductor compiles each case for 5-45 s on a CPU "
+                               "(--impl all brings it back)")
+    if wanted and "all" in wanted:
+        wanted = list(dict.fromkeys([g for w in wanted for g in (GROUPS if w == "all" else (w,))]))
+    known = ({"all"} | set(GROUPS) | {f"ours:{k}" for k in FUSED_KINDS} | {p.name for ps in PEERS.values() for p in ps}
+             | {b.name for bs in BASELINES.values() for b in bs})
+    unknown = [w for w in wanted or () if w not in known]
     if unknown:
         print(f"--impl: unknown {unknown}; choose from {sorted(known)}", file=sys.stderr)
+        return 2
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()] if args.modes else None
+    if modes and any(m not in ("fwd", "bwd", "fwd+bwd") for m in modes):
+        print(f"--modes: choose from fwd, bwd, fwd+bwd; got {modes}", file=sys.stderr)
         return 2
     sizes = args.sizes.split(",") if args.sizes else ["quick" if args.quick else default_preset(device)]
     cfg = Config(ops=ops, sizes=[s.strip() for s in sizes if s.strip()], dtype=DTYPES[args.dtype],
                  impls=wanted, device=device, quick=args.quick,
                  sweep=args.sweep, sweep_start=args.sweep_start, sweep_max=args.sweep_max,
-                 sweep_limit_s=args.sweep_limit_s, memory=not args.no_memory, budget=QUICK if args.quick else DEFAULT)
+                 sweep_limit_s=args.sweep_limit_s, memory=not args.no_memory, budget=QUICK if args.quick else DEFAULT,
+                 modes=modes, threads=args.threads, progress=False if args.no_progress else None,
+                 left_out=left_out)
     t0 = time.perf_counter()
     doc = run(cfg)
     out_dir = Path(args.out) if args.out else default_out_dir(device)

@@ -5,6 +5,7 @@ Groups (``--impl``):
            registered ("ours:triton", "ours:cuda", "ours:cpu"), skipped with a reason where it cannot run
   eager    the eager reference (``backend="torch"``)
   compile  ``torch.compile`` of the eager reference
+  baselines  what users write without a library (baselines.py: foreach lerp, a per-parameter loop)
   peers    other libraries (peers.py), when importable
 
 Kernels register themselves with sslkernels.backends, so new ones (more Triton kernels, the CUDA
@@ -21,17 +22,18 @@ from typing import Any, Callable, List, Optional, Sequence
 import torch
 
 from .. import backends
+from .baselines import baselines_for
 from .cases import Inputs, OpSpec, Size
 from .peers import Unsupported, peers_for
 
-GROUPS = ("ours", "eager", "compile", "peers")
+GROUPS = ("ours", "eager", "compile", "baselines", "peers")
 FUSED_KINDS = ("triton", "cuda", "cpu")
 AUTO_IS_EAGER = "no fused {device} implementation (backend='auto' runs the eager reference)"
 
 
 @dataclass
 class Impl:
-    name: str                  # "ours", "ours:cuda", "eager", "compile", or a peer's name
+    name: str                  # "ours", "ours:cuda", "eager", "compile", a baseline's or a peer's name
     group: str                 # one of GROUPS
     kind: str                  # the backend kind, "inductor", or the peer's package
     make: Optional[Callable[[Inputs, Size, torch.device], Callable[[], Any]]] = None
@@ -102,6 +104,9 @@ def discover(spec: OpSpec, device: torch.device, wanted: Sequence[str]) -> List[
         out.append(Impl("eager", "eager", "torch", _registered(registry["torch"])))
     if _selected("compile", "compile", wanted):
         out.append(Impl("compile", "compile", "inductor", _compiled(registry["torch"])))
+    for base in baselines_for(spec.name):
+        if _selected("baselines", base.name, wanted):
+            out.append(Impl(base.name, "baselines", "torch", base.make, note=base.note))
     for peer in peers_for(spec.name):
         if not _selected("peers", peer.name, wanted):
             continue

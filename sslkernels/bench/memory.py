@@ -3,11 +3,27 @@
 GPU: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus memory_allocated()
 before the call (inputs, and for "bwd" the saved forward graph, are not counted).
 
-CPU: the growth of the resident set (VmHWM after resetting it through /proc/self/clear_refs, minus
-VmRSS before the call). glibc keeps freed memory for reuse, which would hide later allocations, so
-this runs in a worker process started with MALLOC_MMAP_THRESHOLD_=65536: every allocation of 64 KiB
-or more is its own mmap and goes back to the OS when freed. One worker measures every case of a run
-(``python -m sslkernels.bench.memory`` reads jobs as JSON on stdin), rebuilding the same seeded inputs.
+CPU, two measurements:
+
+* ``peak_mem_bytes`` (the number the tables and plots use): the peak of the bytes held by torch's CPU
+  allocator during the call, from the allocation and free events the profiler records
+  (``profile_memory=True``) summed in time order, less nothing: frees of memory held before the call
+  count down, exactly as on the GPU. Every tensor allocation is seen, so it is exact and does not depend
+  on the C library or the kernel; it is measured in the timing process right after the timing (as on
+  the GPU), so torch.compile is measured too. It does not see memory outside torch's allocator (a
+  peer's numpy buffers, thread stacks).
+* ``rss_growth_bytes``: the growth of the resident set (VmHWM after resetting it through
+  /proc/self/clear_refs, minus VmRSS before the call) in a worker process started with
+  MALLOC_MMAP_THRESHOLD_=65536, so every allocation of 64 KiB or more is its own mmap and goes back to
+  the OS when freed. It sees everything the process touches, but the kernel counts RSS per CPU in
+  batches (Linux >= 6.2: up to max(32, 2·CPUs) pages per CPU are not yet in the total), so growth under
+  :func:`rss_resolution_bytes` can read low or 0 (2 MiB on a 16-core machine). One worker measures
+  every case of a run (``python -m sslkernels.bench.memory`` reads jobs as JSON on stdin), rebuilding
+  the same seeded inputs. Before each measurement the worker makes one unmeasured call of the same
+  implementation in the same mode: the first call of a code path pages in library code, grows the
+  small-object heap, starts thread pools and fills caches (about 120 MiB for a fresh libtorch
+  process), none of which is the op's own memory. The worker uses the parent's thread count
+  (SSLKERNELS_BENCH_THREADS), as thread pools hold memory too.
 """
 from __future__ import annotations
 
@@ -17,12 +33,19 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
+import threading
 from collections import OrderedDict
+from contextlib import contextmanager
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
 MMAP_THRESHOLD = 65536
+RSS_METHOD = "RSS growth (VmHWM − VmRSS) in a worker process, after a warm-up call"
+CPU_ALLOC_METHOD = "torch CPU allocator peak (profiler memory events)"
+CUDA_METHOD = "cuda max_memory_allocated"
+PAGE = 4096
 
 
 def peak_cuda(fn: Callable[[], Any]) -> int:
@@ -35,6 +58,83 @@ def peak_cuda(fn: Callable[[], Any]) -> int:
     peak = torch.cuda.max_memory_allocated() - base
     del out
     return int(peak)
+
+
+@contextmanager
+def _quiet_stderr_fd():
+    """fd 2 to /dev/null: Kineto prints two lines on every profiler start / stop, whatever its log level."""
+    try:
+        sys.stderr.flush()
+        saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        yield
+        return
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+def _event_time(e) -> float:
+    return e.start_ns() if hasattr(e, "start_ns") else 1e3 * e.start_us()
+
+
+def _event_end(e) -> float:
+    return e.end_ns() if hasattr(e, "end_ns") else 1e3 * (e.start_us() + e.duration_us())
+
+
+MARK = "sslkernels.bench.measured_call"
+
+
+def peak_cpu_alloc(fn: Callable[[], Any]) -> int:
+    """Peak bytes held by torch's CPU allocator during ``fn()`` beyond what was held before it.
+
+    ``fn`` runs twice under one profiler session and only the second call is measured: the profiler
+    knows the size of a block only if it saw its allocation, so the frees of blocks allocated before
+    the session (an in-place op replacing ``p.data``, gradients of the previous call) would be lost and
+    the peak overstated. After the first call, what the second frees was allocated under the profiler.
+    """
+    gc.collect()
+    prof = torch.autograd.profiler.profile(profile_memory=True)
+    with _quiet_stderr_fd():
+        prof.__enter__()
+    try:
+        with _quiet_stderr_fd():  # c10 warns once about frees of blocks allocated before the session
+            out = fn()
+            del out
+        gc.collect()
+        with torch.autograd.profiler.record_function(MARK):
+            out = fn()
+        del out
+    finally:
+        with _quiet_stderr_fd():
+            prof.__exit__(None, None, None)
+    events = list(prof.kineto_results.events())
+    mark = [e for e in events if e.name() == MARK]
+    if not mark:
+        raise RuntimeError("the profiler recorded no marker around the measured call")
+    t0, t1 = _event_time(mark[-1]), _event_end(mark[-1])
+    cpu = torch.autograd.DeviceType.CPU
+    mem = sorted((e for e in events if e.name() == "[memory]" and e.device_type() == cpu), key=_event_time)
+    cur = 0
+    for e in mem:  # what the session holds when the measured call starts
+        if _event_time(e) < t0:
+            cur += e.nbytes()
+    base = peak = cur
+    for e in mem:
+        if t0 <= _event_time(e) <= t1:
+            cur += e.nbytes()
+            peak = max(peak, cur)
+    return int(peak - base)
+
+
+def rss_resolution_bytes(cpus: Optional[int] = None) -> int:
+    """How much RSS growth the kernel may not have counted yet when it is read (per-CPU batched counters)."""
+    n = cpus or os.cpu_count() or 1
+    return PAGE * max(32, 2 * n) * n
 
 
 def _status_kib(field: str) -> int:
@@ -77,28 +177,56 @@ def job(case_key: str, op: str, size: Dict[str, Any], dtype: str, impl: str, kin
     return {"case": case_key, "op": op, "size": size, "dtype": dtype, "impl": impl, "kind": kind, "modes": modes}
 
 
-def run_worker(jobs: List[Dict[str, Any]], timeout_s: float = 600.0) -> Dict[tuple, Dict[str, Any]]:
-    """Measure ``jobs`` in a fresh CPU worker; returns {(case, impl, mode): {"peak_bytes" | "error": ...}}."""
+def run_worker(jobs: List[Dict[str, Any]], idle_timeout_s: float = 600.0,
+               on_result: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[tuple, Dict[str, Any]]:
+    """Measure ``jobs`` in a fresh CPU worker; returns {(case, impl, mode): {"rss_bytes" | "error": ...}}.
+
+    Results stream back one JSON line each (``on_result`` sees them as they come); the worker is
+    stopped when ``idle_timeout_s`` pass without one.
+    """
     if not jobs:
         return {}
     env = dict(os.environ)
     env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
+    env["SSLKERNELS_BENCH_THREADS"] = str(torch.get_num_threads())
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    try:
-        proc = subprocess.run([sys.executable, "-m", "sslkernels.bench.memory"], input=json.dumps(jobs),
-                              capture_output=True, text=True, env=env, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return _all_failed(jobs, f"memory worker timed out after {timeout_s:.0f} s")
     results: Dict[tuple, Dict[str, Any]] = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("{"):
-            r = json.loads(line)
-            results[(r["case"], r["impl"], r["mode"])] = r
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        for key, r in _all_failed(jobs, f"memory worker exited {proc.returncode}: {tail}"[:200]).items():
-            results.setdefault(key, r)
+    with tempfile.TemporaryFile(mode="w+") as err, tempfile.TemporaryFile(mode="w+") as inp:
+        json.dump(jobs, inp)
+        inp.seek(0)
+        proc = subprocess.Popen([sys.executable, "-m", "sslkernels.bench.memory"], stdin=inp,
+                                stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+        timed_out = threading.Event()
+
+        def kill():
+            timed_out.set()
+            proc.kill()
+        timer = threading.Timer(idle_timeout_s, kill)
+        timer.start()
+        try:
+            for line in proc.stdout:
+                timer.cancel()
+                timer = threading.Timer(idle_timeout_s, kill)
+                timer.start()
+                if line.startswith("{"):
+                    r = json.loads(line)
+                    results[(r["case"], r["impl"], r["mode"])] = r
+                    if on_result is not None:
+                        on_result(r)
+            rc = proc.wait()
+        finally:
+            timer.cancel()
+        err.seek(0)
+        tail = (err.read().strip().splitlines() or ["no output"])[-1]
+    if timed_out.is_set():
+        why = f"memory worker stopped after {idle_timeout_s:.0f} s without a result"
+    elif rc != 0:
+        why = f"memory worker exited {rc}: {tail}"[:200]
+    else:
+        return results
+    for key, r in _all_failed(jobs, why).items():
+        results.setdefault(key, r)
     return results
 
 
@@ -112,6 +240,8 @@ def _worker_main() -> None:
 
     why = rss_tracking_available()
     jobs = json.load(sys.stdin)
+    if os.environ.get("SSLKERNELS_BENCH_THREADS"):
+        torch.set_num_threads(int(os.environ["SSLKERNELS_BENCH_THREADS"]))
     device = torch.device("cpu")
     by_case: "OrderedDict[str, List[dict]]" = OrderedDict()
     for j in jobs:
@@ -146,8 +276,11 @@ def _worker_main() -> None:
                 continue
             for m in j["modes"]:
                 try:
-                    calls.reset()  # gradients of the previous mode would be freed inside the call
-                    emit(j, m, peak_bytes=peak_rss(calls.for_mode(m)))
+                    # Warm-up: the same call once, unmeasured (library paging, heap growth, thread pools).
+                    calls.reset()
+                    calls.for_mode(m)()
+                    calls.reset()  # gradients of the previous call would be freed inside the measured one
+                    emit(j, m, rss_bytes=peak_rss(calls.for_mode(m)))
                 except Exception as err:  # noqa: BLE001
                     emit(j, m, error=describe_error(err))
             del calls

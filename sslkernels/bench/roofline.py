@@ -34,7 +34,8 @@ def _copy_gbps(nbytes: int, device: torch.device, budget: Budget) -> float:
     return 2.0 * src.numel() * 4 / (t.median_ms * 1e-3) / 1e9
 
 
-def measure_ceilings(device: torch.device, dtype: torch.dtype, quick: bool, budget: Budget) -> Dict[str, Any]:
+def measure_ceilings(device: torch.device, dtype: torch.dtype, quick: bool, budget: Budget,
+                     copy: bool = True) -> Dict[str, Any]:
     if device.type == "cuda":
         n, nbytes = (4096, 256 << 20) if quick else (8192, 1 << 30)
     else:
@@ -53,7 +54,8 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype, quick: bool, budg
         if other > out["matmul_tflops"]:
             out["matmul_tflops"] = other
             out["matmul_note"] = "torch.matmul with TF32 allowed (the faster of TF32 on / off)"
-    out["copy_gbps"] = _copy_gbps(nbytes, device, budget)
+    if copy:
+        out["copy_gbps"] = _copy_gbps(nbytes, device, budget)
     return out
 
 

@@ -19,9 +19,15 @@ import torch
 from . import memory, roofline
 from .cases import (OpSpec, Size, SPECS, case_seed, default_preset, dtype_name, element_size, generator,
                     override_size, resolve_op, sweep_sizes)
+from . import targets as _targets
+from .baselines import BASELINES
+from .cases import DTYPES
 from .env import environment
-from .impls import Impl, build_callables, describe_error, discover, first_tensor, is_oom
+from .impls import GROUPS, Impl, build_callables, describe_error, discover, first_tensor, is_oom
+from .progress import Progress
 from .timing import DEFAULT, Budget, measure
+
+TARGETS = "targets"  # --sizes targets: exactly the cases the issues' targets read (targets.py)
 
 
 @dataclass
@@ -29,7 +35,7 @@ class Config:
     ops: List[str]
     sizes: List[str]                 # preset names, size labels, or "N=1024:D=128" overrides
     dtype: torch.dtype
-    impls: List[str]                 # groups and/or implementation names
+    impls: Optional[List[str]]       # groups and/or implementation names (None: all; a target run: its own)
     device: torch.device
     quick: bool = False
     sweep: Optional[str] = None      # a dim name, e.g. "N"
@@ -38,6 +44,19 @@ class Config:
     sweep_limit_s: Optional[float] = None  # stop an implementation's sweep after a call slower than this
     memory: bool = True
     budget: Budget = field(default=DEFAULT)
+    modes: Optional[List[str]] = None      # fwd / bwd / fwd+bwd (None: every mode of each op)
+    threads: Optional[int] = None          # CPU threads (torch.set_num_threads); None: torch's default
+    progress: Optional[bool] = None        # a progress bar (None: when stderr is a terminal)
+    left_out: Dict[str, str] = field(default_factory=dict)  # group or impl name -> why this run skips it
+
+
+@dataclass
+class PlanItem:
+    spec: OpSpec
+    sizes: List[Size]
+    dtype: torch.dtype
+    modes: Tuple[str, ...]
+    impls: List[str]                 # groups and/or implementation names
 
 
 # ------------------------------------------------------------------------------------------ plan
@@ -93,7 +112,8 @@ def _base_record(spec: OpSpec, size: Size, dtype: torch.dtype, device: torch.dev
         "dtype": dtype_name(dtype), "device": device.type, "impl": impl.name, "group": impl.group,
         "kind": impl.kind, "mode": mode, "status": "ok", "reason": "", "note": impl.note,
         "median_ms": None, "p20_ms": None, "p80_ms": None, "reps": None, "setup_s": None,
-        "peak_mem_bytes": None, "mem_method": None, "check_rel_err": None,
+        "peak_mem_bytes": None, "mem_method": None, "rss_growth_bytes": None, "rss_method": None,
+        "check_rel_err": None,
     }
 
 
@@ -114,10 +134,13 @@ def _order(impls: List[Impl]) -> List[Impl]:
 
 
 def run_case(spec: OpSpec, size: Size, dtype: torch.dtype, cfg: Config, modes: Sequence[str],
-             stopped: Optional[Dict[str, str]] = None) -> List[Dict[str, Any]]:
+             stopped: Optional[Dict[str, str]] = None, wanted: Optional[Sequence[str]] = None,
+             progress: Optional[Progress] = None) -> List[Dict[str, Any]]:
     """Time (and on CUDA, measure the memory of) every implementation of one case."""
     device = cfg.device
-    impls = _order(discover(spec, device, cfg.impls))
+    impls = _order(discover(spec, device, wanted if wanted is not None else (cfg.impls or list(GROUPS))))
+    log = progress.log if progress is not None else _log
+    tick = progress.update if progress is not None else (lambda *a, **k: None)
     records: List[Dict[str, Any]] = []
     stopped = {} if stopped is None else stopped
 
@@ -134,16 +157,22 @@ def run_case(spec: OpSpec, size: Size, dtype: torch.dtype, cfg: Config, modes: S
         for impl in impls:
             for mode in modes:
                 add(impl, mode, status=status, reason=f"building the inputs: {describe_error(err)}")
+        tick(len(impls))
         _free(device)
         return records
 
     ref: Optional[torch.Tensor] = None
     for impl in impls:
+        tick(1, f"{spec.name} {size.label} {impl.name}")
         if impl.name in stopped:
-            continue
-        if impl.skip:
+            # Recorded, so tables and the sweep plots say where and why an implementation's curve ends.
             for mode in modes:
-                add(impl, mode, status="skipped", reason=impl.skip)
+                add(impl, mode, status="skipped", reason=f"stopped: {stopped[impl.name]}")
+            continue
+        skip = cfg.left_out.get(impl.group) or cfg.left_out.get(impl.name) or impl.skip
+        if skip:
+            for mode in modes:
+                add(impl, mode, status="skipped", reason=skip)
             continue
         t0 = time.perf_counter()
         try:
@@ -151,7 +180,8 @@ def run_case(spec: OpSpec, size: Size, dtype: torch.dtype, cfg: Config, modes: S
             if device.type == "cuda":
                 torch.cuda.synchronize()
         except Exception as err:  # noqa: BLE001 - every failure is a result, the run goes on
-            status = "oom" if is_oom(err) else ("skipped" if impl.group in ("peers", "compile") else "error")
+            status = "oom" if is_oom(err) else ("skipped" if impl.group in ("peers", "compile", "baselines")
+                                                else "error")
             reason = describe_error(err)
             if isinstance(err, ImportError) and impl.group == "peers":
                 reason = _import_failure(err, impl)
@@ -180,7 +210,7 @@ def run_case(spec: OpSpec, size: Size, dtype: torch.dtype, cfg: Config, modes: S
                 stopped[impl.name] = "out of memory at a smaller size"
         del calls
         _free(device)
-        _log(f"  {spec.name:<27} {size.label:<14} {impl.name:<28} "
+        log(f"  {spec.name:<27} {size.label:<14} {impl.name:<28} "
              + " ".join(f"{r['mode']}={_fmt_ms(r)}" for r in records if r["impl"] == impl.name))
     del inputs, ref
     _free(device)
@@ -208,10 +238,14 @@ def _measure_mode(rec: Dict[str, Any], calls, mode: str, cfg: Config) -> None:
         fn = calls.for_mode(mode)
         t = measure(fn, device, cfg.budget)
         rec.update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, reps=t.reps)
-        if device.type == "cuda" and cfg.memory:
+        if cfg.memory:
             # Gradients left by the timing loop would be freed inside the call and hide its peak.
             calls.reset()
-            rec.update(peak_mem_bytes=memory.peak_cuda(calls.for_mode(mode)), mem_method="cuda max_memory_allocated")
+            if device.type == "cuda":
+                rec.update(peak_mem_bytes=memory.peak_cuda(calls.for_mode(mode)), mem_method=memory.CUDA_METHOD)
+            else:
+                rec.update(peak_mem_bytes=memory.peak_cpu_alloc(calls.for_mode(mode)),
+                           mem_method=memory.CPU_ALLOC_METHOD)
     except Exception as err:  # noqa: BLE001
         if is_oom(err):
             rec.update(status="oom", reason=describe_error(err))
@@ -244,36 +278,40 @@ def _derive_bwd(records: List[Dict[str, Any]]) -> None:
             r["status"] = "error"
 
 
-def _cpu_memory(records: List[Dict[str, Any]], dtype: torch.dtype) -> None:
-    """Fill CPU peak memory from one worker process (compiled implementations are not re-compiled there)."""
+def _cpu_rss(records: List[Dict[str, Any]], progress_enabled: Optional[bool] = None,
+             log: Callable[[str], None] = _log) -> None:
+    """Fill ``rss_growth_bytes`` from one worker process (compiled implementations are not re-compiled there)."""
     jobs: Dict[Tuple[str, str], Dict[str, Any]] = {}
     for r in records:
         if r["status"] != "ok" or r["device"] != "cpu":
             continue
         if r["group"] == "compile":
-            r["mem_method"] = "not measured on CPU (would recompile in the memory worker)"
+            r["rss_method"] = "not measured (would recompile in the memory worker)"
             continue
         spec = resolve_op(r["op"])
         size = Size(r["size"], r["dims"], r["source"])
-        key = case_key(spec, size, dtype)
+        key = case_key(spec, size, DTYPES[r["dtype"]])
         size_doc = {"label": size.label, "dims": size.dims, "source": size.source}
         j = jobs.setdefault((key, r["impl"]),
                             memory.job(key, r["op"], size_doc, r["dtype"], r["impl"], r["kind"], []))
         j["modes"].append(r["mode"])
     if not jobs:
         return
-    _log(f"measuring CPU memory in a worker process ({len(jobs)} implementation × case jobs) ...")
-    results = memory.run_worker(list(jobs.values()))
+    n = sum(len(j["modes"]) for j in jobs.values())
+    log(f"measuring RSS growth in a worker process ({len(jobs)} implementation × case jobs, {n} measurements) ...")
+    with Progress(n, "rss", progress_enabled, unit="meas") as bar:
+        results = memory.run_worker(list(jobs.values()),
+                                    on_result=lambda r: bar.update(1, f"{r['case'].split('|')[0]} {r['impl']}"))
     for r in records:
         if r["status"] != "ok" or r["device"] != "cpu" or r["group"] == "compile":
             continue
         spec = resolve_op(r["op"])
-        key = case_key(spec, Size(r["size"], r["dims"], r["source"]), dtype)
+        key = case_key(spec, Size(r["size"], r["dims"], r["source"]), DTYPES[r["dtype"]])
         res = results.get((key, r["impl"], r["mode"]), {"error": "no result from the memory worker"})
-        if "peak_bytes" in res:
-            r.update(peak_mem_bytes=res["peak_bytes"], mem_method="RSS growth (VmHWM − VmRSS, worker process)")
+        if "rss_bytes" in res:
+            r.update(rss_growth_bytes=res["rss_bytes"], rss_method=memory.RSS_METHOD)
         else:
-            r["mem_method"] = f"not measured: {res['error']}"
+            r["rss_method"] = f"not measured: {res['error']}"
 
 
 def _ratios(records: List[Dict[str, Any]]) -> None:
@@ -292,15 +330,30 @@ def _work(records: List[Dict[str, Any]], ceilings: Dict[str, Any]) -> None:
         spec = SPECS[r["op"]]
         flops, nbytes = spec.work(r["dims"], element_size(_DTYPE_OF[r["dtype"]]))[r["mode"]]
         r["flops"], r["bytes"] = flops, nbytes
-        r.update(roofline.place(flops, nbytes, r["median_ms"] if r["status"] == "ok" else None, ceilings))
+        own = {**ceilings, **ceilings.get("by_dtype", {}).get(r["dtype"], {})}
+        r.update(roofline.place(flops, nbytes, r["median_ms"] if r["status"] == "ok" else None, own))
 
 
 _DTYPE_OF = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def plan(cfg: Config, log: Callable[[str], None] = _log) -> List[Tuple[OpSpec, List[Size]]]:
+def plan(cfg: Config, log: Callable[[str], None] = _log) -> List[PlanItem]:
     specs = [resolve_op(o) for o in cfg.ops] if cfg.ops else list(SPECS.values())
-    out = []
+    # Left-out implementations are planned too, so they are recorded as skipped with the reason.
+    wanted = list(dict.fromkeys([*(cfg.impls or GROUPS), *cfg.left_out]))
+    out: List[PlanItem] = []
+    if TARGETS in cfg.sizes:
+        # The targets' own cases, dtypes, modes and implementations (an explicit --impl narrows them).
+        names = [s.name for s in specs] if cfg.ops else None
+        for op, size, dtype, modes, impls in _targets.cases(cfg.device.type, names):
+            chosen = [i for i in impls if cfg.impls is None or i in cfg.impls or _group_of(i) in cfg.impls]
+            out.append(PlanItem(resolve_op(op), [size], DTYPES[dtype], tuple(modes), chosen))
+        if not out:
+            log(f"no {cfg.device.type} targets for {cfg.ops or 'any op'}")
+        rest = [x for x in cfg.sizes if x != TARGETS]
+        if not rest:
+            return out
+        cfg = Config(**{**cfg.__dict__, "sizes": rest})
     for spec in specs:
         if cfg.sweep:
             base = sizes_for(spec, cfg.sizes, cfg.device) or list(spec.sizes[default_preset(cfg.device)])
@@ -308,8 +361,11 @@ def plan(cfg: Config, log: Callable[[str], None] = _log) -> List[Tuple[OpSpec, L
             sizes = sweep_sizes(spec, base[0], cfg.sweep, cfg.sweep_start, stop)
         else:
             sizes = sizes_for(spec, cfg.sizes, cfg.device)
+        modes = (spec.primary_mode,) if cfg.sweep else spec.modes
+        if cfg.modes:
+            modes = tuple(m for m in spec.modes if m in cfg.modes) or (spec.primary_mode,)
         if sizes:
-            out.append((spec, sizes))
+            out.append(PlanItem(spec, sizes, cfg.dtype, modes, list(wanted)))
         elif cfg.sweep:
             log(f"{spec.name}: no dim {cfg.sweep} to sweep; left out")
         else:
@@ -317,47 +373,80 @@ def plan(cfg: Config, log: Callable[[str], None] = _log) -> List[Tuple[OpSpec, L
     return out
 
 
+def _group_of(name: str) -> str:
+    if name.startswith("ours"):
+        return "ours"
+    if name in ("eager", "compile"):
+        return name
+    return "baselines" if any(b.name == name for bs in BASELINES.values() for b in bs) else "peers"
+
+
 def run(cfg: Config, log: Callable[[str], None] = _log) -> Dict[str, Any]:
-    """Everything the report needs: environment, ceilings, formulas, records."""
+    """Everything the report needs: environment, ceilings, formulas, records, targets."""
     t_start = time.perf_counter()
     device = cfg.device
+    if cfg.threads and device.type == "cpu":
+        torch.set_num_threads(cfg.threads)
     env = environment(device)
-    log(f"device: {env['device_name']} ({device}); torch {env['torch']}, triton {env['triton']}")
-    log("measuring the roofline (matmul rate, copy bandwidth) ...")
-    ceilings = roofline.measure_ceilings(device, cfg.dtype, cfg.quick, cfg.budget)
-    log(f"  matmul {ceilings['matmul_tflops']:.3g} TFLOP/s ({dtype_name(cfg.dtype)}), "
-        f"copy {ceilings['copy_gbps']:.3g} GB/s")
-    records: List[Dict[str, Any]] = []
+    if device.type == "cpu":
+        env["rss_resolution_bytes"] = memory.rss_resolution_bytes()
+    log(f"device: {env['device_name']} ({device}); torch {env['torch']}, triton {env['triton']}, "
+        f"{env['torch_threads']} threads")
     planned = plan(cfg, log)
-    for spec, sizes in planned:
-        modes = (spec.primary_mode,) if cfg.sweep else spec.modes
-        stopped: Dict[str, str] = {}
-        for size in sizes:
-            log(f"{spec.name} {size.label} [{size.describe()}] {dtype_name(cfg.dtype)}")
-            recs = run_case(spec, size, cfg.dtype, cfg, modes, stopped if cfg.sweep else None)
-            if cfg.sweep:
-                for r in recs:
-                    r["sweep"] = cfg.sweep
-                    limit = cfg.sweep_limit_s or (0.5 if cfg.quick else 2.0)
-                    if r["status"] == "ok" and r["median_ms"] and r["median_ms"] > limit * 1e3:
-                        stopped.setdefault(r["impl"], f"over {limit:g} s per call at a smaller size")
-            records.extend(recs)
-            if cfg.sweep and all(i.name in stopped or i.skip for i in discover(spec, device, cfg.impls)):
-                break
+    dtypes = list(dict.fromkeys(item.dtype for item in planned)) or [cfg.dtype]
+    log(f"measuring the roofline (matmul rate in {', '.join(dtype_name(d) for d in dtypes)}, copy bandwidth) ...")
+    ceilings = roofline.measure_ceilings(device, dtypes[0], cfg.quick, cfg.budget)
+    for extra in dtypes[1:]:
+        # A target run mixes dtypes (bf16 losses, fp32 EMA): every matmul rate it needs, measured here.
+        more = roofline.measure_ceilings(device, extra, cfg.quick, cfg.budget, copy=False)
+        ceilings.setdefault("by_dtype", {})[dtype_name(extra)] = more
+    ceilings.setdefault("by_dtype", {})[dtype_name(dtypes[0])] = {
+        k: v for k, v in ceilings.items() if k.startswith("matmul")}
+    log(f"  matmul " + ", ".join(f"{v['matmul_tflops']:.3g} TFLOP/s ({k})" for k, v in ceilings["by_dtype"].items())
+        + f"; copy {ceilings['copy_gbps']:.3g} GB/s")
+    records: List[Dict[str, Any]] = []
+    total = sum(len(item.sizes) * len(discover(item.spec, device, item.impls)) for item in planned)
+    with Progress(total, "bench", cfg.progress) as bar:
+        for item in planned:
+            spec = item.spec
+            stopped: Dict[str, str] = {}
+            for n_done, size in enumerate(item.sizes):
+                bar.log(f"{spec.name} {size.label} [{size.describe()}] {dtype_name(item.dtype)}")
+                recs = run_case(spec, size, item.dtype, cfg, item.modes, stopped if cfg.sweep else None,
+                                wanted=item.impls, progress=bar)
+                if cfg.sweep:
+                    for r in recs:
+                        r["sweep"] = cfg.sweep
+                        limit = cfg.sweep_limit_s or (0.5 if cfg.quick else 2.0)
+                        if r["status"] == "ok" and r["median_ms"] and r["median_ms"] > limit * 1e3:
+                            stopped.setdefault(r["impl"], f"over {limit:g} s per call at a smaller size")
+                records.extend(recs)
+                impls_here = discover(spec, device, item.impls)
+                if cfg.sweep and all(i.name in stopped or i.skip for i in impls_here):
+                    left = len(item.sizes) - n_done - 1
+                    bar.update(left * len(impls_here))
+                    if left:
+                        bar.log(f"{spec.name}: every implementation stopped ({'; '.join(sorted(set(stopped.values())))}); "
+                                f"{left} larger sizes left out")
+                    break
     _derive_bwd(records)
     if cfg.memory and device.type == "cpu":
-        _cpu_memory(records, cfg.dtype)
+        _cpu_rss(records, cfg.progress, log)
     _ratios(records)
     _work(records, ceilings)
-    return {
+    doc = {
         "environment": env,
         "roofline": ceilings,
         "config": {
-            "ops": [s.name for s, _ in planned], "sizes": cfg.sizes, "dtype": dtype_name(cfg.dtype),
-            "impls": cfg.impls, "device": str(device), "quick": cfg.quick, "sweep": cfg.sweep,
+            "ops": [item.spec.name for item in planned], "sizes": cfg.sizes,
+            "dtype": ",".join(dtype_name(d) for d in dtypes),
+            "impls": cfg.impls or list(GROUPS), "device": str(device), "quick": cfg.quick, "sweep": cfg.sweep,
+            "modes": cfg.modes, "threads": torch.get_num_threads() if device.type == "cpu" else None,
             "budget": cfg.budget.__dict__,
         },
-        "formulas": {s.name: s.formula for s, _ in planned},
+        "formulas": {item.spec.name: item.spec.formula for item in planned},
         "wall_s": time.perf_counter() - t_start,
         "results": records,
     }
+    doc["targets"] = _targets.evaluate(doc)
+    return doc
