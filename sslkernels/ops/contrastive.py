@@ -136,6 +136,20 @@ def _norm_bound_kernel(x_ptr, s_ptr, out_ptr, N, D, stride, s_stride, HAS_S: tl.
 
 
 @triton.jit
+def _row_meta(tgt_ptr, lab_ptr, rows, r_ok, EXCL_TGT: tl.constexpr, POS: tl.constexpr):
+    # (target column, label) of each row where the mode reads them; the row index stands in elsewhere.
+    if EXCL_TGT or POS == 1:
+        t_r = tl.load(tgt_ptr + rows, mask=r_ok, other=-1)
+    else:
+        t_r = rows
+    if POS == 2:
+        lab_r = tl.load(lab_ptr + rows, mask=r_ok, other=0)
+    else:
+        lab_r = rows
+    return t_r, lab_r
+
+
+@triton.jit
 def _needs_repair(lse, shift, n_terms):
     # A fixed-shift sum l = Σ exp2(z − shift) is trusted when l ≥ n_terms·2^-106: exp2 flushes results
     # below 2^-126 to zero, so the terms lost weigh at most n_terms·2^-126 ≤ 2^-20·l. lse = shift + log2 l;
@@ -199,14 +213,7 @@ def _fwd_kernel(a_ptr, b_ptr, bpos_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr, val_p
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     r_ok = rows < N
     s_r = tl.load(s_ptr + rows * s_stride, mask=r_ok, other=1.0).to(tl.float32)
-    if EXCL_TGT or POS == 1:
-        t_r = tl.load(tgt_ptr + rows, mask=r_ok, other=-1)
-    else:
-        t_r = rows
-    if POS == 2:
-        lab_r = tl.load(lab_ptr + rows, mask=r_ok, other=0)
-    else:
-        lab_r = rows
+    t_r, lab_r = _row_meta(tgt_ptr, lab_ptr, rows, r_ok, EXCL_TGT, POS)
     hi = c_end
     if FIXED or REPAIR:
         shift = tl.load(shift_ptr)
@@ -309,14 +316,7 @@ def _self_fwd_kernel(z_ptr, s_ptr, tgt_ptr, lab_ptr, shift_ptr, l_ptr, pos_ptr, 
             lo = tl.where(I == p, T, I)  # the middle block of an odd T is walked once
         rows = I * BLOCK + tl.arange(0, BLOCK)
         r_ok = rows < N
-        if EXCL_TGT or POS == 1:
-            t_r = tl.load(tgt_ptr + rows, mask=r_ok, other=-1)
-        else:
-            t_r = rows
-        if POS == 2:
-            lab_r = tl.load(lab_ptr + rows, mask=r_ok, other=0)
-        else:
-            lab_r = rows
+        t_r, lab_r = _row_meta(tgt_ptr, lab_ptr, rows, r_ok, EXCL_TGT, POS)
         if RESIDENT:
             z_i = _tile(z_ptr, rows, r_ok, stride, D, BLOCK_D)
         l = tl.zeros([BLOCK], dtype=tl.float32)
@@ -430,14 +430,7 @@ def _bwd_rows_kernel(a_ptr, b_ptr, bpos_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr,
     else:
         shift = 0.0
     s_r = tl.load(s_ptr + rows * s_stride, mask=r_ok, other=1.0).to(tl.float32)
-    if EXCL_TGT or POS == 1:
-        t_r = tl.load(tgt_ptr + rows, mask=r_ok, other=-1)
-    else:
-        t_r = rows
-    if POS == 2:
-        lab_r = tl.load(lab_ptr + rows, mask=r_ok, other=0)
-    else:
-        lab_r = rows
+    t_r, lab_r = _row_meta(tgt_ptr, lab_ptr, rows, r_ok, EXCL_TGT, POS)
     r_lse = tl.load(rlse_ptr + rows, mask=r_ok, other=0.0)
     gr = tl.load(rg_ptr + rows, mask=r_ok, other=0.0)
     gw = tl.load(rgw_ptr + rows, mask=r_ok, other=0.0)
@@ -552,14 +545,7 @@ def _bwd_cols_kernel(a_ptr, b_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr,
         rows = r0 + tl.arange(0, BLOCK_N)
         r_ok = rows < N
         s_r = tl.load(s_ptr + rows * s_stride, mask=r_ok, other=1.0).to(tl.float32)
-        if EXCL_TGT or POS == 1:
-            t_r = tl.load(tgt_ptr + rows, mask=r_ok, other=-1)
-        else:
-            t_r = rows
-        if POS == 2:
-            lab_r = tl.load(lab_ptr + rows, mask=r_ok, other=0)
-        else:
-            lab_r = rows
+        t_r, lab_r = _row_meta(tgt_ptr, lab_ptr, rows, r_ok, EXCL_TGT, POS)
         r_lse = tl.load(rlse_ptr + rows, mask=r_ok, other=0.0)
         gr = tl.load(rg_ptr + rows, mask=r_ok, other=0.0)
         gw = tl.load(rgw_ptr + rows, mask=r_ok, other=0.0)
