@@ -35,14 +35,20 @@ class MoCo(core.Method):
         self.key_net = sslkernels.MomentumEncoder(self.query_net, args.momentum, schedule="constant")
         self.queue = sslkernels.MemoryQueue(args.queue_size, args.proj_dim)
         self.augment = Augment()
+        self.keys = None  # this step's keys, enqueued in after_step
 
     def training_step(self, x, y, step):
         self.key_net.update_(self.query_net)  # MoCo updates the key encoder before computing the keys
         q = F.normalize(self.query_net(self.augment(x)), dim=1)
         k = F.normalize(self.key_net(self.augment(x)), dim=1)  # no_grad inside MomentumEncoder
-        loss = sslkernels.moco_loss(q, k, self.queue.queue, temperature=self.args.temperature, backend=self.backend)
-        self.queue.enqueue_(k, backend=self.backend)  # after the loss: this batch's keys are not its own negatives
-        return loss
+        self.keys = k
+        return sslkernels.moco_loss(q, k, self.queue.queue, temperature=self.args.temperature, backend=self.backend)
+
+    def after_step(self, step):
+        # After backward: the loss may have saved the queue for its gradient, so it must not change before then;
+        # and this batch's keys are not its own negatives.
+        self.queue.enqueue_(self.keys, backend=self.backend)
+        self.keys = None
 
 
 def train(args) -> dict:
