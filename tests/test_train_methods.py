@@ -70,6 +70,9 @@ def test_resume_refuses_a_different_run(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["simclr", *TINY, "--lr", "0.1", "--resume", str(tmp_path / "checkpoint.pt")])
     assert "--lr 0.1 (was 0.002)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a method's own option counts too
+        main(["simclr", *TINY, "--temperature", "0.3", "--resume", str(tmp_path / "checkpoint.pt")])
+    assert "--temperature 0.3 (was 0.5)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["byol", *TINY, "--resume", str(tmp_path / "checkpoint.pt")])
     assert "is a simclr checkpoint, not byol" in capsys.readouterr().err

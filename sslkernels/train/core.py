@@ -465,7 +465,10 @@ def _progress(args, total: int, desc: str):
     return tqdm(total=total, desc=desc, leave=False, disable=disable, dynamic_ncols=True)
 
 
-_RESUME_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "seed", "data", "subset", "image_size")
+# Settings a resumed run may change (where it writes, what it shows, the device, the loss backend); every other
+# setting (schedule length, batch, seed, data, the method's own options...) must match the checkpoint's run.
+_RESUME_MAY_CHANGE = ("out", "resume", "stop_after", "progress", "no_plots", "no_checkpoint", "device", "impl",
+                      "compare", "compare_steps")
 
 
 def fit(name: str, args, build) -> dict:
@@ -480,10 +483,12 @@ def fit(name: str, args, build) -> dict:
         ckpt = torch.load(args.resume, map_location=device, weights_only=True)
         if ckpt.get("method") != name:
             raise ConfigError(f"--resume {args.resume} is a {ckpt.get('method')} checkpoint, not {name}")
-        diff = [k for k in _RESUME_KEYS if ckpt["config"].get(k) != getattr(args, k)]
+        config = {k: v for k, v in vars(args).items() if k != "func"}
+        diff = [k for k in sorted(config.keys() | ckpt["config"].keys())
+                if k not in _RESUME_MAY_CHANGE and ckpt["config"].get(k) != config.get(k)]
         if diff:
             raise ConfigError("--resume: these settings differ from the checkpoint's run: "
-                              + ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (was {ckpt['config'].get(k)})"
+                              + ", ".join(f"--{k.replace('_', '-')} {config.get(k)} (was {ckpt['config'].get(k)})"
                                           for k in diff))
     seed_everything(args.seed)
     split = load_data(args, device)
