@@ -11,7 +11,8 @@ import torch
 from sslkernels.train import core, data, main
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--subset", "160", "--epochs", "1", "--batch-size", "32", "--knn-k", "5"]
+TINY = ["--subset", "160", "--epochs", "1", "--batch-size", "32", "--knn-k", "5", "--fewshot-draws", "2",
+        "--probe-iterations", "5", "--no-plots"]
 
 
 def _run(tmp_path, *extra):

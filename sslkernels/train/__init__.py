@@ -1,10 +1,12 @@
 """Reference trainers: small, readable training loops that run through sslkernels' ops.
 
-    python -m sslkernels.train simclr [--data digits|synthetic] [--impl fused|reference] [--epochs N] ...
+    python -m sslkernels.train METHOD [--data digits|synthetic|PATH] [--impl fused|reference|both] [--epochs N]
+                                      [--batch-size B] [--device D] [--out DIR] [--resume CKPT] ...
 
-One file per method (simclr.py, ...) over a small shared core (core.py, data.py). A method module provides
-``HELP``, ``add_arguments(parser)`` and ``train(args) -> report dict``; list it in ``METHODS`` to get a
-subcommand.
+METHOD: simclr, moco (v2), mocov3, byol, simsiam, dino, clip, supcon. One file per method over a small shared
+core (core.py: options, loop, evaluation, checkpoints, reports; data.py: data sets and augmentations). A method
+module provides ``HELP``, ``add_arguments(parser)`` and ``train(args) -> report dict``; list it in ``METHODS``
+to get a subcommand.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import argparse
 import importlib
 
 # subcommand -> module; imported lazily so `--help` and one method do not import every trainer.
-METHODS = {"simclr": "simclr"}
+METHODS = {name: name for name in ("simclr", "moco", "mocov3", "byol", "simsiam", "dino", "clip", "supcon")}
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

@@ -2,21 +2,26 @@
 
 Everything here is a tensor op on whole batches so that a tiny trainer spends its time in the model and the
 loss, not in a Python data pipeline: the whole data set fits in memory (1797 digits are 460 KB).
+``--data PATH`` reads an ImageFolder (PATH/<class>/<image>) once, resized, into the same in-memory form.
 """
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-DATASETS = ("digits", "synthetic")
+DATASETS = ("digits", "synthetic")  # built in; anything else given to --data is an ImageFolder directory
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
 @dataclass
 class Split:
-    """Images (N×1×H×W float32 in [0, 1]) and integer labels, already on the training device."""
+    """Images (N×C×H×W float32 in [0, 1]; C=1 for digits/synthetic, 3 for a folder) and integer labels, already
+    on the training device."""
     name: str
     train_x: torch.Tensor
     train_y: torch.Tensor
@@ -68,24 +73,72 @@ def _stratified_split(labels: torch.Tensor, test_fraction: float, seed: int):
     return torch.cat(train).sort().values, torch.cat(test).sort().values
 
 
-def load(name: str, device, *, test_fraction: float = 0.25, subset: int | None = None, split_seed: int = 0) -> Split:
-    """Load ``name`` (``"digits"`` or ``"synthetic"``), hold out a stratified test split, move both to ``device``.
+def _image_folder(root: str, image_size: int):
+    """PATH/<class>/<image> -> (N×3×S×S float images in [0, 1], labels), classes in sorted order.
+
+    torchvision's ImageFolder when it is installed, else the same walk with PIL. Every error names the files.
+    """
+    path = Path(root)
+    if not path.is_dir():
+        raise ValueError(f"--data {root!r}: not 'digits', 'synthetic' or an existing directory")
+    classes = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise ValueError(f"--data {root}: no class folders found; expected an ImageFolder layout "
+                         f"{root}/<class_name>/<image>{IMAGE_SUFFIXES[0]}")
+    try:  # torchvision only lists the files here: we decode them ourselves to report every unreadable one
+        from torchvision.datasets.folder import make_dataset
+        samples = make_dataset(str(path), {c: i for i, c in enumerate(classes)}, extensions=IMAGE_SUFFIXES,
+                               allow_empty=True)
+    except (ImportError, TypeError):  # no torchvision, or one too old for allow_empty: the same walk by hand
+        samples = [(str(f), i) for i, c in enumerate(classes) for f in sorted((path / c).rglob("*"))
+                   if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()]
+    if not samples:
+        raise ValueError(f"--data {root}: the class folders ({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})"
+                         f" hold no images with a suffix in {IMAGE_SUFFIXES}")
+    from PIL import Image
+
+    images, labels, bad = [], [], []
+    for file, label in samples:
+        try:
+            with Image.open(file) as im:
+                im = im.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+                buf = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+        except Exception as e:  # PIL raises several types for a broken file; all mean "not an image"
+            bad.append(f"{os.path.relpath(file, root)} ({type(e).__name__}: {e})")
+            continue
+        images.append(buf.view(image_size, image_size, 3).permute(2, 0, 1).float() / 255.0)
+        labels.append(label)
+    if bad:
+        raise ValueError(f"--data {root}: {len(bad)} of {len(samples)} images could not be read, e.g. "
+                         + "; ".join(bad[:3]) + ". Remove or fix them.")
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long)
+
+
+def load(name: str, device, *, test_fraction: float = 0.25, subset: int | None = None, split_seed: int = 0,
+         image_size: int = 32) -> Split:
+    """Load ``name`` (``"digits"``, ``"synthetic"`` or an ImageFolder directory), hold out a stratified test split,
+    move both to ``device``.
 
     ``subset`` keeps a random ``subset`` images before splitting (quick smoke runs). The split uses its own fixed
-    seed, so runs with different ``--seed`` are evaluated on the same held-out images.
+    seed, so runs with different ``--seed`` are evaluated on the same held-out images. ``image_size`` only
+    applies to folders (the built-in sets are 8×8).
     """
     if name == "digits":
         images, labels = _digits()
     elif name == "synthetic":
         images, labels = _synthetic()
     else:
-        raise ValueError(f"data must be one of {DATASETS}, got {name!r}")
+        images, labels = _image_folder(name, image_size)
     if subset is not None:
         if not (isinstance(subset, int) and 2 <= subset):
             raise ValueError(f"subset must be an int >= 2, got {subset!r}")
         keep = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(split_seed))[:subset]
         images, labels = images[keep], labels[keep]
     train_idx, test_idx = _stratified_split(labels, test_fraction, split_seed)
+    if test_idx.numel() == 0 or train_idx.numel() == 0:
+        raise ValueError(f"--data {name}: {images.shape[0]} images are too few to hold out {test_fraction:.0%} of "
+                         "each class for evaluation and train on the rest (a class needs at least 3 images to "
+                         "give one held-out image); add images")
     return Split(name, images[train_idx].to(device), labels[train_idx].to(device),
                  images[test_idx].to(device), labels[test_idx].to(device), int(labels.max()) + 1)
 
@@ -96,10 +149,12 @@ class Augment:
     One affine warp does random-resized-crop, shift and rotation together (a single grid_sample); then
     intensity jitter, Gaussian noise and random erasing. No flips: a mirrored 2 is not a 2.
     Uses the global torch RNG, so ``torch.manual_seed`` makes runs repeatable.
+
+    Shift and erase sizes are fractions of the image side (1 and 2..4 pixels of an 8×8 digit).
     """
 
-    def __init__(self, scale=(0.8, 1.15), max_shift: float = 1.0, max_rotation_deg: float = 15.0,
-                 intensity=(0.6, 1.4), noise_std: float = 0.1, erase_p: float = 0.3, erase_size=(2, 4)):
+    def __init__(self, scale=(0.8, 1.15), max_shift: float = 0.125, max_rotation_deg: float = 15.0,
+                 intensity=(0.6, 1.4), noise_std: float = 0.1, erase_p: float = 0.3, erase_size=(0.25, 0.5)):
         self.scale = scale
         self.max_shift = max_shift
         self.max_rotation = math.radians(max_rotation_deg)
@@ -118,8 +173,8 @@ class Augment:
         # (a crop, magnified), s > 1 zooms out; one pixel is 2/W in these units.
         s = self._uniform(n, *self.scale, x)
         a = self._uniform(n, -self.max_rotation, self.max_rotation, x)
-        tx = self._uniform(n, -self.max_shift, self.max_shift, x) * (2.0 / w)
-        ty = self._uniform(n, -self.max_shift, self.max_shift, x) * (2.0 / h)
+        tx = self._uniform(n, -self.max_shift, self.max_shift, x) * 2.0  # [-1, 1] spans the image: 2 units
+        ty = self._uniform(n, -self.max_shift, self.max_shift, x) * 2.0
         theta = torch.stack([torch.stack([s * a.cos(), -s * a.sin(), tx], 1),
                              torch.stack([s * a.sin(), s * a.cos(), ty], 1)], 1)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
@@ -130,7 +185,7 @@ class Augment:
         x = x + self.noise_std * torch.randn_like(x)
 
         # Random erasing: a rectangle of random size and place per sample, on a random subset of samples.
-        lo, hi = self.erase_size
+        lo, hi = (max(1, round(f * min(h, w))) for f in self.erase_size)
         eh = torch.randint(lo, hi + 1, (n, 1, 1), device=x.device)
         ew = torch.randint(lo, hi + 1, (n, 1, 1), device=x.device)
         y0 = (torch.rand(n, 1, 1, device=x.device) * (h - eh + 1)).floor()
@@ -140,3 +195,28 @@ class Augment:
         box = (rows >= y0) & (rows < y0 + eh) & (cols >= x0) & (cols < x0 + ew)
         box &= (torch.rand(n, 1, 1, device=x.device) < self.erase_p)
         return x.masked_fill(box.unsqueeze(1), 0.0)
+
+
+class Shuffler:
+    """Shuffled epochs of index batches from its own CPU generator, so a checkpoint can save where it is.
+
+    The last incomplete batch is dropped (BatchNorm and the losses want full batches).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, device):
+        self.n, self.batch_size, self.device = n, batch_size, device
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size
+
+    def __iter__(self):
+        perm = torch.randperm(self.n, generator=self.generator).to(self.device)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            yield perm[start:start + self.batch_size]
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
