@@ -55,6 +55,12 @@ class MemoryQueue(nn.Module):
         """Write ``keys`` (all ranks' keys, when distributed) at ``ptr`` with wrap-around; advance ``ptr``.
 
         ``normalize=True`` L2-normalizes the rows on the way in (fused with the cast on the GPU).
+
+        The write counts as an in-place modification for autograd on every backend (the kernels bump the
+        queue's version counter): a loss that saved the queue for its backward (``moco_loss``) raises
+        PyTorch's in-place error if the queue is enqueued before that backward, instead of differentiating
+        against the new contents. Enqueue after ``backward()``, or pass ``queue.clone()`` to the loss to
+        keep the official MoCo order (enqueue inside the forward).
         """
         check.features(keys, "keys")
         if keys.shape[1] != self.dim:
@@ -63,6 +69,7 @@ class MemoryQueue(nn.Module):
             raise ValueError(f"keys are on {keys.device} but the queue is on {self.queue.device}")
         keys = all_gather_rows(keys.detach(), process_group)
         dispatch("queue_enqueue_", backend, keys.device)(self.queue, self.ptr, keys, bool(normalize))
+        torch.autograd.graph.increment_version(self.queue)  # host-side counter: no sync, graph-capturable
         return self
 
     def forward(self) -> torch.Tensor:

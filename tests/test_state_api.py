@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import assert_close
+from conftest import HAS_CUDA, assert_close
 
 import sslkernels
 from sslkernels import MemoryQueue, MomentumEncoder
 from sslkernels.state import scheduled_momentum
-from sslkernels.backends import available
+from sslkernels.backends import available, triton_interpreted
 
 F64 = torch.float64
 SHAPES = [(7,), (13, 5), (3, 1, 4), ()]
@@ -513,3 +513,40 @@ def test_ema_update_on_fsdp2_sharded_modules(single_process_group, buffers):
         else:
             assert torch.equal(b, want), k  # num_batches_tracked: always copied
     assert int(target[1].num_batches_tracked) == 17
+
+
+@pytest.mark.parametrize("backend", _queue_backends())
+@pytest.mark.parametrize("loss_backend", ["torch", "auto"] + (["triton"] if "triton" in available("moco_loss") else []))
+def test_enqueue_before_backward_is_an_error_not_a_stale_gradient(backend, loss_backend):
+    # moco_loss may save the queue for its backward. An enqueue in between must never let the backward read
+    # the new rows silently (the kernels write through raw pointers): enqueue_ bumps the version counter,
+    # so autograd raises its in-place error, unless the path already took its gradient in the forward
+    # (the CPU path), which must then be the gradient against the queue the forward saw.
+    dev = "cuda" if HAS_CUDA and loss_backend == "triton" else "cpu"
+    if loss_backend == "triton" and dev == "cpu" and not triton_interpreted():
+        pytest.skip("the Triton loss runs on CPU tensors only under the interpreter")
+    q = MemoryQueue(32, 8).to(dev)
+    q.enqueue_(torch.nn.functional.normalize(torch.randn(32, 8, device=dev), dim=1), backend=backend)
+    qry = torch.randn(4, 8, device=dev, requires_grad=True)
+    key = torch.randn(4, 8, device=dev)
+    seen = q.queue.clone()
+    (want,) = torch.autograd.grad(sslkernels.moco_loss(qry.double(), key.double(), seen.double(), 0.2,
+                                                       backend="torch"), qry)
+    loss = sslkernels.moco_loss(qry, key, q.queue, 0.2, backend=loss_backend)
+    q.enqueue_(torch.randn(4, 8, device=dev) * 3, backend=backend)
+    assert not torch.equal(q.queue, seen)
+    try:
+        (g,) = torch.autograd.grad(loss, qry)
+    except RuntimeError as err:
+        assert "inplace" in str(err)
+        assert loss_backend != "auto" or dev != "cpu"  # the CPU path needs no error: see above
+    else:
+        assert_close(g, want, torch.float32)
+    # The official MoCo order (enqueue inside the forward) stays correct with a clone for the loss.
+    snapshot = q.queue.clone()
+    loss = sslkernels.moco_loss(qry, key, snapshot, 0.2, backend=loss_backend)
+    q.enqueue_(torch.randn(4, 8, device=dev), backend=backend)
+    (g,) = torch.autograd.grad(loss, qry)
+    (want,) = torch.autograd.grad(sslkernels.moco_loss(qry.double(), key.double(), snapshot.double(), 0.2,
+                                                       backend="torch"), qry)
+    assert_close(g, want, torch.float32)
