@@ -172,3 +172,11 @@ def test_triton_public_api(small_tiles):
     z64 = torch.randn(4, 9, dtype=torch.float64, device=TRITON_DEVICE)
     assert_close(sslkernels.barlow_twins_loss(z64, z64 + 1, backend="triton"), barlow64(z64, z64 + 1, 5e-3),
                  torch.float64)
+
+
+@pytest.mark.parametrize("form", ["gram", "dxd"])
+def test_triton_products_bf16_inputs(form, small_tiles, monkeypatch):
+    # bf16 features are normalized / centred in float32 before any product, so tl.dot only ever sees float32
+    # operands: safe under the interpreter (whose bf16 tl.dot is wrong) and the same numbers on the GPU.
+    check(barlow64, on_device(cct.barlow_twins_loss), (5e-3,), 11, 19, torch.bfloat16, form, monkeypatch)
+    check(vicreg64, on_device(cct.vicreg_loss), (25.0, 25.0, 1.0), 11, 19, torch.bfloat16, form, monkeypatch)

@@ -130,3 +130,14 @@ def test_swav_public_api_and_module():
 def test_swav_bad_inputs_name_the_argument(call, exc, match):
     with pytest.raises(exc, match=match):
         call(torch.randn(4, 6))
+
+
+def test_swav_has_an_implementation_per_backend():
+    # swav_loss dispatches like every op: torch (eager), cpu (auto on CPU tensors), triton; no csrc kernel,
+    # so backend="cuda" is refused with the reason rather than silently switched.
+    from sslkernels.backends import available
+
+    assert {"torch", "cpu", "triton"} <= set(available("swav_loss"))
+    z = [torch.randn(3, 8) for _ in range(3)]
+    with pytest.raises(ValueError, match="cuda"):
+        Fn.swav_loss(z[:2], z[2:], backend="cuda")
