@@ -110,6 +110,9 @@ def _distributed_worker(rank, world, path):
 
     from sslkernels import reference
 
+    # A forked child must not enter OpenMP: the parent's thread team does not survive fork() and its first
+    # parallel region would wait on it forever (seen in the full suite). One thread keeps ATen inline.
+    torch.set_num_threads(1)
     sinkhorn.BLOCK_B, sinkhorn.BLOCK_P, sinkhorn.TARGET_PROGRAMS, dino_cpu.CHUNK_ELEMENTS = 4, 16, 8, 100
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
     try:
