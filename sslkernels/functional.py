@@ -18,7 +18,7 @@ Scalar = Union[float, torch.Tensor]
 
 __all__ = [
     "info_nce", "nt_xent", "clip_loss", "siglip_loss", "moco_loss", "supcon_loss",
-    "negative_cosine_similarity", "dino_loss", "update_center_", "sinkhorn_knopp",
+    "negative_cosine_similarity", "dino_loss", "update_center_", "sinkhorn_knopp", "swav_loss",
     "barlow_twins_loss", "vicreg_loss", "ema_update_", "similarity", "knn_topk", "rankme",
 ]
 
@@ -182,8 +182,15 @@ def dino_loss(student_output, teacher_output, center, *, student_temp: float = 0
     return impl(student_output, teacher_output, center, student_temp, teacher_temp, n_global_crops, reduction)
 
 
-def update_center_(center, teacher_output, momentum: Scalar = 0.9, *, backend: Optional[str] = None) -> torch.Tensor:
-    """In place: center ← m·center + (1−m)·mean over rows of teacher_output (over all ranks when distributed)."""
+def update_center_(center, teacher_output, momentum: Scalar = 0.9, *, async_op: bool = False, process_group=None,
+                   backend: Optional[str] = None):
+    """In place: center ← m·center + (1−m)·mean over rows of teacher_output (over all ranks when distributed).
+
+    Returns ``center``. With ``async_op=True`` (DINOv2's asynchronous centring) the column sums are taken
+    now and their all-reduce is started without waiting; the centre is left unchanged and a handle comes
+    back whose ``wait()`` finishes the all-reduce and applies the EMA (once; ``is_completed()`` polls).
+    Call it before the centre is next used, e.g. just before the next ``dino_loss``.
+    """
     check.tensor(center, "center")
     check.features(teacher_output, "teacher_output")
     check.same_device(("center", center), ("teacher_output", teacher_output))
@@ -192,18 +199,75 @@ def update_center_(center, teacher_output, momentum: Scalar = 0.9, *, backend: O
     if center.numel() != teacher_output.shape[1]:
         raise ValueError(f"center has {center.numel()} values but teacher_output has {teacher_output.shape[1]} columns")
     momentum = check.momentum(momentum, device=center.device)
-    return dispatch("update_center_", backend, center.device)(center, teacher_output, momentum)
+    return dispatch("update_center_", backend, center.device)(center, teacher_output, momentum, bool(async_op),
+                                                              process_group)
 
 
-def sinkhorn_knopp(scores, *, epsilon: float = 0.05, iterations: int = 3, backend: Optional[str] = None) -> torch.Tensor:
-    """SwAV / DINOv2 equipartition assignments (B×P, rows sum to 1), stable for any score range."""
-    check.features(scores, "scores")
-    epsilon = check.positive_scalar(epsilon, "epsilon", scores.device)
+def _sinkhorn_args(epsilon, iterations, device):
+    epsilon = check.positive_scalar(epsilon, "epsilon", device)
     if isinstance(epsilon, torch.Tensor):
         raise TypeError("epsilon must be a float")
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
         raise ValueError(f"iterations must be a non-negative int, got {iterations!r}")
-    return dispatch("sinkhorn_knopp", backend, scores.device)(scores, epsilon, iterations)
+    return epsilon
+
+
+def sinkhorn_knopp(scores, *, epsilon: float = 0.05, iterations: int = 3, gather_distributed: bool = False,
+                   process_group=None, backend: Optional[str] = None) -> torch.Tensor:
+    """SwAV / DINOv2 equipartition assignments (B×P, rows sum to 1), stable for any score range.
+
+    ``gather_distributed=True``: each rank holds its own samples of one batch (SwAV's distributed_sinkhorn,
+    lightly's ``sinkhorn_gather_distributed``): the per-prototype sums and B span all ranks of
+    ``process_group``; no scores are gathered, only P-vectors are all-reduced."""
+    check.features(scores, "scores")
+    epsilon = _sinkhorn_args(epsilon, iterations, scores.device)
+    return dispatch("sinkhorn_knopp", backend, scores.device)(scores, epsilon, iterations, bool(gather_distributed),
+                                                              process_group)
+
+
+def _crop_list(crops, name: str, *, allow_empty: bool = False):
+    if isinstance(crops, torch.Tensor) or not isinstance(crops, (list, tuple)):
+        raise TypeError(f"{name} must be a list of 2-d tensors (one per crop), got {type(crops).__name__}")
+    if not crops and not allow_empty:
+        raise ValueError(f"{name} must hold at least one crop")
+    for i, z in enumerate(crops):
+        check.features(z, f"{name}[{i}]")
+    return list(crops)
+
+
+def swav_loss(high_resolution_outputs, low_resolution_outputs=(), *, temperature: float = 0.1, epsilon: float = 0.05,
+              iterations: int = 3, queue_outputs=None, gather_distributed: bool = False, process_group=None,
+              backend: Optional[str] = None) -> torch.Tensor:
+    """SwaV (Caron et al. 2020) as lightly's SwaVLoss: each high-resolution crop's prototype scores give codes
+    q = sinkhorn_knopp(scores [+ that crop's ``queue_outputs`` rows], epsilon, iterations); every other crop
+    predicts them with −Σ_p q·log_softmax(scores/temperature), averaged over the batch and the crop pairs.
+    Codes get no gradient. On the fused paths the codes are never formed: with iterations ≥ 1 they are
+    DINO's teacher probabilities, and the loss runs on dino_loss's kernels."""
+    high = _crop_list(high_resolution_outputs, "high_resolution_outputs")
+    low = _crop_list(low_resolution_outputs, "low_resolution_outputs", allow_empty=True)
+    first = high[0]
+    for name, crops in (("high_resolution_outputs", high), ("low_resolution_outputs", low)):
+        for i, z in enumerate(crops):
+            check.same_device(("high_resolution_outputs[0]", first), (f"{name}[{i}]", z))
+            if z.shape != first.shape:
+                raise ValueError(f"{name}[{i}] has shape {tuple(z.shape)} but high_resolution_outputs[0] has "
+                                 f"{tuple(first.shape)}; every crop must score the same batch on the same prototypes")
+    if len(high) + len(low) < 2:
+        raise ValueError("swav_loss needs at least two crops: each crop's codes are predicted by the other crops")
+    if queue_outputs is not None:
+        queue_outputs = _crop_list(queue_outputs, "queue_outputs")
+        if len(queue_outputs) < len(high):
+            raise ValueError(f"queue_outputs has {len(queue_outputs)} entries; one per high-resolution crop "
+                             f"({len(high)}) is needed")
+        for i, q in enumerate(queue_outputs[:len(high)]):
+            check.same_device(("high_resolution_outputs[0]", first), (f"queue_outputs[{i}]", q))
+            check.same_dim("high_resolution_outputs[0]", first, f"queue_outputs[{i}]", q)
+    temperature = check.positive_scalar(temperature, "temperature", first.device)
+    if isinstance(temperature, torch.Tensor):
+        raise TypeError("temperature must be a float")
+    epsilon = _sinkhorn_args(epsilon, iterations, first.device)
+    impl = dispatch("swav_loss", backend, first.device)
+    return impl(high, low, temperature, epsilon, iterations, queue_outputs, bool(gather_distributed), process_group)
 
 
 def barlow_twins_loss(z1, z2, lambda_offdiag: float = 5e-3, *, backend: Optional[str] = None) -> torch.Tensor:

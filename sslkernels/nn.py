@@ -2,10 +2,12 @@
 
 Where a popular library has a class for the same job, the constructor and ``forward`` also accept that
 library's signature (lightly's NTXentLoss / DCLLoss / BarlowTwinsLoss / VICRegLoss /
-NegativeCosineSimilarity, OpenCLIP's ClipLoss, the official DINO DINOLoss), with the same numbers.
+NegativeCosineSimilarity / DINOLoss / SwaVLoss, OpenCLIP's ClipLoss, the official DINO DINOLoss), with the
+same numbers.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Optional, Sequence, Union
 
 import torch
@@ -17,7 +19,7 @@ from .state import MemoryQueue
 
 __all__ = [
     "InfoNCELoss", "NTXentLoss", "ClipLoss", "MoCoLoss", "SupConLoss", "DCLLoss", "DINOLoss",
-    "NegativeCosineSimilarity", "BarlowTwinsLoss", "VICRegLoss",
+    "NegativeCosineSimilarity", "BarlowTwinsLoss", "VICRegLoss", "SwaVLoss",
 ]
 
 
@@ -177,36 +179,146 @@ class VICRegLoss(nn.Module):
         return Fn.vicreg_loss(z_a, z_b, self.sim_weight, self.var_weight, self.cov_weight, backend=self.backend)
 
 
-class DINOLoss(_Loss):
-    """DINO's loss with the official signature DINOLoss(out_dim, ncrops, warmup_teacher_temp, teacher_temp,
-    warmup_teacher_temp_epochs, nepochs, student_temp=0.1, center_momentum=0.9).
+def _official_dino(out_dim: int, ncrops: int, warmup_teacher_temp: float = 0.04, teacher_temp: float = 0.04,
+                   warmup_teacher_temp_epochs: int = 0, nepochs: int = 1, student_temp: float = 0.1,
+                   center_momentum: float = 0.9):
+    """facebookresearch/dino's DINOLoss (defaults added where the official code has none)."""
 
-    forward(student_output, teacher_output, epoch) returns the loss and then updates the ``center`` buffer
-    from the teacher output, as the official module does.
+
+def _lightly_dino(output_dim: int = 65536, warmup_teacher_temp: float = 0.04, teacher_temp: float = 0.04,
+                  warmup_teacher_temp_epochs: int = 30, student_temp: float = 0.1, center_momentum: float = 0.9,
+                  center_mode: str = "mean"):
+    """lightly.loss.DINOLoss."""
+
+
+class DINOLoss(_Loss):
+    """DINO's loss with both popular signatures, told apart by the arguments:
+
+    - official DINO: ``DINOLoss(out_dim, ncrops, warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs,
+      nepochs, student_temp=0.1, center_momentum=0.9)`` (an int ``ncrops`` second, or ``out_dim=`` / ``ncrops=``);
+      ``forward(student_output, teacher_output, epoch)`` on crop-stacked tensors. Centre buffer 1×P.
+    - lightly: ``DINOLoss(output_dim=65536, warmup_teacher_temp=0.04, teacher_temp=0.04,
+      warmup_teacher_temp_epochs=30, student_temp=0.1, center_momentum=0.9, center_mode="mean")``;
+      ``forward(teacher_out, student_out, teacher_temp=None, epoch=None)`` on lists of per-crop tensors
+      (teacher first). Centre buffer 1×1×P, as lightly's state dicts.
+
+    ``forward`` dispatches on its first argument (a list: lightly's form, a tensor: the official one). Both
+    return the loss with the centre from before the step, then update the centre from the teacher output.
+    Keyword-only extras: ``n_global_crops`` (official form: teacher crops in ``teacher_output``),
+    ``async_center=True`` (DINOv2: the centre's all-reduce runs in the background and is applied at the next
+    forward, or by ``apply_center_update()``), ``reduction``, ``backend``.
     """
 
-    def __init__(self, out_dim: int, ncrops: int, warmup_teacher_temp: float = 0.04, teacher_temp: float = 0.04,
-                 warmup_teacher_temp_epochs: int = 0, nepochs: int = 1, student_temp: float = 0.1,
-                 center_momentum: float = 0.9, *, n_global_crops: int = 2, reduction: str = "mean",
-                 backend: Optional[str] = None):
+    def __init__(self, *args, n_global_crops: int = 2, async_center: bool = False, reduction: str = "mean",
+                 backend: Optional[str] = None, **kwargs):
         super().__init__(reduction, backend)
-        self.ncrops, self.n_global_crops = ncrops, n_global_crops
-        self.student_temp, self.center_momentum = student_temp, center_momentum
-        self.register_buffer("center", torch.zeros(1, out_dim))
-        # Linear warm-up of the teacher temperature, then constant (the official schedule).
-        warm = torch.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, dtype=torch.float64)
-        self.teacher_temp_schedule = warm.tolist() + [teacher_temp] * max(nepochs - warmup_teacher_temp_epochs, 1)
+        second = args[1] if len(args) > 1 else None
+        official = ("ncrops" in kwargs or "out_dim" in kwargs
+                    or (isinstance(second, int) and not isinstance(second, bool)))
+        sig = inspect.signature(_official_dino if official else _lightly_dino)
+        try:
+            bound = sig.bind(*args, **kwargs)
+        except TypeError as err:
+            raise TypeError(f"DINOLoss takes the official DINO signature {inspect.signature(_official_dino)} or "
+                            f"lightly's {inspect.signature(_lightly_dino)}: {err}") from None
+        bound.apply_defaults()
+        a = bound.arguments
+        self.n_global_crops, self.async_center = n_global_crops, bool(async_center)
+        self.student_temp, self.center_momentum = a["student_temp"], a["center_momentum"]
+        self.teacher_temp = a["teacher_temp"]
+        self.warmup_teacher_temp_epochs = int(a["warmup_teacher_temp_epochs"])
+        warm = torch.linspace(a["warmup_teacher_temp"], a["teacher_temp"], self.warmup_teacher_temp_epochs,
+                              dtype=torch.float64).tolist()
+        if official:
+            self.ncrops = a["ncrops"]
+            self.register_buffer("center", torch.zeros(1, a["out_dim"]))
+            # Linear warm-up of the teacher temperature, then constant (the official schedule).
+            self.teacher_temp_schedule = warm + [a["teacher_temp"]] * max(a["nepochs"] - len(warm), 1)
+        else:
+            if a["center_mode"] != "mean":
+                raise ValueError(f"center_mode must be 'mean' (lightly's only mode), got {a['center_mode']!r}")
+            self.ncrops = None
+            self.register_buffer("center", torch.zeros(1, 1, a["output_dim"]))
+            self.teacher_temp_schedule = warm + [a["teacher_temp"]]
+        self._pending = None
 
-    def forward(self, student_output, teacher_output, epoch: int = 0):
+    def _temperature(self, epoch) -> float:
+        if epoch is None:
+            return self.teacher_temp
+        return self.teacher_temp_schedule[min(int(epoch), len(self.teacher_temp_schedule) - 1)]
+
+    def forward(self, *args, **kwargs):
+        first = args[0] if args else kwargs.get("teacher_out", kwargs.get("student_output"))
+        if isinstance(first, (list, tuple)):
+            return self._forward_lightly(*args, **kwargs)
+        return self._forward_official(*args, **kwargs)
+
+    def _forward_official(self, student_output, teacher_output, epoch: int = 0):
         b = teacher_output.shape[0] // self.n_global_crops
-        if student_output.shape[0] != self.ncrops * b:
+        if self.ncrops is not None and student_output.shape[0] != self.ncrops * b:
             raise ValueError(f"student_output has {student_output.shape[0]} rows; ncrops={self.ncrops} crops of the "
                              f"batch size {b} make {self.ncrops * b}")
-        temp = self.teacher_temp_schedule[min(int(epoch), len(self.teacher_temp_schedule) - 1)]
-        loss = Fn.dino_loss(student_output, teacher_output, self.center.to(teacher_output.device),
-                            student_temp=self.student_temp, teacher_temp=temp,
-                            n_global_crops=self.n_global_crops, reduction=self.reduction, backend=self.backend)
-        if self.center.device != teacher_output.device:
-            self.center = self.center.to(teacher_output.device)
-        Fn.update_center_(self.center, teacher_output.detach(), self.center_momentum, backend=self.backend)
+        return self._loss_and_update(student_output, teacher_output, self._temperature(epoch), self.n_global_crops)
+
+    def _forward_lightly(self, teacher_out, student_out, teacher_temp=None, epoch=None):
+        if not isinstance(student_out, (list, tuple)):
+            raise TypeError("student_out must be a list of per-crop tensors, as teacher_out (lightly's signature)")
+        if not teacher_out or not student_out:
+            raise ValueError("teacher_out and student_out must each hold at least one crop")
+        temp = teacher_temp if teacher_temp is not None else (
+            self._temperature(epoch) if epoch is not None and epoch < self.warmup_teacher_temp_epochs
+            else self.teacher_temp)
+        return self._loss_and_update(torch.cat(list(student_out)), torch.cat(list(teacher_out)), temp,
+                                     len(teacher_out))
+
+    def _loss_and_update(self, student, teacher, teacher_temp, n_global):
+        self.apply_center_update()
+        if self.center.device != teacher.device:
+            self.center = self.center.to(teacher.device)
+        loss = Fn.dino_loss(student, teacher, self.center.reshape(1, -1), student_temp=self.student_temp,
+                            teacher_temp=teacher_temp, n_global_crops=n_global, reduction=self.reduction,
+                            backend=self.backend)
+        self.update_center(teacher)
         return loss
+
+    @torch.no_grad()
+    def update_center(self, teacher_output) -> None:
+        """EMA of the centre towards the teacher output's mean row (over all ranks when distributed)."""
+        if isinstance(teacher_output, (list, tuple)):
+            teacher_output = torch.cat(list(teacher_output))
+        teacher_output = teacher_output.detach().reshape(-1, self.center.shape[-1])
+        self.apply_center_update()
+        self._pending = Fn.update_center_(self.center, teacher_output, self.center_momentum,
+                                          async_op=self.async_center, backend=self.backend)
+        if not self.async_center:
+            self._pending = None
+
+    @torch.no_grad()
+    def apply_center_update(self) -> None:
+        """Finish a pending asynchronous centre update (DINOv2's name); nothing when none is pending."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.wait()
+
+
+class SwaVLoss(nn.Module):
+    """SwaV with lightly's signature: SwaVLoss(temperature=0.1, sinkhorn_iterations=3, sinkhorn_epsilon=0.05,
+    sinkhorn_gather_distributed=False); forward(high_resolution_outputs, low_resolution_outputs,
+    queue_outputs=None) on lists of per-crop prototype scores. See ``functional.swav_loss``."""
+
+    def __init__(self, temperature: float = 0.1, sinkhorn_iterations: int = 3, sinkhorn_epsilon: float = 0.05,
+                 sinkhorn_gather_distributed: bool = False, *, backend: Optional[str] = None):
+        super().__init__()
+        self.temperature, self.sinkhorn_iterations = temperature, sinkhorn_iterations
+        self.sinkhorn_epsilon, self.sinkhorn_gather_distributed = sinkhorn_epsilon, sinkhorn_gather_distributed
+        self.backend = backend
+
+    def subloss(self, z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """lightly's per-pair term: −mean_b Σ_p q·log_softmax(z/τ)."""
+        return -torch.mean(torch.sum(q * F.log_softmax(z / self.temperature, dim=1), dim=1))
+
+    def forward(self, high_resolution_outputs, low_resolution_outputs=(), queue_outputs=None):
+        return Fn.swav_loss(high_resolution_outputs, low_resolution_outputs, temperature=self.temperature,
+                            epsilon=self.sinkhorn_epsilon, iterations=self.sinkhorn_iterations,
+                            queue_outputs=queue_outputs, gather_distributed=self.sinkhorn_gather_distributed,
+                            backend=self.backend)

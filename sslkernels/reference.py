@@ -135,9 +135,11 @@ def negative_cosine_similarity(p, z, reduction):
 def dino_loss(student_output, teacher_output, center, student_temp, teacher_temp, n_global_crops, reduction):
     s, t = _up(student_output), _up(teacher_output.detach())
     c = _up(center.detach()).reshape(1, -1)
+    # A tensor teacher temperature (a warm-up schedule's value) is a hyper-parameter: no gradient reaches it.
+    tt = teacher_temp.detach() if isinstance(teacher_temp, torch.Tensor) else teacher_temp
     b = t.shape[0] // n_global_crops
     n_crops = s.shape[0] // b
-    teacher_probs = torch.softmax((t - c) / _scalar(teacher_temp, t), dim=-1).chunk(n_global_crops)
+    teacher_probs = torch.softmax((t - c) / _scalar(tt, t), dim=-1).chunk(n_global_crops)
     student_logp = torch.log_softmax(s / student_temp, dim=-1).chunk(n_crops)
     total = torch.zeros(b, dtype=s.dtype, device=s.device)
     n_terms = 0
@@ -150,35 +152,95 @@ def dino_loss(student_output, teacher_output, center, student_temp, teacher_temp
     return reduce(total / n_terms, reduction)
 
 
+class CenterUpdate:
+    """A pending ``update_center_(..., async_op=True)`` (DINOv2's asynchronous centring): the column sums'
+    all-reduce is in flight; :meth:`wait` finishes it and applies the EMA to the centre, once."""
+
+    def __init__(self, center, sums, n_rows, momentum, work, world):
+        self.center, self._sums, self._n, self._m, self._work, self._world = center, sums, n_rows, momentum, work, world
+        self.done = False
+
+    def is_completed(self) -> bool:
+        return self.done or self._work is None or self._work.is_completed()
+
+    @torch.no_grad()
+    def wait(self) -> torch.Tensor:
+        if not self.done:
+            if self._work is not None:
+                self._work.wait()
+            mean = (self._sums / (self._n * self._world)).reshape(self.center.shape)
+            m = _scalar(self._m, mean)
+            self.center.copy_((self.center.to(mean.dtype) * m + mean * (1 - m)).to(self.center.dtype))
+            self.done, self._sums, self._work = True, None, None
+        return self.center
+
+
 @torch.no_grad()
-def batch_center(teacher_output: torch.Tensor) -> torch.Tensor:
-    """Mean over rows, over all ranks when torch.distributed is initialized (as the official DINO)."""
+def center_update(center, sums, n_rows, momentum, async_op, group) -> Union[torch.Tensor, CenterUpdate]:
+    """All-reduce the column ``sums`` of ``n_rows`` teacher rows over ranks (when distributed), then the EMA:
+    now, or, with ``async_op``, when the returned handle's wait() is called."""
     from .distributed import all_reduce_sum, world_size
 
-    total = _up(teacher_output).sum(dim=0, keepdim=True)
-    total = all_reduce_sum(total)
-    return total / (teacher_output.shape[0] * world_size())
+    sums, work = all_reduce_sum(sums, group, async_op=True)
+    pending = CenterUpdate(center, sums, n_rows, momentum, work, world_size(group))
+    return pending if async_op else pending.wait()
 
 
 @torch.no_grad()
-def update_center_(center, teacher_output, momentum):
-    new = batch_center(teacher_output).reshape(center.shape)
-    m = _scalar(momentum, new)
-    center.copy_((center.to(new.dtype) * m + new * (1 - m)).to(center.dtype))
-    return center
+def update_center_(center, teacher_output, momentum, async_op=False, group=None):
+    return center_update(center, _up(teacher_output).sum(dim=0), teacher_output.shape[0], momentum, async_op, group)
+
+
+def logsumexp_across_ranks(lse: torch.Tensor, distributed: bool, group=None) -> torch.Tensor:
+    """Elementwise log Σ_ranks exp(lse) (identity unless ``distributed`` and several ranks): a max all-reduce,
+    then a sum of exp(lse − max) ≤ 1, so nothing overflows."""
+    from .distributed import all_reduce_sum, is_distributed
+
+    if not (distributed and is_distributed(group)):
+        return lse
+    import torch.distributed as dist
+
+    top = lse.clone()
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    return top + torch.log(all_reduce_sum(torch.exp(lse - top), group))
 
 
 @torch.no_grad()
-def sinkhorn_knopp(scores, epsilon, iterations):
+def sinkhorn_knopp(scores, epsilon, iterations, distributed=False, group=None):
     # Log domain: the official exp(scores/ε) overflows for |scores|/ε ≳ 88 in fp32; here only
     # log-sum-exps are taken, and exp() is applied once to values ≤ log(B).
+    # ``distributed``: the samples are spread over ranks (SwAV's distributed_sinkhorn): sums over samples
+    # and the total are taken over all ranks, B counts every rank's rows.
+    from .distributed import world_size
+
     logq = _up(scores).T / epsilon  # P×B, prototypes by samples, as the official code
     p, b = logq.shape
-    logq = logq - torch.logsumexp(logq.flatten(), dim=0)
+    b = b * (world_size(group) if distributed else 1)
+    logq = logq - logsumexp_across_ranks(torch.logsumexp(logq.flatten(), dim=0), distributed, group)
     for _ in range(iterations):
-        logq = logq - torch.logsumexp(logq, dim=1, keepdim=True) - math.log(p)
+        logq = logq - logsumexp_across_ranks(torch.logsumexp(logq, dim=1, keepdim=True), distributed, group)
+        logq = logq - math.log(p)
         logq = logq - torch.logsumexp(logq, dim=0, keepdim=True) - math.log(b)
     return torch.exp(logq + math.log(b)).T
+
+
+def swav_loss(high_resolution_outputs, low_resolution_outputs, temperature, epsilon, iterations, queue_outputs,
+              distributed, group):
+    """lightly's SwaVLoss: codes q_i = Sinkhorn(high-res crop i [+ its queue rows]); every other crop v
+    predicts them, −mean_b Σ_p q_i·log_softmax(z_v/τ); averaged over the (i, v ≠ i) pairs."""
+    crops = [_up(z) for z in list(high_resolution_outputs) + list(low_resolution_outputs)]
+    n_high = len(high_resolution_outputs)
+    logp = [torch.log_softmax(z / temperature, dim=1) for z in crops]
+    loss = 0.0
+    for i in range(n_high):
+        scores = crops[i].detach()
+        if queue_outputs is not None:
+            scores = torch.cat([scores, _up(queue_outputs[i]).detach()])
+        q = sinkhorn_knopp(scores, epsilon, iterations, distributed, group)[:crops[i].shape[0]]
+        sub = sum(-(q * logp[v]).sum(dim=1).mean() for v in range(len(crops)) if v != i)
+        loss = loss + sub / (len(crops) - 1)
+    return loss / n_high
 
 
 def _batch_norm(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

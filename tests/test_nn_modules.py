@@ -225,3 +225,46 @@ def test_dino_loss_official_signature(dtype):
         check(out, want, [s], [s64], dtype)
         center = 0.9 * center + 0.1 * t.double().mean(dim=0, keepdim=True)
         assert_close(loss.center, center, F32, name=f"center after epoch {epoch}")
+
+
+@pytest.mark.parametrize("positional", [False, True])
+def test_dino_loss_lightly_signature(positional):
+    """lightly: DINOLoss(output_dim, warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, student_temp,
+    center_momentum, center_mode); forward(teacher_out list, student_out list, teacher_temp=None, epoch=None)."""
+    p, b = 9, 3
+    args = (p, 0.04, 0.07, 3, 0.2, 0.8)
+    loss = snn.DINOLoss(*args) if positional else snn.DINOLoss(
+        output_dim=p, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=3, student_temp=0.2,
+        center_momentum=0.8)
+    assert loss.center.shape == (1, 1, p)  # lightly's buffer shape (state dicts load either way)
+    schedule = torch.linspace(0.04, 0.07, 3, dtype=F64).tolist()
+    center = torch.zeros(1, p, dtype=F64)
+    for kw, temp in (({"epoch": 1}, schedule[1]), ({"epoch": 7}, 0.07), ({}, 0.07), ({"teacher_temp": 0.05}, 0.05)):
+        teacher = [torch.randn(b, p, dtype=F64) for _ in range(2)]
+        student = [torch.randn(b, p, dtype=F64).requires_grad_() for _ in range(4)]
+        out = loss(teacher, student, **kw)
+        s64 = [x.detach().clone().requires_grad_() for x in student]
+        want = expected_dino(torch.cat(s64), torch.cat(teacher), center, 0.2, temp, 2)
+        check(out, want, student, s64, F64)
+        center = 0.8 * center + 0.2 * torch.cat(teacher).mean(dim=0, keepdim=True)
+        assert_close(loss.center.reshape(1, p), center, F32)
+
+
+def test_dino_loss_async_center_matches_sync():
+    p, b, ncrops = 7, 2, 4
+    sync = snn.DINOLoss(p, ncrops, 0.04, 0.04, 0, 5)
+    lazy = snn.DINOLoss(p, ncrops, 0.04, 0.04, 0, 5, async_center=True)
+    for epoch in range(3):
+        s, t = torch.randn(ncrops * b, p), torch.randn(2 * b, p)
+        assert_close(lazy(s, t, epoch), sync(s, t, epoch).double(), F32)
+    lazy.apply_center_update()
+    assert_close(lazy.center, sync.center.double(), F32)
+
+
+def test_dino_loss_signature_errors():
+    with pytest.raises(TypeError, match="lightly"):
+        snn.DINOLoss(out_dim=5)  # official form without ncrops
+    with pytest.raises(ValueError, match="center_mode"):
+        snn.DINOLoss(8, center_mode="median")
+    with pytest.raises(ValueError, match="ncrops"):
+        snn.DINOLoss(5, 3)(torch.randn(8, 5), torch.randn(4, 5))

@@ -116,3 +116,67 @@ def test_autocast_keeps_float32_matmuls():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = cc.barlow_twins_loss(z1, z2, 5e-3)
     assert_close(got, barlow64(z1, z2, 5e-3), torch.float32)
+
+
+# ------------------------------------------------------------------------------- Triton products (CUDA)
+
+pytest.importorskip("triton")
+from sslkernels.ops import cross_correlation_triton as cct  # noqa: E402
+
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter without a GPU
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    # Several 16×16 product tiles and K steps, with ragged edges, even for tiny inputs.
+    monkeypatch.setattr(cct, "BLOCK_M", 16)
+    monkeypatch.setattr(cct, "BLOCK_N", 16)
+    monkeypatch.setattr(cct, "BLOCK_K", 16)
+
+
+def on_device(impl):
+    # check() builds CPU leaves; .to() is differentiable, so their gradients come back through it.
+    return lambda a, b, *args: impl(a.to(TRITON_DEVICE), b.to(TRITON_DEVICE), *args)
+
+
+@pytest.mark.parametrize("form", ["gram", "dxd"])
+@pytest.mark.parametrize("n,d", [(7, 33), (20, 17)])
+def test_triton_products_match_float64(form, n, d, small_tiles, monkeypatch):
+    check(barlow64, on_device(cct.barlow_twins_loss), (5e-3,), n, d, torch.float32, form, monkeypatch)
+    check(vicreg64, on_device(cct.vicreg_loss), (25.0, 25.0, 1.0), n, d, torch.float32, form, monkeypatch, scale=0.7)
+
+
+@pytest.mark.parametrize("form", ["gram", "dxd"])
+def test_triton_products_fp16_one_sided_and_no_grad(form, small_tiles, monkeypatch):
+    check(barlow64, on_device(cct.barlow_twins_loss), (0.1,), 9, 20, torch.float16, form, monkeypatch, requires=(True, False))
+    check(vicreg64, on_device(cct.vicreg_loss), (1.0, 2.0, 3.0), 9, 20, torch.float16, form, monkeypatch, requires=(False, True))
+    monkeypatch.setattr(cc, "GRAM_RATIO", FORMS[form])
+    z1, z2 = torch.randn(6, 18), torch.randn(6, 18)
+    with torch.no_grad():  # no product is stored at all: only per-tile partial sums
+        assert_close(cct.barlow_twins_loss(z1, z2, 5e-3), barlow64(z1, z2, 5e-3), torch.float32)
+        assert_close(cct.vicreg_loss(z1, z2, 25.0, 25.0, 1.0), vicreg64(z1, z2, 25.0, 25.0, 1.0), torch.float32)
+
+
+def test_triton_public_api(small_tiles):
+    z1 = torch.randn(5, 21, device=TRITON_DEVICE, requires_grad=True)
+    z2 = torch.randn(5, 21, device=TRITON_DEVICE, requires_grad=True)
+    loss = sslkernels.barlow_twins_loss(z1, z2, backend="triton") + sslkernels.vicreg_loss(z1, z2, backend="triton")
+    loss.backward()
+    x, y = z1.detach().cpu().double().requires_grad_(), z2.detach().cpu().double().requires_grad_()
+    want = barlow64(x, y, 5e-3) + vicreg64(x, y, 25.0, 25.0, 1.0)
+    want.backward()
+    assert_close(loss, want, torch.float32)
+    assert_close(z1.grad, x.grad, torch.float32, atol=0.0)
+    assert_close(z2.grad, y.grad, torch.float32, atol=0.0)
+    # float64 keeps torch's exact matmuls on the same path.
+    z64 = torch.randn(4, 9, dtype=torch.float64, device=TRITON_DEVICE)
+    assert_close(sslkernels.barlow_twins_loss(z64, z64 + 1, backend="triton"), barlow64(z64, z64 + 1, 5e-3),
+                 torch.float64)
+
+
+@pytest.mark.parametrize("form", ["gram", "dxd"])
+def test_triton_products_bf16_inputs(form, small_tiles, monkeypatch):
+    # bf16 features are normalized / centred in float32 before any product, so tl.dot only ever sees float32
+    # operands: safe under the interpreter (whose bf16 tl.dot is wrong) and the same numbers on the GPU.
+    check(barlow64, on_device(cct.barlow_twins_loss), (5e-3,), 11, 19, torch.bfloat16, form, monkeypatch)
+    check(vicreg64, on_device(cct.vicreg_loss), (25.0, 25.0, 1.0), 11, 19, torch.bfloat16, form, monkeypatch)

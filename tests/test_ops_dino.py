@@ -183,16 +183,80 @@ def test_update_center_public_api():
     assert_close(center, want, torch.float32)
 
 
+def _two_fake_ranks(monkeypatch):
+    """Pretend to be one of two ranks holding the same rows: all-reduces double their input."""
+    from sslkernels import distributed
+
+    def all_reduce_sum(x, group=None, async_op=False):
+        x.mul_(2)
+        return (x, None) if async_op else x
+
+    monkeypatch.setattr(dino, "is_distributed", lambda group=None: True)
+    monkeypatch.setattr(distributed, "world_size", lambda group=None: 2)
+    monkeypatch.setattr(distributed, "all_reduce_sum", all_reduce_sum)
+
+
 @pytest.mark.parametrize("momentum", [0.6, "tensor"])
 def test_update_center_distributed_path(monkeypatch, momentum):
     # Two ranks holding the same rows: the all-reduced mean equals this rank's mean. Exercises the
     # column-sum kernel + torch all-reduce + EMA branch without a process group.
-    monkeypatch.setattr(dino, "is_distributed", lambda group=None: True)
-    monkeypatch.setattr(dino, "world_size", lambda group=None: 2)
-    monkeypatch.setattr(dino, "all_reduce_sum", lambda x, group=None: x.mul_(2))
+    _two_fake_ranks(monkeypatch)
     dev = DEVICE["triton"]
     teacher, center = torch.randn(11, 37, device=dev), torch.randn(1, 37, device=dev)
     m = torch.tensor(0.6, device=dev) if momentum == "tensor" else momentum
     want = center64(center, teacher, 0.6)
     dino.update_center_(center, teacher, m)
     assert_close(center, want, torch.float32, atol=0.0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_update_center_async(backend, dtype):
+    # DINOv2: the all-reduce is started now, the EMA applied on wait(), once; the centre is untouched before.
+    dev = DEVICE["triton"] if backend == "triton" else "cpu"
+    teacher, center = torch.randn(9, 45).to(dtype), torch.randn(1, 45).to(dtype)
+    want = center64(center, teacher, 0.8)
+    center, before = center.to(dev), center.clone()
+    handle = sslkernels.update_center_(center, teacher.to(dev), torch.tensor(0.8, device=dev), async_op=True,
+                                       backend=backend)
+    assert torch.equal(center.cpu(), before)
+    assert handle.is_completed()  # single process: nothing in flight
+    assert handle.wait() is center and handle.wait() is center
+    assert_close(center, want, dtype, atol=0.0)
+
+
+def test_update_center_async_distributed_path(monkeypatch):
+    _two_fake_ranks(monkeypatch)
+    dev = DEVICE["triton"]
+    teacher, center = torch.randn(5, 19, device=dev), torch.randn(19, device=dev)
+    want = center64(center, teacher, 0.9)
+    handle = dino.update_center_(center, teacher, 0.9, True, None)
+    assert_close(handle.wait(), want, torch.float32, atol=0.0)
+
+
+# ------------------------------------------------------------------------------- edge cases, numerics
+
+
+@pytest.mark.parametrize("kind", ["triton", "cpu"])
+def test_dino_loss_fp16_extreme_logits(kind):
+    # fp16 logits near its range (±3·10⁴) at τt = 0.04, τs = 0.1: exponents of ~10⁶, finite result.
+    check(kind, 2, 3, 2, 67, torch.float16, "none", scale=1e4)
+
+
+@pytest.mark.parametrize("kind", ["triton", "cpu"])
+def test_dino_loss_one_sample_one_prototype_column_ragged(kind):
+    # B = 1, P = 1 (every softmax is exactly 1: loss and gradient 0) and P = 17 (ragged last tile).
+    check(kind, 2, 3, 1, 1, torch.float32, "mean")
+    check(kind, 1, 2, 1, 17, torch.float32, "sum", teacher_temp=torch.tensor(0.04))
+
+
+@pytest.mark.parametrize("backend", ["triton", "auto", "torch"])
+def test_dino_loss_teacher_temp_gets_no_gradient(backend):
+    dev = DEVICE["triton"] if backend == "triton" else "cpu"
+    student = torch.randn(6, 20, device=dev, requires_grad=True)
+    teacher, center = torch.randn(4, 20, device=dev), torch.zeros(20, device=dev)
+    temp = torch.tensor(0.05, device=dev, requires_grad=True)
+    loss = sslkernels.dino_loss(student, teacher, center, teacher_temp=temp, backend=backend)
+    grads = torch.autograd.grad(loss, [student, temp], allow_unused=True)
+    assert grads[1] is None or not grads[1].any()
+    assert torch.isfinite(grads[0]).all()

@@ -99,3 +99,50 @@ def test_sinkhorn_public_api(backend):
     dev = DEVICE["triton"] if backend == "triton" else "cpu"
     got = sslkernels.sinkhorn_knopp(scores.to(dev), epsilon=0.05, iterations=3, backend=backend)
     assert_close(got, swav64(scores, 0.05, 3), torch.float32)
+
+
+# ------------------------------------------------------------------------------------------ distributed
+
+
+def _distributed_worker(rank, world, path):
+    """One of two gloo ranks, each holding half the samples of one batch (SwAV's distributed_sinkhorn)."""
+    import torch.distributed as dist
+
+    from sslkernels import reference
+
+    # A forked child must not enter OpenMP: the parent's thread team does not survive fork() and its first
+    # parallel region would wait on it forever (seen in the full suite). One thread keeps ATen inline.
+    torch.set_num_threads(1)
+    sinkhorn.BLOCK_B, sinkhorn.BLOCK_P, sinkhorn.TARGET_PROGRAMS, dino_cpu.CHUNK_ELEMENTS = 4, 16, 8, 100
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
+    try:
+        full = torch.randn(world * 5, 23, generator=torch.Generator().manual_seed(7)) * 3
+        mine = full[rank * 5:(rank + 1) * 5]
+        impls = dict(KINDS, torch=reference.sinkhorn_knopp)
+        for iterations in (0, 1, 3):
+            want = swav64(full, 0.05, iterations)[rank * 5:(rank + 1) * 5]
+            for kind, impl in impls.items():
+                got = impl(mine, 0.05, iterations, True, None)
+                assert_close(got, want, torch.float32, name=f"{kind}, {iterations} iterations, rank {rank}")
+        # DINOv2's asynchronous centre: the mean over both ranks' rows, applied on wait().
+        for backend in ("triton", "torch"):
+            center = torch.zeros(1, 23)
+            handle = sslkernels.update_center_(center, mine, 0.9, async_op=True, backend=backend)
+            assert_close(handle.wait(), 0.1 * full.double().mean(dim=0, keepdim=True), torch.float32)
+        # SwaV's codes from the distributed Sinkhorn: the DINO-kernel paths against the eager one.
+        crops = [mine, torch.randn(5, 23, generator=torch.Generator().manual_seed(rank))]
+        want = sslkernels.functional.swav_loss(crops[:1], crops[1:], gather_distributed=True, backend="torch")
+        for backend in ("triton", "auto"):
+            got = sslkernels.functional.swav_loss(crops[:1], crops[1:], gather_distributed=True, backend=backend)
+            assert_close(got, want, torch.float32, name=f"swav_loss {backend} rank {rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_sinkhorn_distributed_two_ranks(tmp_path):
+    import torch.multiprocessing as mp
+
+    # fork: the ranks inherit the imported modules (a spawned interpreter re-imports torch and triton, ~10 s).
+    mp.start_processes(_distributed_worker, args=(2, str(tmp_path / "rendezvous")), nprocs=2, join=True,
+                       start_method="fork")

@@ -12,7 +12,9 @@ usual case: D = 8192, N = 256..2048 per device) the Gram form needs no D×D buff
 D×D buffer is consumed in place into the loss and turned into dL/dC. Losses are scalars, so the input
 gradients are formed in the forward while everything is at hand, and the backward only scales them.
 
-Plain torch ops on any device (matmuls go to BLAS / cuBLAS); registered as the CPU path.
+Plain torch ops on any device (matmuls go to BLAS / cuBLAS); registered as the CPU path. The products
+and their sums of squares are one pluggable piece (``TorchProducts``): cross_correlation_triton.py swaps in
+Triton kernels that form them tile by tile for CUDA tensors (the "triton" kind), the rest is shared.
 """
 from __future__ import annotations
 
@@ -35,20 +37,34 @@ def _frob_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.dot(x.reshape(-1), y.reshape(-1))
 
 
-def _sq_sum_and_grads(a: torch.Tensor, b: torch.Tensor, want: bool):
+class TorchProducts:
+    """The two product forms with torch matmuls: (Σ of the product's squares, the matrices if ``keep``)."""
+
+    @staticmethod
+    def grams(a, b, keep: bool):
+        """⟨AAᵀ, BBᵀ⟩_F and the N×N Gram matrices (b None: B = A, one matrix)."""
+        ga = a @ a.T
+        gb = ga if b is None else b @ b.T
+        return _frob_dot(ga, gb), ga, gb
+
+    @staticmethod
+    def cross(a, b, keep: bool):
+        """‖AᵀB‖²_F and AᵀB (b None: B = A)."""
+        c = a.T @ (a if b is None else b)
+        return _frob_dot(c, c), c
+
+
+def _sq_sum_and_grads(a: torch.Tensor, b: torch.Tensor, want: bool, products=TorchProducts):
     """(‖AᵀB‖²_F, d/dA, d/dB); a and b may be the same tensor (then d/dA already counts both factors)."""
     same = a is b
     if _use_gram(a.shape[0], a.shape[1]):
-        ga = a @ a.T
-        gb = ga if same else b @ b.T
-        total = _frob_dot(ga, gb)
+        total, ga, gb = products.grams(a, None if same else b, want)
         if not want:
             return total, None, None
         if same:
             return total, ga.matmul(a).mul_(4.0), None
         return total, gb.matmul(a).mul_(2.0), ga.matmul(b).mul_(2.0)
-    c = a.T @ b  # the one D×D buffer
-    total = _frob_dot(c, c)
+    total, c = products.cross(a, None if same else b, want)  # the one D×D buffer (none without gradients)
     if not want:
         return total, None, None
     if same:
@@ -67,13 +83,13 @@ def _batch_norm_backward(da: torch.Tensor, a: torch.Tensor, inv_std: torch.Tenso
     return (da - da.mean(dim=0) - a * (da * a).mean(dim=0)) * inv_std
 
 
-def _barlow_twins(z1, z2, lambda_offdiag, *, want):
+def _barlow_twins(z1, z2, lambda_offdiag, products=TorchProducts, *, want):
     n = z1.shape[0]
     dtype = compute_dtype(torch.promote_types(z1.dtype, z2.dtype))
     a, inv_a = _batch_norm(z1.to(dtype))
     b, inv_b = _batch_norm(z2.to(dtype))
     diag = (a * b).sum(dim=0) / n  # C_ii
-    total_sq, da, db = _sq_sum_and_grads(a, b, want)
+    total_sq, da, db = _sq_sum_and_grads(a, b, want, products)
     loss = ((diag - 1) ** 2).sum() + lambda_offdiag * (total_sq / (n * n) - (diag * diag).sum())
     if not want:
         return loss, (None, None)
@@ -84,7 +100,7 @@ def _barlow_twins(z1, z2, lambda_offdiag, *, want):
     return loss, (_batch_norm_backward(da, a, inv_a), _batch_norm_backward(db, b, inv_b))
 
 
-def _vicreg(x, y, sim_weight, var_weight, cov_weight, *, want):
+def _vicreg(x, y, sim_weight, var_weight, cov_weight, products=TorchProducts, *, want):
     n, d = x.shape
     dtype = compute_dtype(torch.promote_types(x.dtype, y.dtype))
     x, y = x.to(dtype), y.to(dtype)
@@ -97,7 +113,7 @@ def _vicreg(x, y, sim_weight, var_weight, cov_weight, *, want):
         var = (zc * zc).sum(dim=0) / (n - 1)
         std = torch.sqrt(var + VAR_EPS)
         hinge = torch.relu(1 - std)
-        sq, dzc, _ = _sq_sum_and_grads(zc, zc, want)
+        sq, dzc, _ = _sq_sum_and_grads(zc, zc, want, products)
         # Off-diagonal squares of cov = zcᵀzc/(N−1): all squares minus the diagonal (the variances).
         loss = loss + var_weight * hinge.sum() / (2 * d) + cov_weight * (sq / (n - 1) ** 2 - (var * var).sum()) / d
         if want:
@@ -138,3 +154,10 @@ def barlow_twins_loss(z1, z2, lambda_offdiag):
 @register("vicreg_loss", "cpu")
 def vicreg_loss(z1, z2, sim_weight, var_weight, cov_weight):
     return _GradInForward.apply(_vicreg, (float(sim_weight), float(var_weight), float(cov_weight)), z1, z2)
+
+
+try:  # the Triton products for CUDA tensors; without Triton this op keeps its other kinds
+    from . import cross_correlation_triton  # noqa: E402,F401
+except ImportError as _err:  # pragma: no cover - depends on the environment
+    if "triton" not in str(_err):
+        raise

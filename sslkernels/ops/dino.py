@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from ..backends import register
-from ..distributed import all_reduce_sum, is_distributed, world_size
-from ..reference import compute_dtype, reduce
+from ..distributed import is_distributed
+from ..reference import center_update, compute_dtype, reduce
 from ._common import empty as _empty, scalar_args as _scalar_args, unit_stride_rows as _rows
 
 # Elements of the largest per-tile [rows × BLOCK_P] block (the student one). Tests lower these to make
@@ -247,6 +247,15 @@ def dino_loss(student_output, teacher_output, center, student_temp, teacher_temp
                            n_global_crops, reduction)
 
 
+@register("swav_loss", "triton")
+def swav_loss(high, low, temperature, epsilon, iterations, queue, distributed, group):
+    # SwaV's codes are DINO teacher probabilities (see dino_cpu): the Sinkhorn potentials, then this loss.
+    from .dino_cpu import swav_via_dino
+    from .sinkhorn import sinkhorn_potentials
+    return swav_via_dino(high, low, temperature, epsilon, iterations, queue, distributed, group,
+                         potentials=sinkhorn_potentials, dino=dino_loss)
+
+
 # ------------------------------------------------------------------------------------- update_center_
 
 
@@ -278,31 +287,29 @@ def _center_kernel(center_ptr, t_ptr, m_ptr, sum_ptr, N, P, stride_t, m_val, inv
 
 @register("update_center_", "triton")
 @torch.no_grad()
-def update_center_(center, teacher_output, momentum):
+def update_center_(center, teacher_output, momentum, async_op=False, group=None):
     if compute_dtype(teacher_output.dtype) == torch.float64 or center.dtype == torch.float64:
         from ..reference import update_center_ as exact
-        return exact(center, teacher_output, momentum)
+        return exact(center, teacher_output, momentum, async_op, group)
     t = _rows(teacher_output)
     n, p = t.shape
+    block_p = min(128, triton.next_power_of_2(p))
+    block_n = 32
+    grid = (triton.cdiv(p, block_p),)
+    if async_op or is_distributed(group):
+        # The mean spans all ranks (as official DINO): column sums here; the all-reduce (asynchronous with
+        # async_op, as DINOv2) and the EMA in torch.
+        sums = _empty((p,), torch.float32, center.device)
+        _center_kernel[grid](sums, t, sums, sums, n, p, t.stride(0), 0.0, 1.0, M_FROM_PTR=False, SUM_ONLY=True,
+                             BLOCK_N=block_n, BLOCK_P=block_p)
+        return center_update(center, sums, n, momentum, async_op, group)
     flat = center.view(-1) if center.is_contiguous() else center.reshape(-1).clone()
     if isinstance(momentum, torch.Tensor):
         momentum = momentum.to(device=center.device, dtype=torch.float32)
     m_ptr, m_val = _scalar_args(momentum)
-    block_p = min(128, triton.next_power_of_2(p))
-    block_n = 32
-    grid = (triton.cdiv(p, block_p),)
-    if is_distributed():
-        # The mean spans all ranks (as official DINO): column sums here, the all-reduce in torch.
-        sums = _empty((p,), torch.float32, center.device)
-        _center_kernel[grid](flat, t, flat, sums, n, p, t.stride(0), 0.0, 1.0, M_FROM_PTR=False, SUM_ONLY=True,
-                             BLOCK_N=block_n, BLOCK_P=block_p)
-        mean = all_reduce_sum(sums) / (n * world_size())
-        m = momentum if isinstance(momentum, torch.Tensor) else float(momentum)
-        flat.copy_((flat.to(torch.float32) * m + mean * (1 - m)).to(flat.dtype))
-    else:
-        _center_kernel[grid](flat, t, m_ptr if m_ptr is not None else flat, flat, n, p, t.stride(0), m_val,
-                             1.0 / n, M_FROM_PTR=m_ptr is not None, SUM_ONLY=False, BLOCK_N=block_n,
-                             BLOCK_P=block_p)
+    _center_kernel[grid](flat, t, m_ptr if m_ptr is not None else flat, flat, n, p, t.stride(0), m_val,
+                         1.0 / n, M_FROM_PTR=m_ptr is not None, SUM_ONLY=False, BLOCK_N=block_n,
+                         BLOCK_P=block_p)
     if flat.data_ptr() != center.data_ptr():
         center.copy_(flat.view(center.shape))
     return center

@@ -1,14 +1,17 @@
 """SwAV / DINOv2 Sinkhorn-Knopp in the log domain as Triton kernels.
 
 The reference alternates two normalizations of log Q (P×B). Written as potentials,
-log Q[b, p] = scores[b, p]/ε + u[p] + v[b], each normalization only replaces one potential:
+log Q[b, p] = scores[b, p]/ε + u[p] + w[b] (Q as returned, rows summing to 1), each normalization only
+replaces one potential (constants cancel: they are absorbed by the next one):
 
-    u[p] = −LSE_b(scores[b, p]/ε + v[b]) − log P      (every prototype's mass → 1/P)
-    v[b] = −LSE_p(scores[b, p]/ε + u[p]) − log B      (every sample's mass → 1/B)
+    u[p] = −LSE_b(scores[b, p]/ε + w[b])      (every prototype's mass equal)
+    w[b] = −LSE_p(scores[b, p]/ε + u[p])      (every sample's mass 1/B, times B at the end)
 
 so an iteration is two streaming passes over the scores that write only the P- and B-vectors; the B×P
-result, exp(scores/ε + u + v + log B), is written once at the end. Every exponent the kernels take is
-relative to a running maximum, so no score range overflows.
+result, exp(scores/ε + u + w), is written once at the end. Every exponent the kernels take is
+relative to a running maximum, so no score range overflows. Distributed (SwAV's distributed_sinkhorn):
+the column log-sum-exps, over samples, are combined across ranks (reference.logsumexp_across_ranks);
+rows stay local.
 """
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ import triton
 import triton.language as tl
 
 from ..backends import register
-from ..reference import compute_dtype
+from ..distributed import world_size
+from ..reference import compute_dtype, logsumexp_across_ranks
 from ._common import empty as _empty, unit_stride_rows as _rows
 
 # Tile shapes [rows × columns]; tests shrink them so tiny inputs cover several tiles and splits.
@@ -30,9 +34,8 @@ _NEG_BIG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
-def _column_potential_kernel(s_ptr, v_ptr, u_ptr, B, P, stride, inv_eps, log_p,
-                             BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr):
-    # u[p] = −LSE_b(s[b, p]/ε + v[b]) − log P, for one block of columns, streaming over the rows.
+def _column_lse_kernel(s_ptr, w_ptr, out_ptr, B, P, stride, inv_eps, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr):
+    # LSE_b(s[b, p]/ε + w[b]) for one block of columns, streaming over the rows.
     cols = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     c_ok = cols < P
     m = tl.full([BLOCK_P], _NEG_BIG, tl.float32)
@@ -42,13 +45,13 @@ def _column_potential_kernel(s_ptr, v_ptr, u_ptr, B, P, stride, inv_eps, log_p,
         r_ok = rows < B
         mask = r_ok[:, None] & c_ok[None, :]
         s = tl.load(s_ptr + rows.to(tl.int64)[:, None] * stride + cols[None, :], mask=mask, other=0.0)
-        v = tl.load(v_ptr + rows, mask=r_ok, other=0.0)
-        x = tl.where(mask, s.to(tl.float32) * inv_eps + v[:, None], float("-inf"))
+        w = tl.load(w_ptr + rows, mask=r_ok, other=0.0)
+        x = tl.where(mask, s.to(tl.float32) * inv_eps + w[:, None], float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=0))
         z = z * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[None, :]), axis=0)
         m = m_new
     z = tl.where(c_ok, z, 1.0)  # padding columns have no mass; keep log() off zero there
-    tl.store(u_ptr + cols, -(m + tl.log(z)) - log_p, mask=c_ok)
+    tl.store(out_ptr + cols, m + tl.log(z), mask=c_ok)
 
 
 @triton.jit
@@ -78,7 +81,7 @@ def _row_lse_kernel(s_ptr, u_ptr, part_ptr, B, P, stride, inv_eps, tiles_per_spl
 
 
 @triton.jit
-def _assign_kernel(s_ptr, u_ptr, v_ptr, q_ptr, B, P, stride_s, stride_q, inv_eps, log_b,
+def _assign_kernel(s_ptr, u_ptr, w_ptr, q_ptr, B, P, stride_s, stride_q, inv_eps,
                    BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -87,9 +90,9 @@ def _assign_kernel(s_ptr, u_ptr, v_ptr, q_ptr, B, P, stride_s, stride_q, inv_eps
     mask = r_ok[:, None] & c_ok[None, :]
     s = tl.load(s_ptr + rows.to(tl.int64)[:, None] * stride_s + cols[None, :], mask=mask, other=0.0)
     u = tl.load(u_ptr + cols, mask=c_ok, other=0.0)
-    v = tl.load(v_ptr + rows, mask=r_ok, other=0.0)
+    w = tl.load(w_ptr + rows, mask=r_ok, other=0.0)
     # Masked lanes get −inf: exp of a padding lane's potential alone could overflow (harmlessly, but noisily).
-    x = tl.where(mask, s.to(tl.float32) * inv_eps + u[None, :] + (v + log_b)[:, None], float("-inf"))
+    x = tl.where(mask, s.to(tl.float32) * inv_eps + u[None, :] + w[:, None], float("-inf"))
     q = tl.exp(x)
     tl.store(q_ptr + rows.to(tl.int64)[:, None] * stride_q + cols[None, :], q, mask=mask)
 
@@ -110,29 +113,42 @@ def _row_lse(scores, u, inv_eps):
     return top.squeeze(1) + torch.log((z * torch.exp(m - top)).sum(dim=1))
 
 
-@register("sinkhorn_knopp", "triton")
 @torch.no_grad()
-def sinkhorn_knopp(scores, epsilon, iterations):
+def sinkhorn_potentials(scores, epsilon, iterations, distributed=False, group=None):
+    """(u, w) with log Q = scores/ε + u[p] + w[b] (see dino_cpu.sinkhorn_potentials), float32."""
     if compute_dtype(scores.dtype) == torch.float64:
-        # The kernels accumulate in float32; float64 scores get the streamed torch path in float64.
-        from .dino_cpu import sinkhorn_knopp as exact
-        return exact(scores, epsilon, iterations)
+        from .dino_cpu import sinkhorn_potentials as exact
+        return exact(scores, epsilon, iterations, distributed, group)
     scores = _rows(scores)
     b, p = scores.shape
     inv_eps = 1.0 / float(epsilon)
     u = torch.zeros(p, dtype=torch.float32, device=scores.device)
     if iterations == 0:
-        # Only the global normalization: v is one constant, −LSE over all entries.
-        v = (-torch.logsumexp(_row_lse(scores, u, inv_eps), dim=0)).expand(b).contiguous()
-    else:
-        v = torch.zeros(b, dtype=torch.float32, device=scores.device)  # cancels out of the first u
+        # Only the global normalization (Q sums to B over all ranks): w is one constant.
+        total = logsumexp_across_ranks(torch.logsumexp(_row_lse(scores, u, inv_eps), dim=0), distributed, group)
+        b_all = b * (world_size(group) if distributed else 1)
+        return u, (math.log(b_all) - total).expand(b).contiguous()
+    w = torch.zeros(b, dtype=torch.float32, device=scores.device)  # a constant: cancels out of the first u
     for _ in range(iterations):
-        u = _empty((p,), torch.float32, scores.device)
-        _column_potential_kernel[(triton.cdiv(p, BLOCK_P),)](scores, v, u, b, p, scores.stride(0), inv_eps,
-                                                             math.log(p), BLOCK_B=BLOCK_B, BLOCK_P=BLOCK_P)
-        v = -_row_lse(scores, u, inv_eps) - math.log(b)
+        lse_cols = _empty((p,), torch.float32, scores.device)
+        _column_lse_kernel[(triton.cdiv(p, BLOCK_P),)](scores, w, lse_cols, b, p, scores.stride(0), inv_eps,
+                                                       BLOCK_B=BLOCK_B, BLOCK_P=BLOCK_P)
+        u = logsumexp_across_ranks(lse_cols, distributed, group).neg_()
+        w = _row_lse(scores, u, inv_eps).neg_()
+    return u, w
+
+
+@register("sinkhorn_knopp", "triton")
+@torch.no_grad()
+def sinkhorn_knopp(scores, epsilon, iterations, distributed=False, group=None):
+    if compute_dtype(scores.dtype) == torch.float64:
+        # The kernels accumulate in float32; float64 scores get the streamed torch path in float64.
+        from .dino_cpu import sinkhorn_knopp as exact
+        return exact(scores, epsilon, iterations, distributed, group)
+    scores = _rows(scores)
+    b, p = scores.shape
+    u, w = sinkhorn_potentials(scores, epsilon, iterations, distributed, group)
     q = _empty((b, p), torch.float32, scores.device)
     _assign_kernel[(triton.cdiv(b, BLOCK_B), triton.cdiv(p, BLOCK_P))](
-        scores, u, v, q, b, p, scores.stride(0), q.stride(0), inv_eps, math.log(b),
-        BLOCK_B=BLOCK_B, BLOCK_P=BLOCK_P)
+        scores, u, w, q, b, p, scores.stride(0), q.stride(0), 1.0 / float(epsilon), BLOCK_B=BLOCK_B, BLOCK_P=BLOCK_P)
     return q
