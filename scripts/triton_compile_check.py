@@ -289,8 +289,23 @@ def drive_similarity(rec: Recorder, quick: bool):
                         knn(torch.randn(40, d).to(dtype), torch.randn(300, d).to(dtype), k, normalize)
 
 
+def drive_cross_correlation(rec: Recorder, quick: bool):
+    import torch
+    from sslkernels.backends import available
+
+    bt, vic = available("barlow_twins_loss")["triton"], available("vicreg_loss")["triton"]
+    for dtype in _dtypes():
+        for d in ((256,) if quick else (64, 256, 2048)):
+            rec.label = f"{dtype} D={d}"
+            z1 = torch.randn(40, d).to(dtype).requires_grad_()
+            z2 = torch.randn(40, d).to(dtype).requires_grad_()
+            bt(z1, z2, 5e-3).backward()
+            vic(z1, z2, 25.0, 25.0, 1.0).backward()
+
+
 DRIVERS = {"contrastive": drive_contrastive, "dino": drive_dino, "sinkhorn": drive_sinkhorn,
-           "cosine": drive_cosine, "ema": drive_ema, "queue": drive_queue, "similarity": drive_similarity}
+           "cosine": drive_cosine, "ema": drive_ema, "queue": drive_queue, "similarity": drive_similarity,
+           "cross_correlation": drive_cross_correlation}
 OPTIONAL = {"similarity"}  # being written: skipped (not failed) while the module does not exist
 
 
