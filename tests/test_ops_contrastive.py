@@ -549,7 +549,8 @@ def test_key_split(op, engine, monkeypatch):
             tau, tau64 = _scalar(0.2, "0d")
             out = _impl("moco_loss")(q, key, queue, tau, "none")
             _check(out, moco64(q64, key64, queue64.detach(), tau64), [(q, q64), (key, key64), (tau, tau64)], dt)
-    assert any(sp > 1 for sp, _ in seen), seen
+    if not (op == "nt_xent" and engine == "v2-fixed"):  # its forward walks the triangle; N = M caps the backward
+        assert any(sp > 1 for sp, _ in seen), seen
 
 
 def test_key_split_sizes():
@@ -565,3 +566,10 @@ def test_key_split_sizes():
         assert splits == 1 or per % bn == 0
         assert splits * programs <= max(target, programs)
     assert contrastive._key_split(4, 65536, 64, torch.device("cpu")) == (1, 65536)  # interpreter: no split
+    old = contrastive._SPLIT_PROGRAMS
+    contrastive._SPLIT_PROGRAMS = 132
+    try:  # the backward's memory cap wins over the device's wish
+        assert contrastive._key_split(4, 65536, 64, torch.device("cpu"), 3)[0] == 3
+        assert contrastive._key_split(4, 65536, 64, torch.device("cpu"), 0)[0] == 1
+    finally:
+        contrastive._SPLIT_PROGRAMS = old

@@ -682,14 +682,17 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _key_split(programs: int, m: int, block_n: int, device: torch.device):
+def _key_split(programs: int, m: int, block_n: int, device: torch.device, max_splits: Optional[int] = None):
     """(splits, keys per split): enough splits over the keys for ``programs`` row programs to fill the
-    device once, each split keeping at least 4 key tiles so the partials stay a small fraction of the work."""
+    device once, each split keeping at least 4 key tiles so the partials stay a small fraction of the work,
+    and at most ``max_splits`` (a memory cap set by the caller)."""
     target = _SPLIT_PROGRAMS
     if target is None:
         target = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
             if device.type == "cuda" else 1
     splits = max(1, min(target // max(programs, 1), triton.cdiv(m, 4 * block_n)))
+    if max_splits is not None:
+        splits = max(1, min(splits, max_splits))
     if splits == 1:
         return 1, max(m, 1)
     per_split = triton.cdiv(triton.cdiv(m, splits), block_n) * block_n
@@ -920,7 +923,10 @@ def _launch_bwd_rows(mode, a, b, bpos, s, bias, targets, labels, st: _BwdStats, 
     row_tiles = triton.cdiv(n, cfg.block_m)
     m = b.shape[0]
     if out is None:
-        splits, per_split = _key_split(row_tiles * n_chunks, m, cfg.block_n, a.device)
+        # The fp32 partials of dA ([splits, N, D]) may take at most the memory of the keys themselves: MoCo's
+        # 256 queries split 128 ways over a 65536-key queue, while N = M = 4096 (SimCLR-sized) never splits.
+        cap = (m * b.element_size()) // (4 * max(n, 1))
+        splits, per_split = _key_split(row_tiles * n_chunks, m, cfg.block_n, a.device, cap)
         # Split partials of dA are fp32 [splits, N, D], summed (and cast) by _combine_bwd_rows.
         da = _empty(a.shape, a.dtype, a.device) if splits == 1 else _empty((splits, n, d), torch.float32, a.device)
         dbpos = _empty(bpos.shape, bpos.dtype, bpos.device) if want_dbpos else None
