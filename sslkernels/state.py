@@ -183,12 +183,14 @@ class MomentumEncoder(nn.Module):
                                   steps_per_epoch=self.steps_per_epoch)
 
     @torch.no_grad()
-    def update_(self, module: nn.Module, step: Optional[Union[int, torch.Tensor]] = None) -> torch.Tensor:
-        """EMA ``module`` into the copy with the momentum of ``step`` (default: an internal counter)."""
+    def update_(self, module: nn.Module, step: Optional[Union[int, torch.Tensor]] = None, *,
+                backend: Optional[str] = None) -> torch.Tensor:
+        """EMA ``module`` into the copy with the momentum of ``step`` (default: an internal counter);
+        ``backend`` as for ema_update_."""
         if step is not None:
             self.step.copy_(torch.as_tensor(step, device=self.step.device))
         m = self.momentum_at()
-        ema_update_(self.module, module, m, buffers=self.buffers)
+        ema_update_(self.module, module, m, buffers=self.buffers, backend=backend)
         self.step.add_(1)
         return m
 

@@ -550,3 +550,17 @@ def test_enqueue_before_backward_is_an_error_not_a_stale_gradient(backend, loss_
     (want,) = torch.autograd.grad(sslkernels.moco_loss(qry.double(), key.double(), snapshot.double(), 0.2,
                                                        backend="torch"), qry)
     assert_close(g, want, torch.float32)
+
+
+def test_momentum_encoder_update_takes_a_backend():
+    torch.manual_seed(0)
+    net = nn.Linear(5, 3)
+    encs = [MomentumEncoder(net, 0.9) for _ in range(2)]
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    encs[0].update_(net, backend="torch")
+    encs[1].update_(net)
+    for a, b in zip(encs[0].module.parameters(), encs[1].module.parameters()):
+        assert_close(a, b.double(), torch.float32)
+    with pytest.raises(ValueError, match="backend"):
+        encs[0].update_(net, backend="nope")
