@@ -11,6 +11,7 @@ except Exception:  # pragma: no cover
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import contextlib  # noqa: E402
 import random  # noqa: E402
 import zlib  # noqa: E402
 
@@ -60,3 +61,25 @@ def _seed(request):
     np.random.seed(seed)
     torch.manual_seed(seed)
     yield
+
+
+_HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy")
+
+
+@contextlib.contextmanager
+def forbid_host_reads():
+    """Make every Tensor -> Python value conversion raise while the block runs."""
+    saved = {name: getattr(torch.Tensor, name) for name in _HOST_READS}
+
+    def trap(name):
+        def raiser(self, *a, **k):
+            raise AssertionError(f"host read: Tensor.{name}() during a step that must stay on the device")
+        return raiser
+
+    try:
+        for name in _HOST_READS:
+            setattr(torch.Tensor, name, trap(name))
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)

@@ -5,13 +5,12 @@ on CUDA tensors otherwise; "cuda" (the csrc extension) needs a GPU and a built s
 runs. The tables are tested with a small chunk size so a few thousand elements span several chunks,
 full and partial, and the Triton loop runs both its unmasked blocks and its masked tail.
 """
-import contextlib
 
 import pytest
 import torch
 
 import sslkernels.ops.ema as ema  # registers the impls (sslkernels.ops imports it as well)
-from conftest import HAS_CUDA, assert_close
+from conftest import HAS_CUDA, assert_close, forbid_host_reads
 from sslkernels.backends import available, cuda_extension, triton_interpreted
 
 f16, bf16, f32, f64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
@@ -221,27 +220,6 @@ def test_tables_are_cached_per_tensor_list(small_chunks):
 
 
 # ------------------------------------------------------------------------------------ no host read
-
-
-_HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy")
-
-
-@contextlib.contextmanager
-def forbid_host_reads():
-    saved = {name: getattr(torch.Tensor, name) for name in _HOST_READS}
-
-    def trap(name):
-        def raiser(self, *a, **k):
-            raise AssertionError(f"host read: Tensor.{name}()")
-        return raiser
-
-    try:
-        for name in _HOST_READS:
-            setattr(torch.Tensor, name, trap(name))
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(torch.Tensor, name, fn)
 
 
 def test_cpu_tensor_momentum_is_never_read_on_the_host():

@@ -1,35 +1,13 @@
 """A full MoCo v2 step (two encoder forwards, moco_loss against the queue, backward, SGD, EMA of the key
 encoder, enqueue) must never bring a tensor's value to the host: that is what lets it run without
 device synchronizations and be captured in a CUDA graph."""
-import contextlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import sslkernels
-from conftest import HAS_CUDA
-
-_HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy")
-
-
-@contextlib.contextmanager
-def forbid_host_reads():
-    """Make every Tensor -> Python value conversion raise while the block runs."""
-    saved = {name: getattr(torch.Tensor, name) for name in _HOST_READS}
-
-    def trap(name):
-        def raiser(self, *a, **k):
-            raise AssertionError(f"host read: Tensor.{name}() during a step that must stay on the device")
-        return raiser
-
-    try:
-        for name in _HOST_READS:
-            setattr(torch.Tensor, name, trap(name))
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(torch.Tensor, name, fn)
+from conftest import HAS_CUDA, forbid_host_reads
 
 
 def make_moco(device, dim=16, queue_size=40, **schedule):
