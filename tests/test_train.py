@@ -50,6 +50,22 @@ def test_fused_and_reference_train_the_same(tmp_path):
     assert fused["history"][1]["loss"] == pytest.approx(ref["history"][1]["loss"], rel=1e-4)
 
 
+@pytest.mark.parametrize("method", ["moco", "clip"])
+def test_compare_in_float64_agrees_and_repeats_reproduce(tmp_path, method):
+    # --impl both with --dtype float64: no rounding difference is large enough to matter, so fused and
+    # reference (queue / symmetric paths here) must agree to far below the 1e-3 acceptance bound.
+    tiny = [a for a in TINY if a != "--no-plots"]
+    result = main([method, *tiny, "--epochs", "2", "--data", "synthetic", "--impl", "both", "--dtype", "float64",
+                   "--compare-repeats", "2", "--no-checkpoint", "--no-plots", "--out", str(tmp_path)])
+    assert result["dtype"] == "float64" and result["steps_compared"] > 1
+    assert result["max_rel_loss_diff"] < 1e-10
+    assert result["repeats_reproduce_losses"] is True
+    assert len(result["train_seconds_each_run"]["fused"]) == 2
+    fused = json.loads((tmp_path / "fused" / "report.json").read_text())
+    assert fused["config"]["dtype"] == "float64"
+    assert all(math.isfinite(x) for x in fused["step_losses"])
+
+
 def test_batch_larger_than_data_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["simclr", "--data", "synthetic", "--batch-size", "5000", "--epochs", "1", "--out", str(tmp_path)])

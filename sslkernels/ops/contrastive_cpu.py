@@ -102,6 +102,15 @@ def _run(chunk_fn: ChunkFn, n: int, m: int, reduction: str, tensors: Sequence[to
     return torch.cat(parts)
 
 
+def _lse_softmax(logits: torch.Tensor):
+    """Row LSE and row softmax from one exp pass (torch.logsumexp followed by exp would take two)."""
+    m = logits.amax(dim=1, keepdim=True)
+    m = m.masked_fill(torch.isinf(m), 0.0)  # an all -inf row keeps LSE -inf, as torch.logsumexp does
+    e = torch.exp(logits - m)
+    s = e.sum(dim=1, keepdim=True)
+    return (m + s.log()).squeeze(1), e.div_(s)
+
+
 def _softmax_ce_chunk(targets: torch.Tensor, decoupled: bool, exclude_self: bool) -> ChunkFn:
     """Rows of LSE_j(q_i·k_j) − q_i·k_{t_i} over tensors (qs, k); DCL drops t_i from the LSE and
     ``exclude_self`` drops j == i (NT-Xent's diagonal)."""
@@ -114,15 +123,39 @@ def _softmax_ce_chunk(targets: torch.Tensor, decoupled: bool, exclude_self: bool
             logits = logits.scatter(1, torch.arange(start, stop)[:, None], float("-inf"))
         if decoupled:
             logits = logits.scatter(1, t, float("-inf"))
-        lse = torch.logsumexp(logits, dim=1)
-        loss = lse - pos
         if not want_grads:
-            return loss, ()
+            return torch.logsumexp(logits, dim=1) - pos, ()
+        lse, ds = _lse_softmax(logits)
         # dS = w·(softmax − onehot(t)); masked entries have softmax 0 and drop out by themselves.
-        ds = torch.exp(logits - lse[:, None])
         ds.scatter_add_(1, t, -torch.ones_like(pos)[:, None])
         ds.mul_(w[:, None])
-        return loss, ((0, slice(start, stop), ds @ k), (1, None, ds.T @ qs[start:stop]))
+        return lse - pos, ((0, slice(start, stop), ds @ k), (1, None, ds.T @ qs[start:stop]))
+
+    return chunk
+
+
+def _symmetric_ce_chunk(decoupled: bool) -> ChunkFn:
+    """All rows at once of ½(row CE + column CE) over one logits matrix, positives on the diagonal.
+
+    Used when the whole N×N matrix fits one chunk: the column side then reuses the row side's logits and
+    both sides' dS add into one matrix, so it takes one logits matmul and two gradient matmuls instead of
+    two full row passes over (Q, K) and (K, Q).
+    """
+
+    def chunk(start, stop, w, want_grads, qs, k):
+        assert start == 0 and stop == qs.shape[0], "the symmetric chunk covers all rows"
+        logits = qs @ k.T
+        pos = logits.diagonal().clone()
+        if decoupled:
+            logits.diagonal().fill_(float("-inf"))
+        if not want_grads:
+            return 0.5 * (torch.logsumexp(logits, dim=1) + torch.logsumexp(logits, dim=0)) - pos, ()
+        lse_r, p_r = _lse_softmax(logits)
+        lse_c, p_c = _lse_softmax(logits.T)
+        # Row i's loss weight w_i scales row i of the row side and column i of the column side.
+        ds = p_r.mul_(0.5 * w[:, None]).add_(p_c.T.mul_(0.5 * w[None, :]))
+        ds.diagonal().sub_(w)
+        return 0.5 * (lse_r + lse_c) - pos, ((0, None, ds @ k), (1, None, ds.T @ qs))
 
     return chunk
 
@@ -137,6 +170,9 @@ def _softmax_ce(qs, k, targets, decoupled, exclude_self, reduction):
 def info_nce(query, key, temperature, targets, symmetric, decoupled, reduction):
     qs = _scaled(query, _inverse(temperature))
     k = key.to(qs.dtype)
+    n = qs.shape[0]
+    if symmetric and n * n <= CHUNK_ELEMENTS:
+        return _run(_symmetric_ce_chunk(decoupled), n, n, reduction, (qs, k))
     out = _softmax_ce(qs, k, targets, decoupled, False, reduction)
     if symmetric:
         # Column j's logits are k_j·(q_i/τ_i): the same row computation with the roles swapped.

@@ -33,8 +33,8 @@ class CaptionTower(nn.Module):
     def __init__(self, channels: int, dim: int, hidden: int = 128):
         super().__init__()
         self.mlp = nn.Sequential(nn.Flatten(), nn.Linear(16 * channels, hidden), nn.BatchNorm1d(hidden),
-                                 nn.ReLU(inplace=True), nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden),
-                                 nn.ReLU(inplace=True), nn.Linear(hidden, dim))
+                                 nn.GELU(), nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden),
+                                 nn.GELU(), nn.Linear(hidden, dim))
 
     def forward(self, x):
         return self.mlp(F.adaptive_avg_pool2d(x, 4))

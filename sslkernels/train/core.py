@@ -24,12 +24,14 @@ raw pixels and the trained encoder):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import platform
 import random
 import resource
+import statistics
 import time
 from pathlib import Path
 
@@ -43,6 +45,7 @@ from sslkernels import backends as _backends
 from . import data as data_lib
 
 IMPLS = {"fused": "auto", "reference": "torch"}  # --impl -> the backend= passed to every sslkernels op
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 class ConfigError(ValueError):
@@ -64,6 +67,12 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, epochs: int, batch_
     parser.add_argument("--compare", action="store_true", help="same as --impl both")
     parser.add_argument("--compare-steps", type=int, default=50,
                         help="--impl both: compare the per-step losses of the first this many steps")
+    parser.add_argument("--compare-repeats", type=int, default=3,
+                        help="--impl both: train each impl this many times, alternating, and compare median times "
+                             "(the losses of repeats must be identical: it checks that too)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                        help="parameters and data; float64 takes float32 rounding out of --impl both: training "
+                             "amplifies a 1e-7 difference in a gradient to ~1e-3 in the loss within 50 steps")
     parser.add_argument("--epochs", type=int, default=epochs, help="passes over the training split (0: only evaluate)")
     parser.add_argument("--batch-size", type=int, default=batch_size, help="images per step")
     parser.add_argument("--lr", type=float, default=lr, help="AdamW peak learning rate (cosine decay to 0)")
@@ -103,6 +112,8 @@ def check_common(args, split: data_lib.Split) -> None:
         raise ConfigError(f"--knn-k must be >= 1, got {args.knn_k}")
     if args.fewshot_shots < 1 or args.fewshot_draws < 1 or args.probe_iterations < 1:
         raise ConfigError("--fewshot-shots, --fewshot-draws and --probe-iterations must be >= 1")
+    if getattr(args, "compare_repeats", 1) < 1:
+        raise ConfigError(f"--compare-repeats must be >= 1, got {args.compare_repeats}")
 
 
 def check_positive(args, *names) -> None:
@@ -135,18 +146,27 @@ def load_data(args, device) -> data_lib.Split:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     check_common(args, split)
+    dtype = DTYPES[getattr(args, "dtype", "float32")]
+    if dtype != split.train_x.dtype:
+        split = dataclasses.replace(split, train_x=split.train_x.to(dtype), test_x=split.test_x.to(dtype))
     return split
 
 
 # ----------------------------------------------------------------------------------------------- models
 class Encoder(nn.Module):
-    """Small conv net for C×S×S images -> ``dim``-d representation (what the evaluation looks at)."""
+    """Small conv net for C×S×S images -> ``dim``-d representation (what the evaluation looks at).
+
+    GELU rather than ReLU, here and in every head: a ReLU's gradient jumps where its input crosses 0, so a
+    float32 rounding difference (1e-7) that moves one input across 0 changes a weight's gradient by about
+    1/batch, and ``--impl both`` would then measure those flips (1e-3 loss differences within 50 steps)
+    instead of the ops. With a smooth activation fused and reference stay within ~1e-6.
+    """
 
     def __init__(self, dim: int = 64, width: int = 32, image_size: int = 8, in_channels: int = 1):
         super().__init__()
 
         def block(cin, cout, stride):
-            return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+            return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.GELU()]
 
         layers = [*block(in_channels, width, 1), *block(width, 2 * width, 2), *block(2 * width, 2 * width, 1)]
         side = (image_size + 1) // 2
@@ -156,7 +176,7 @@ class Encoder(nn.Module):
         self.features = nn.Sequential(*layers)
         # Flatten rather than global-pool: where a stroke is matters for digits.
         self.fc = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * side * side, dim, bias=False), nn.BatchNorm1d(dim),
-                                nn.ReLU(inplace=True))
+                                nn.GELU())
         self.dim = dim
 
     def forward(self, x):
@@ -179,7 +199,7 @@ def total_steps(args, split: data_lib.Split) -> int:
 
 def mlp_head(in_dim: int, hidden: int, out_dim: int, *, out_bn: bool = False) -> nn.Module:
     """SimCLR-style projection head (also BYOL's projector/predictor); ``out_bn`` adds SimSiam/MoCo v3's output BN."""
-    layers = [nn.Linear(in_dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+    layers = [nn.Linear(in_dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.GELU(),
               nn.Linear(hidden, out_dim, bias=not out_bn)]
     if out_bn:
         layers.append(nn.BatchNorm1d(out_dim, affine=False))
@@ -468,7 +488,8 @@ def _progress(args, total: int, desc: str):
 # Settings a resumed run may change (where it writes, what it shows, the device, the loss backend); every other
 # setting (schedule length, batch, seed, data, the method's own options...) must match the checkpoint's run.
 _RESUME_MAY_CHANGE = ("out", "resume", "stop_after", "progress", "no_plots", "no_checkpoint", "device", "impl",
-                      "compare", "compare_steps")
+                      "compare", "compare_steps", "compare_repeats")
+_RESUME_DEFAULTS = {"dtype": "float32"}  # settings older checkpoints did not record
 
 
 def fit(name: str, args, build) -> dict:
@@ -484,6 +505,7 @@ def fit(name: str, args, build) -> dict:
         if ckpt.get("method") != name:
             raise ConfigError(f"--resume {args.resume} is a {ckpt.get('method')} checkpoint, not {name}")
         config = {k: v for k, v in vars(args).items() if k != "func"}
+        ckpt["config"] = {**_RESUME_DEFAULTS, **ckpt["config"]}
         diff = [k for k in sorted(config.keys() | ckpt["config"].keys())
                 if k not in _RESUME_MAY_CHANGE and ckpt["config"].get(k) != config.get(k)]
         if diff:
@@ -502,7 +524,7 @@ def fit(name: str, args, build) -> dict:
     backend = run.backend
 
     with backend_scope(backend):
-        method = build(args, split).to(device)
+        method = build(args, split).to(device=device, dtype=split.train_x.dtype)
         params = [p for p in method.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
         loader = data_lib.Shuffler(split.train_x.shape[0], args.batch_size, args.seed, device)
@@ -579,32 +601,46 @@ def save_checkpoint(run: Run, epoch: int, method: Method, optimizer, scheduler, 
 
 
 def compare(name: str, args, build) -> dict:
-    """Run ``--impl fused`` and ``--impl reference`` with the same seed; print speedup and loss-curve agreement."""
+    """Run ``--impl fused`` and ``--impl reference`` with the same seed; print speedup and loss-curve agreement.
+
+    Each impl trains ``--compare-repeats`` times, alternating (fused, reference, fused, ...), so that load from
+    other processes falls on both; the times compared are the medians. Repeats of one impl must reproduce its
+    losses bit for bit (the runs are deterministic on CPU); the result records whether they did.
+    """
     base = Path(args.out) if args.out else Path("runs") / f"{name}-compare-{time.strftime('%Y%m%d-%H%M%S')}"
-    reports = {}
-    for impl in ("fused", "reference"):  # fused first: any warm-up cost (first allocations) is charged to it
-        sub = argparse.Namespace(**{**vars(args), "impl": impl, "compare": False, "out": str(base / impl)})
-        reports[impl] = fit(name, sub, build)
-    f, r = reports["fused"]["step_losses"], reports["reference"]["step_losses"]
+    repeats = getattr(args, "compare_repeats", 1)
+    reports: dict = {"fused": [], "reference": []}
+    for r in range(repeats):
+        for impl in ("fused", "reference"):  # fused first: any warm-up cost (first allocations) is charged to it
+            out = base / impl if r == 0 else base / f"{impl}-repeat{r}"
+            sub = argparse.Namespace(**{**vars(args), "impl": impl, "compare": False, "out": str(out),
+                                        "no_plots": args.no_plots or r > 0})
+            reports[impl].append(fit(name, sub, build))
+    f, r = reports["fused"][0]["step_losses"], reports["reference"][0]["step_losses"]
     n = min(args.compare_steps, len(f), len(r))
 
     def rel(a, b):
         return abs(a - b) / max(abs(b), 1e-12)
 
+    seconds = {k: [v["summary"]["train_seconds"] for v in runs] for k, runs in reports.items()}
+    t = {k: statistics.median(v) for k, v in seconds.items()}
     result = {
-        "method": name, "steps_compared": n,
+        "method": name, "dtype": getattr(args, "dtype", "float32"), "steps_compared": n,
         "max_rel_loss_diff": max((rel(a, b) for a, b in zip(f[:n], r[:n])), default=0.0),
         "max_rel_loss_diff_all_steps": max((rel(a, b) for a, b in zip(f, r)), default=0.0),
-        "train_seconds": {k: v["summary"]["train_seconds"] for k, v in reports.items()},
-        "final": {k: {m: v["summary"][m] for m in ("knn_fewshot_after", "knn_top1_after", "linear_probe_after")}
+        "repeats": repeats,
+        "repeats_reproduce_losses": all(run["step_losses"] == runs[0]["step_losses"]
+                                        for runs in reports.values() for run in runs),
+        "train_seconds": t,
+        "train_seconds_each_run": seconds,
+        "final": {k: {m: v[0]["summary"][m] for m in ("knn_fewshot_after", "knn_top1_after", "linear_probe_after")}
                   for k, v in reports.items()},
     }
-    t = result["train_seconds"]
     result["speedup"] = t["reference"] / t["fused"] if t["fused"] > 0 else None
     base.mkdir(parents=True, exist_ok=True)
     (base / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{name} fused vs reference: training {t['fused']:.2f}s vs {t['reference']:.2f}s "
-          f"(speedup {result['speedup']:.2f}x); max relative loss difference over the first {n} steps "
-          f"{result['max_rel_loss_diff']:.2e} (all {len(f)} steps: {result['max_rel_loss_diff_all_steps']:.2e}); "
-          f"{base / 'compare.json'}", flush=True)
+    print(f"{name} fused vs reference ({result['dtype']}): training {t['fused']:.2f}s vs {t['reference']:.2f}s "
+          f"(median of {repeats}; speedup {result['speedup']:.2f}x); max relative loss difference over the first "
+          f"{n} steps {result['max_rel_loss_diff']:.2e} (all {len(f)} steps: "
+          f"{result['max_rel_loss_diff_all_steps']:.2e}); {base / 'compare.json'}", flush=True)
     return result
