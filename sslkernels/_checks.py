@@ -2,7 +2,8 @@
 
 Public functions validate once at the boundary; implementations assume valid input. Value checks on
 tensors (temperature > 0, targets in range) cost one small host sync; they are skipped while a CUDA
-graph is being captured, where a sync is illegal.
+graph is being captured, where a sync is illegal, and while torch.compile traces, where the tensors are
+fake and a read would break the graph (the custom ops of library.py run them when the graph runs).
 """
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ Scalar = Union[float, torch.Tensor]
 
 def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _values_readable() -> bool:
+    return not (torch.compiler.is_compiling() or _capturing())
 
 
 def tensor(x, name: str) -> torch.Tensor:
@@ -86,7 +91,9 @@ def positive_scalar(value, name: str, device: torch.device, *, per_row: Optional
         raise TypeError(f"{name} must be a float or a floating-point tensor, got bool")
     if isinstance(value, Real):
         v = float(value)
-        if not math.isfinite(v) or v <= 0:
+        # Comparisons, not math.isfinite: under torch.compile a float that changed between calls arrives
+        # symbolic, and Dynamo can guard on a comparison but not trace math.isfinite. NaN fails both.
+        if not 0 < v < math.inf:
             raise ValueError(f"{name} must be positive and finite, got {value!r}")
         return v
     if not isinstance(value, torch.Tensor):
@@ -101,11 +108,16 @@ def positive_scalar(value, name: str, device: torch.device, *, per_row: Optional
         raise ValueError(f"{name} must be {allowed}, got shape {tuple(value.shape)}")
     if value.device != device:
         raise ValueError(f"{name} is on {value.device} but the features are on {device}")
-    if not _capturing():
+    positive_values(value, name)
+    return value
+
+
+def positive_values(value: torch.Tensor, name: str) -> None:
+    """Every value of ``value`` positive and finite (a host read; skipped where reads are not allowed)."""
+    if _values_readable():
         v = value.detach()
         if not bool(torch.isfinite(v).all()) or not bool((v > 0).all()):
             raise ValueError(f"{name} must be positive and finite, got {v.flatten()[:4].tolist()}")
-    return value
 
 
 def finite_scalar(value, name: str, device: torch.device) -> Scalar:
@@ -113,7 +125,7 @@ def finite_scalar(value, name: str, device: torch.device) -> Scalar:
     if isinstance(value, bool):
         raise TypeError(f"{name} must be a float or a floating-point tensor, got bool")
     if isinstance(value, Real):
-        if not math.isfinite(float(value)):
+        if not -math.inf < float(value) < math.inf:  # comparisons, as in positive_scalar
             raise ValueError(f"{name} must be finite, got {value!r}")
         return float(value)
     if not isinstance(value, torch.Tensor):
@@ -154,11 +166,17 @@ def index_vector(idx, name: str, n: int, device: torch.device, *, upper: Optiona
         raise ValueError(f"{name} must have shape [{n}] (one per row), got {tuple(idx.shape)}")
     if idx.device != device:
         raise ValueError(f"{name} is on {idx.device} but the features are on {device}")
-    if upper is not None and n and not _capturing():
+    if upper is not None:
+        index_range(idx, name, upper)
+    return idx
+
+
+def index_range(idx: torch.Tensor, name: str, upper: int) -> None:
+    """Every index in [0, upper) (a host read; skipped where reads are not allowed)."""
+    if idx.numel() and _values_readable():
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= upper:
             raise ValueError(f"{name} must lie in [0, {upper}); got values in [{lo}, {hi}]")
-    return idx
 
 
 def tensor_list(xs, name: str) -> list:
@@ -215,6 +233,14 @@ def ema_pairs_cached(targets: Sequence[torch.Tensor], sources: Sequence[torch.Te
     if signature in _validated_ema:
         _validated_ema.move_to_end(signature)
         return
+    ema_lists(targets, sources)
+    _validated_ema[signature] = None
+    while len(_validated_ema) > 64:
+        _validated_ema.popitem(last=False)
+
+
+def ema_lists(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
+    """ema_pairs and one device for all (what ema_pairs_cached checks on a new signature)."""
     ema_pairs(targets, sources)
     if targets:
         device = targets[0].device
@@ -222,9 +248,6 @@ def ema_pairs_cached(targets: Sequence[torch.Tensor], sources: Sequence[torch.Te
             if t.device != device:
                 raise ValueError(f"target[{i}] is on {t.device} but target[0] is on {device}; ema_update_ takes "
                                  "one device")
-    _validated_ema[signature] = None
-    while len(_validated_ema) > 64:
-        _validated_ema.popitem(last=False)
 
 
 def ema_pairs(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
