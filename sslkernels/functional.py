@@ -30,6 +30,17 @@ def _single_process(op: str, gather_distributed, distributed, process_group) -> 
             "implemented yet; call it without them to get each rank's local loss")
 
 
+def _compiled_loss(name: str, backend, *args) -> torch.Tensor:
+    """The loss through its torch.library custom ops (library.py): what runs while torch.compile traces.
+
+    Dynamo cannot trace the implementations, but it can trace the validation before this call, so a
+    compiled step keeps every check and takes the loss as one graph node (fullgraph=True holds). Imported
+    here so that `import sslkernels` registers no ops for programs that never compile.
+    """
+    from . import library
+    return library.loss(name, backend, *args)
+
+
 def _pair(a_name, a, b_name, b, *, same_rows: bool) -> None:
     check.features(a, a_name)
     check.features(b, b_name)
@@ -65,6 +76,9 @@ def info_nce(query, key, temperature: Scalar = 0.1, *, targets=None, symmetric: 
     if decoupled and m < 2:
         raise ValueError("decoupled=True needs at least 2 keys: with the positive left out, 1 key leaves no negative")
     _single_process("info_nce", gather_distributed, distributed, process_group)
+    if torch.compiler.is_compiling():
+        return _compiled_loss("info_nce", backend, query, key, temperature, targets, bool(symmetric), bool(decoupled),
+                              reduction)
     impl = dispatch("info_nce", backend, query.device)
     return impl(query, key, temperature, targets, bool(symmetric), bool(decoupled), reduction)
 
@@ -79,6 +93,8 @@ def nt_xent(z1, z2, temperature: Scalar = 0.5, *, decoupled: bool = False, reduc
     if decoupled and z1.shape[0] < 2:
         raise ValueError("decoupled=True needs a batch of at least 2 pairs: with 1 pair there is no negative")
     _single_process("nt_xent", gather_distributed, distributed, process_group)
+    if torch.compiler.is_compiling():
+        return _compiled_loss("nt_xent", backend, z1, z2, temperature, bool(decoupled), reduction)
     impl = dispatch("nt_xent", backend, z1.device)
     return impl(z1, z2, temperature, bool(decoupled), reduction)
 
@@ -91,6 +107,8 @@ def clip_loss(image_features, text_features, logit_scale: Scalar, *, reduction: 
     logit_scale = check.positive_scalar(logit_scale, "logit_scale", image_features.device)
     check.reduction(reduction)
     _single_process("clip_loss", gather_distributed, distributed, process_group)
+    if torch.compiler.is_compiling():
+        return _compiled_loss("clip_loss", backend, image_features, text_features, logit_scale, reduction)
     impl = dispatch("clip_loss", backend, image_features.device)
     return impl(image_features, text_features, logit_scale, reduction)
 
@@ -104,6 +122,9 @@ def siglip_loss(image_features, text_features, logit_scale: Scalar, logit_bias: 
     logit_bias = check.finite_scalar(logit_bias, "logit_bias", image_features.device)
     check.reduction(reduction)
     _single_process("siglip_loss", gather_distributed, distributed, process_group)
+    if torch.compiler.is_compiling():
+        return _compiled_loss("siglip_loss", backend, image_features, text_features, logit_scale, logit_bias,
+                              reduction)
     impl = dispatch("siglip_loss", backend, image_features.device)
     return impl(image_features, text_features, logit_scale, logit_bias, reduction)
 
@@ -123,6 +144,8 @@ def moco_loss(query, key, queue, temperature: Scalar = 0.2, *, reduction: str = 
     temperature = check.positive_scalar(temperature, "temperature", query.device)
     check.reduction(reduction)
     _single_process("moco_loss", gather_distributed, distributed, process_group)
+    if torch.compiler.is_compiling():
+        return _compiled_loss("moco_loss", backend, query, key, queue, temperature, reduction)
     impl = dispatch("moco_loss", backend, query.device)
     return impl(query, key, queue, temperature, reduction)
 
@@ -136,6 +159,8 @@ def supcon_loss(features, labels, temperature: Scalar = 0.1, *, reduction: str =
     temperature = check.positive_scalar(temperature, "temperature", features.device)
     check.reduction(reduction)
     _single_process("supcon_loss", gather_distributed, distributed, process_group)
+    if torch.compiler.is_compiling():
+        return _compiled_loss("supcon_loss", backend, features, labels, temperature, reduction)
     impl = dispatch("supcon_loss", backend, features.device)
     return impl(features, labels, temperature, reduction)
 
@@ -178,6 +203,9 @@ def dino_loss(student_output, teacher_output, center, *, student_temp: float = 0
         raise TypeError("student_temp must be a float")
     teacher_temp = check.positive_scalar(teacher_temp, "teacher_temp", student_output.device)
     check.reduction(reduction)
+    if torch.compiler.is_compiling():
+        return _compiled_loss("dino_loss", backend, student_output, teacher_output, center, student_temp, teacher_temp,
+                              n_global_crops, reduction)
     impl = dispatch("dino_loss", backend, student_output.device)
     return impl(student_output, teacher_output, center, student_temp, teacher_temp, n_global_crops, reduction)
 
@@ -275,6 +303,8 @@ def barlow_twins_loss(z1, z2, lambda_offdiag: float = 5e-3, *, backend: Optional
     _pair("z1", z1, "z2", z2, same_rows=True)
     if z1.shape[0] < 2:
         raise ValueError("z1 needs at least 2 rows: Barlow Twins normalizes each feature over the batch")
+    if torch.compiler.is_compiling():
+        return _compiled_loss("barlow_twins_loss", backend, z1, z2, float(lambda_offdiag))
     return dispatch("barlow_twins_loss", backend, z1.device)(z1, z2, float(lambda_offdiag))
 
 
@@ -284,6 +314,8 @@ def vicreg_loss(z1, z2, sim_weight: float = 25.0, var_weight: float = 25.0, cov_
     _pair("z1", z1, "z2", z2, same_rows=True)
     if z1.shape[0] < 2:
         raise ValueError("z1 needs at least 2 rows: VICReg's variance and covariance terms are over the batch")
+    if torch.compiler.is_compiling():
+        return _compiled_loss("vicreg_loss", backend, z1, z2, float(sim_weight), float(var_weight), float(cov_weight))
     return dispatch("vicreg_loss", backend, z1.device)(z1, z2, float(sim_weight), float(var_weight), float(cov_weight))
 
 
@@ -370,14 +402,23 @@ def ema_update_(target, source, momentum: Scalar, *, buffers: str = "copy", back
         targets, sources = _local_pairs(targets, sources, "ema_update_")
     if len(targets) != len(sources):
         check.ema_pairs(targets, sources)  # raises the length message
-    signature = check.tensors_signature(targets, sources)
-    check.ema_pairs_cached(targets, sources, signature)
+    compiling = torch.compiler.is_compiling()
+    if compiling:
+        # Dynamo cannot read addresses (the signature's cache key); traced checks cost nothing per step anyway.
+        check.ema_lists(targets, sources)
+    else:
+        signature = check.tensors_signature(targets, sources)
+        check.ema_pairs_cached(targets, sources, signature)
     if not targets:
         return
     device = targets[0].device
     momentum = check.momentum(_local_momentum(momentum), device=device)
     if isinstance(momentum, torch.Tensor) and momentum.device != device:
         momentum = momentum.to(device)
+    if compiling:
+        from . import library  # as in _compiled_loss
+        library.ema_update_(targets, sources, momentum, backend)
+        return
     # The tensors go as they are (no .data aliases: 300 new tensor objects per call cost more host time than
     # a ViT-B update's kernel); in-place writes to leaves that require grad are allowed under no_grad.
     impl = dispatch("ema_update_", backend, device)
