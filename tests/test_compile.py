@@ -56,7 +56,7 @@ class Recorder:
         # backend calls are not counted); here: the op is in it.
         assert self.graphs >= 1, "nothing was compiled"
         for op in ops:
-            assert f"sslkernels.{op}.default" in self.ops, f"sslkernels.{op} is not in the graphs: {sorted(set(self.ops))}"
+            assert f"sslkernels.{op}.default" in self.ops, f"{op} is not in the graphs: {sorted(set(self.ops))}"
 
 
 def close(actual, expected, name):
