@@ -61,6 +61,7 @@ def test_compare_in_float64_agrees_and_repeats_reproduce(tmp_path, method):
     assert result["max_rel_loss_diff"] < 1e-10
     assert result["repeats_reproduce_losses"] is True
     assert len(result["train_seconds_each_run"]["fused"]) == 2
+    assert all(t > 0 for t in result["step_seconds_interleaved"].values()) and result["speedup_interleaved"] > 0
     fused = json.loads((tmp_path / "fused" / "report.json").read_text())
     assert fused["config"]["dtype"] == "float64"
     assert all(math.isfinite(x) for x in fused["step_losses"])

@@ -600,6 +600,50 @@ def save_checkpoint(run: Run, epoch: int, method: Method, optimizer, scheduler, 
     return path
 
 
+def _interleaved_step_seconds(args, build, steps: int) -> dict:
+    """Median seconds of one training step (forward, backward, optimizer, after_step) per impl, the two
+    stepping alternately in one process.
+
+    Whole runs taken one after another also measure whatever else the machine did meanwhile (on a shared
+    2-core box that moves a 2-second run by ±10%, more than the ops' difference); alternating single steps
+    puts such load on both impls alike. Models start from the same seed; the numbers are not compared.
+    """
+    device = resolve_device(args.device)
+    split = load_data(args, device)
+    models = {}
+    for impl in ("fused", "reference"):
+        sub = argparse.Namespace(**{**vars(args), "impl": impl})
+        seed_everything(args.seed)
+        with backend_scope(IMPLS[impl]):
+            method = build(sub, split).to(device=device, dtype=split.train_x.dtype)
+        params = [p for p in method.parameters() if p.requires_grad]
+        models[impl] = (method.train(), torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay))
+    loader = data_lib.Shuffler(split.train_x.shape[0], args.batch_size, args.seed, device)
+    seconds: dict = {impl: [] for impl in models}
+    warmup, step = 3, 0
+    while step < steps + warmup:
+        for idx in loader:
+            for impl in (("fused", "reference") if step % 2 == 0 else ("reference", "fused")):
+                method, optimizer = models[impl]
+                with backend_scope(IMPLS[impl]):
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    t0 = time.perf_counter()
+                    loss = method.training_step(split.train_x[idx], split.train_y[idx], step)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    method.after_step(step)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    if step >= warmup:
+                        seconds[impl].append(time.perf_counter() - t0)
+            step += 1
+            if step >= steps + warmup:
+                break
+    return {impl: statistics.median(v) for impl, v in seconds.items()}
+
+
 def compare(name: str, args, build) -> dict:
     """Run ``--impl fused`` and ``--impl reference`` with the same seed; print speedup and loss-curve agreement.
 
@@ -637,10 +681,15 @@ def compare(name: str, args, build) -> dict:
                   for k, v in reports.items()},
     }
     result["speedup"] = t["reference"] / t["fused"] if t["fused"] > 0 else None
+    steps = _interleaved_step_seconds(args, build, max(args.compare_steps, 1))
+    result["step_seconds_interleaved"] = steps
+    result["speedup_interleaved"] = steps["reference"] / steps["fused"] if steps["fused"] > 0 else None
     base.mkdir(parents=True, exist_ok=True)
     (base / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"{name} fused vs reference ({result['dtype']}): training {t['fused']:.2f}s vs {t['reference']:.2f}s "
-          f"(median of {repeats}; speedup {result['speedup']:.2f}x); max relative loss difference over the first "
+          f"(median of {repeats}; speedup {result['speedup']:.2f}x; per step, interleaved: "
+          f"{1e3 * steps['fused']:.1f} vs {1e3 * steps['reference']:.1f} ms, {result['speedup_interleaved']:.2f}x); "
+          f"max relative loss difference over the first "
           f"{n} steps {result['max_rel_loss_diff']:.2e} (all {len(f)} steps: "
           f"{result['max_rel_loss_diff_all_steps']:.2e}); {base / 'compare.json'}", flush=True)
     return result
