@@ -23,12 +23,26 @@ import lightly.loss.dcl_loss as lightly_dcl  # noqa: E402
 import lightly.models.modules.memory_bank as lightly_bank  # noqa: E402
 import lightly.models.utils as lightly_utils  # noqa: E402
 
+import sslkernels  # noqa: E402
 import sslkernels.integrations.lightly as sk_lightly  # noqa: E402
 from conftest import DEVICES, assert_close  # noqa: E402
 from sslkernels import nn as snn  # noqa: E402
+from sslkernels.backends import triton_available, triton_interpreted  # noqa: E402
 
 RTOL = 1e-5
 SETS = [0, 1, 2]  # three input sets per drop-in; conftest seeds each test id differently
+
+
+@pytest.fixture(params=["auto", "triton"])
+def backend(request):
+    """Every comparison twice: the default path for the device, and the Triton kernels (under the
+    interpreter on a machine without a GPU), set process-wide so that every op inside a drop-in uses it."""
+    device = request.node.callspec.params.get("device", "cpu")
+    if request.param == "triton" and not (triton_available() and (device == "cuda" or triton_interpreted())):
+        pytest.skip("the Triton kernels need a GPU or TRITON_INTERPRET=1 for CPU tensors")
+    sslkernels.set_backend(request.param)
+    yield request.param
+    sslkernels.set_backend(None)
 
 
 def close(ours, theirs, name):
@@ -62,7 +76,7 @@ def same_step(loss_ours, loss_theirs, leaves_ours, leaves_theirs, what):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", SETS)
-def test_lightly_NTXentLoss_matches(case, device):
+def test_lightly_NTXentLoss_matches(case, device, backend):
     n, d, tau, args = [(5, 7, 0.5, ()), (11, 3, 0.07, (0.07, 0, False)), (17, 33, 0.2, (0.2,))][case]
     x0, x1 = torch.randn(n, d, device=device) * 3, torch.randn(n, d, device=device)
     ours_in, theirs_in = twins(x0, x1)
@@ -71,7 +85,7 @@ def test_lightly_NTXentLoss_matches(case, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", SETS)
-def test_lightly_NTXentLoss_memory_bank_matches(case, device):
+def test_lightly_NTXentLoss_memory_bank_matches(case, device, backend):
     """lightly's MoCo mode over several steps: the bank starts as random unit rows (the same ones: both draw
     them from the global RNG at construction), out0 is contrasted with out1 and the bank from before the
     step, normalized out1 goes in afterwards and a batch reaching the end of the bank is cut there. Batch
@@ -100,7 +114,7 @@ def test_lightly_NTXentLoss_memory_bank_matches(case, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", SETS)
-def test_lightly_MemoryBankModule_matches(case, device):
+def test_lightly_MemoryBankModule_matches(case, device, backend):
     """forward(output, labels=None, update=False) -> (output, bank before the update); lightly's write rule
     (cut at the end, pointer back to 0) from the random start until every row has been replaced."""
     k, d, first = [(11, 5, True), (7, 3, False), (16, 9, True)][case]
@@ -141,7 +155,7 @@ def _lightly_doc_weight(out0, out1):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", SETS)
-def test_lightly_DCLLoss_matches(case, device):
+def test_lightly_DCLLoss_matches(case, device, backend):
     n, d, args = [(5, 7, ()), (13, 3, (0.5, None, False)), (9, 33, (0.2, _lightly_doc_weight))][case]
     x0, x1 = torch.randn(n, d, device=device), torch.randn(n, d, device=device) + 0.5
     ours_in, theirs_in = twins(x0, x1)
@@ -150,7 +164,7 @@ def test_lightly_DCLLoss_matches(case, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", SETS)
-def test_lightly_DCLWLoss_matches(case, device):
+def test_lightly_DCLWLoss_matches(case, device, backend):
     """DCL with lightly's negative von Mises-Fisher weights (detached; they differ per row)."""
     n, d, kwargs = [(5, 7, {}), (13, 3, {"temperature": 0.5, "sigma": 0.2}), (31, 17, {"sigma": 1.5})][case]
     x0 = torch.randn(n, d, device=device)
@@ -172,7 +186,7 @@ def test_lightly_DCLWLoss_matches(case, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", SETS)
-def test_lightly_NegativeCosineSimilarity_matches(case, device):
+def test_lightly_NegativeCosineSimilarity_matches(case, device, backend):
     """lightly's has no stop-gradient: both inputs get their gradient. Any dim, broadcasting, eps."""
     shape0, shape1, kwargs = [((7, 5), (7, 5), {}),
                               ((3, 5, 9), (3, 1, 9), {"dim": 2}),  # broadcast over the middle dimension
@@ -187,7 +201,7 @@ def test_lightly_NegativeCosineSimilarity_matches(case, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", SETS)
-def test_lightly_DINOLoss_matches(case, device):
+def test_lightly_DINOLoss_matches(case, device, backend):
     """Several steps of one loss object: the teacher temperature's warm-up by epoch (inside, at the end of,
     after the warm-up), an explicit teacher_temp, none; the centre after every step; multi-crop students."""
     b, p, n_teacher, n_student = [(5, 7, 2, 6), (3, 33, 2, 2), (4, 9, 3, 2)][case]
@@ -204,7 +218,7 @@ def test_lightly_DINOLoss_matches(case, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_lightly_DINOLoss_teacher_gradient_matches(device):
+def test_lightly_DINOLoss_teacher_gradient_matches(device, backend):
     """lightly does not detach the teacher: a teacher output that requires grad gets a gradient."""
     ours, theirs = snn.DINOLoss(11, warmup_teacher_temp_epochs=2), L.DINOLoss(11, warmup_teacher_temp_epochs=2)
     ours, theirs = ours.to(device), theirs.to(device)
@@ -225,7 +239,7 @@ def _prototype_scores(b, p, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", SETS)
-def test_lightly_SwaVLoss_matches(case, device):
+def test_lightly_SwaVLoss_matches(case, device, backend):
     """Codes from Sinkhorn on each high-resolution crop (with its queue rows when given), predicted by every
     other crop; gradients into every crop's scores."""
     b, p, n_high, n_low, n_queue, kwargs = [
@@ -243,7 +257,7 @@ def test_lightly_SwaVLoss_matches(case, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", SETS)
-def test_lightly_BarlowTwinsLoss_matches(case, device):
+def test_lightly_BarlowTwinsLoss_matches(case, device, backend):
     """Each view batch-normalized on its own (F.batch_norm, ε = 1e-5); gather_distributed on one process."""
     n, d, args = [(5, 7, ()), (13, 3, (0.02,)), (9, 33, (5e-3, True))][case]
     z_a = torch.randn(n, d, device=device) * torch.linspace(0.5, 3.0, d, device=device) + 2
@@ -255,7 +269,7 @@ def test_lightly_BarlowTwinsLoss_matches(case, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", SETS)
-def test_lightly_VICRegLoss_matches(case, device):
+def test_lightly_VICRegLoss_matches(case, device, backend):
     """2-d inputs; (batch, positions, dim) inputs (lightly's VICRegL-style form); a non-default eps with
     gather_distributed on one process. Features with small spread so the variance hinge is active."""
     shape, kwargs = [((5, 7), {}),
@@ -274,7 +288,7 @@ def test_lightly_VICRegLoss_matches(case, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", SETS)
-def test_lightly_update_momentum_matches(case, device):
+def test_lightly_update_momentum_matches(case, device, backend):
     """ema ← m·ema + (1 − m)·model on parameters only: BatchNorm running statistics stay as they were."""
     d = [7, 3, 33][case]
     model = nn.Sequential(nn.Linear(d, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)).to(device)
