@@ -168,11 +168,18 @@ def supcon_loss(features, labels, temperature: Scalar = 0.1, *, reduction: str =
 # --------------------------------------------------------------------------------- non-contrastive
 
 
-def negative_cosine_similarity(p, z, *, reduction: str = "mean", backend: Optional[str] = None) -> torch.Tensor:
-    """BYOL / SimSiam: −cos(p_i, z_i) with a stop-gradient on ``z``."""
+def negative_cosine_similarity(p, z, *, reduction: str = "mean", stop_gradient: bool = True, eps: float = 1e-8,
+                               backend: Optional[str] = None) -> torch.Tensor:
+    """BYOL / SimSiam: −cos(p_i, z_i) with a stop-gradient on ``z``.
+
+    ``stop_gradient=False`` lets ``z`` have its gradient too (lightly's NegativeCosineSimilarity).
+    ``eps``: the norms are clamped to at least ``eps`` (F.cosine_similarity's convention)."""
     _pair("p", p, "z", z, same_rows=True)
     check.reduction(reduction)
-    return dispatch("negative_cosine_similarity", backend, p.device)(p, z, reduction)
+    eps = check.positive_scalar(eps, "eps", p.device)
+    if isinstance(eps, torch.Tensor):
+        raise TypeError("eps must be a float")
+    return dispatch("negative_cosine_similarity", backend, p.device)(p, z, reduction, bool(stop_gradient), eps)
 
 
 def dino_loss(student_output, teacher_output, center, *, student_temp: float = 0.1, teacher_temp: Scalar = 0.04,

@@ -127,9 +127,9 @@ def supcon_loss(features, labels, temperature, reduction):
 # --------------------------------------------------------------------------------- non-contrastive
 
 
-def negative_cosine_similarity(p, z, reduction):
-    p, z = _up(p), _up(z.detach())
-    return reduce(-F.cosine_similarity(p, z, dim=1), reduction)
+def negative_cosine_similarity(p, z, reduction, stop_gradient=True, eps=1e-8):
+    p, z = _up(p), _up(z.detach() if stop_gradient else z)
+    return reduce(-F.cosine_similarity(p, z, dim=1, eps=eps), reduction)
 
 
 def dino_loss(student_output, teacher_output, center, student_temp, teacher_temp, n_global_crops, reduction):

@@ -80,36 +80,32 @@ def test_ntxent_loss_keywords():
 
 def test_ntxent_loss_memory_bank():
     """lightly's MoCo mode: out0 against out1 (positive) and the bank as it was before the step;
-    normalized out1 is then enqueued (only when out0 requires grad)."""
-    try:
-        loss = snn.NTXentLoss(temperature=0.2, memory_bank_size=16)
-    except NotImplementedError:
-        pytest.skip("memory_bank_size > 0 is not implemented")
+    normalized out1 is then written into the bank (only when out0 requires grad), lightly's way: a batch
+    reaching the end of the bank is cut there and the pointer goes back to 0."""
+    loss = snn.NTXentLoss(temperature=0.2, memory_bank_size=16)  # a bare int: the bank is sized at the first call
     out0, out1 = torch.randn(4, 7, dtype=F64, requires_grad=True), torch.randn(4, 7, dtype=F64)
-    try:
-        loss(out0, out1)
-    except NotImplementedError:
-        pytest.skip("memory_bank_size > 0 is not implemented")
-    bank = getattr(loss, "bank", None)
-    queue = getattr(bank, "queue", None)
-    if not isinstance(queue, torch.Tensor):
-        pytest.skip("the bank is not exposed as .bank.queue; only the call was checked")
-    assert queue.shape == (16, 7)
-    for _ in range(5):  # 5 × 4 rows through a 16-row bank: wraps around
-        before = queue.detach().clone()
-        ptr = int(bank.ptr)
-        o0, o0_64 = leaves(torch.randn(4, 7, dtype=F64), F64)
-        o1 = torch.randn(4, 7, dtype=F64)
+    loss(out0, out1)
+    bank = loss.memory_bank
+    assert bank.bank.shape == (16, 7) and bank.bank_ptr.shape == (1,)
+    assert loss.state_dict() == {}  # lightly's bank buffers are not persistent
+    for b in (5, 5, 3, 4, 9):  # 4 + 5 + 5 = 14, then 3 rows of which 2 fit: cut, ptr -> 0
+        before = bank.bank.detach().clone()
+        ptr = int(bank.bank_ptr)
+        o0, o0_64 = leaves(torch.randn(b, 7, dtype=F64), F64)
+        o1 = torch.randn(b, 7, dtype=F64)
         out = loss(o0, o1)
-        want = expected_moco(F.normalize(o0_64, dim=1), F.normalize(o1, dim=1), before, 0.2)
+        want = expected_moco(F.normalize(o0_64, dim=1), F.normalize(o1, dim=1), before.double(), 0.2)
         check(out, want, [o0], [o0_64], F64)
-        idx = (ptr + torch.arange(4)) % 16
-        assert_close(queue[idx], F.normalize(o1, dim=1), F64, name="enqueued rows")
+        n = min(b, 16 - ptr)
+        after = before.clone()
+        after[ptr:ptr + n] = F.normalize(o1, dim=1)[:n].float()
+        assert_close(bank.bank, after, F32, name="bank after the step")
+        assert int(bank.bank_ptr) == (0 if ptr + b >= 16 else ptr + b)
     # No gradient wanted: the bank stays as it is.
-    before = queue.clone()
+    before = bank.bank.clone()
     with torch.no_grad():
         loss(torch.randn(4, 7, dtype=F64), torch.randn(4, 7, dtype=F64))
-    assert torch.equal(queue, before)
+    assert torch.equal(bank.bank, before)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -177,11 +173,21 @@ def test_supcon_loss_module(dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("args", [(), (1, 1e-8)])
 def test_negative_cosine_similarity_lightly_signature(args, dtype):
+    # lightly's has no stop-gradient: both inputs get theirs.
+    p, p64 = leaves(torch.randn(13, 7, dtype=F64), dtype)
+    z, z64 = leaves(torch.randn(13, 7, dtype=F64), dtype)
+    out = snn.NegativeCosineSimilarity(*args)(p, z)
+    want = -F.cosine_similarity(p64, z64, dim=1).mean()
+    check(out, want, [p, z], [p64, z64], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_negative_cosine_similarity_stop_gradient(dtype):
     p, p64 = leaves(torch.randn(13, 7, dtype=F64), dtype)
     z = torch.randn(13, 7, dtype=F64).to(dtype).requires_grad_()
-    out = snn.NegativeCosineSimilarity(*args)(p, z)
-    want = expected_neg_cos(p64, z.detach().double())
-    check(out, want, [p], [p64], dtype)
+    out = snn.NegativeCosineSimilarity(stop_gradient=True)(p, z)
+    check(out, expected_neg_cos(p64, z.detach().double()), [p], [p64], dtype)
+    assert z.grad is None
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

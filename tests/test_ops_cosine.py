@@ -95,3 +95,28 @@ def test_negative_cosine_public_api(backend):
     want.backward()
     assert_close(got, want, torch.float32)
     assert_close(p.grad, p64.grad, torch.float32, atol=0.0)
+
+
+@pytest.mark.parametrize("eps", [1e-8, 0.3])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_negative_cosine_without_stop_gradient(eps, reduction):
+    """stop_gradient=False (lightly's NegativeCosineSimilarity): z gets the mirror-image gradient, with
+    F.cosine_similarity's eps clamp. With the large eps, rows with norms under it (a zero row of p, a short
+    row of z) use the clamp; with 1e-8 such rows would have gradients ~1e8 that swamp the comparison."""
+    p, z = torch.randn(9, 37, dtype=torch.float64), torch.randn(9, 37, dtype=torch.float64)
+    if eps > 0.1:
+        p[1], z[2] = 0.0, z[2] * 0.01
+    p64, z64 = p.clone().requires_grad_(), z.clone().requires_grad_()
+    want = -torch.nn.functional.cosine_similarity(p64, z64, dim=1, eps=eps)
+    want = want.mean() if reduction == "mean" else want
+    w = torch.rand_like(want) + 0.5
+    want_gp, want_gz = torch.autograd.grad((want * w).sum(), [p64, z64])
+    for backend in ("triton", "torch"):
+        dev = DEVICE if backend == "triton" else "cpu"
+        pt, zt = p.float().to(dev).requires_grad_(), z.float().to(dev).requires_grad_()
+        got = sslkernels.negative_cosine_similarity(pt, zt, reduction=reduction, stop_gradient=False, eps=eps,
+                                                    backend=backend)
+        gp, gz = torch.autograd.grad((got * w.to(got)).sum(), [pt, zt])
+        assert_close(got, want, torch.float32, name=f"{backend} loss")
+        assert_close(gp, want_gp, torch.float32, atol=0.0, name=f"{backend} grad p")
+        assert_close(gz, want_gz, torch.float32, atol=0.0, name=f"{backend} grad z")

@@ -107,8 +107,9 @@ def test_swav_public_api_and_module():
         assert_close(Fn.swav_loss(crops[:2], crops[2:], queue_outputs=queue, backend=backend), want, torch.float32)
     module = snn.SwaVLoss(0.2, 2, 0.1, False)  # lightly's positional order
     out = module(crops[:2], crops[2:])
+    assert out.shape == (1,)  # lightly's SwaVLoss returns shape [1]
     out.backward()
-    assert_close(out, swav64([z.detach() for z in crops[:2]], [z.detach() for z in crops[2:]], 0.2, 0.1, 2),
+    assert_close(out[0], swav64([z.detach() for z in crops[:2]], [z.detach() for z in crops[2:]], 0.2, 0.1, 2),
                  torch.float32)
     assert all(z.grad is not None for z in crops)
     assert_close(module.subloss(crops[2].detach(), torch.full((4, 13), 1 / 13)),

@@ -1,10 +1,13 @@
-"""BYOL / SimSiam's negative cosine similarity as Triton kernels (stop-gradient on z).
+"""BYOL / SimSiam's negative cosine similarity as Triton kernels (stop-gradient on z unless asked otherwise).
 
 One pass over p and z gives each row's ⟨p, z⟩, ‖p‖², ‖z‖²; the backward is a second pass writing
 dp_i = α_i·z_i + β_i·p_i with two per-row scalars, so no normalized copy of p or z ever exists.
+With ``stop_gradient=False`` (lightly's NegativeCosineSimilarity) z gets the mirror-image gradient from
+the same row sums, one more pass of the same kernel with p and z swapped.
 
-F.cosine_similarity's convention: cos = ⟨p/max(‖p‖, ε), z/max(‖z‖, ε)⟩ with ε = 1e-8, the clamp left
-out of the gradient, so dcos/dp = ẑ/n_p − cos·p/(n_p·‖p‖) with n_p = max(‖p‖, ε) (0 where ‖p‖ = 0).
+F.cosine_similarity's convention: cos = ⟨p/max(‖p‖, ε), z/max(‖z‖, ε)⟩ (ε = 1e-8 unless given), the
+clamp left out of the gradient, so dcos/dp = ẑ/n_p − cos·p/(n_p·‖p‖) with n_p = max(‖p‖, ε) (0 where
+‖p‖ = 0), and symmetrically for z.
 """
 from __future__ import annotations
 
@@ -67,10 +70,27 @@ def _tiling(n: int, d: int):
     return block_n, block_d, (8 if block_n * block_d >= 4096 else 4)
 
 
+def _grad_rows(x, y, g, cos, n_x, n_y, norm_x):
+    """d(−cos)/dx·g = −g·ŷ/n_x + g·cos·x/(n_x·‖x‖) as one kernel pass; a zero row of x gets only the ŷ
+    term (the norm's derivative is 0 there)."""
+    n, d = x.shape
+    alpha = -g / (n_x * n_y)
+    beta = torch.where(norm_x > 0, g * cos / (n_x * norm_x.clamp_min(torch.finfo(torch.float32).tiny)),
+                       torch.zeros_like(cos))
+    coef = torch.stack([alpha, beta], dim=1).contiguous()
+    grad = _empty(x.shape, x.dtype, x.device)
+    block_n, block_d, warps = _tiling(n, d)
+    _axpby_rows_kernel[(triton.cdiv(n, block_n),)](x, y, coef, grad, n, d, x.stride(0), y.stride(0),
+                                                   grad.stride(0), BLOCK_N=block_n, BLOCK_D=block_d,
+                                                   num_warps=warps)
+    return grad
+
+
 class _NegativeCosine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, p, z, reduction):
-        p, z = _rows(p), _rows(z.detach())
+    def forward(ctx, p, z, reduction, eps):
+        # The caller passes z.detach() for the stop-gradient, so needs_input_grad[1] says which form this is.
+        p, z = _rows(p.detach()), _rows(z.detach())
         n, d = p.shape
         block_n, block_d, warps = _tiling(n, d)
         grid = (triton.cdiv(n, block_n),)
@@ -78,34 +98,26 @@ class _NegativeCosine(torch.autograd.Function):
         _row_dots_kernel[grid](p, z, sums, n, d, p.stride(0), z.stride(0), BLOCK_N=block_n, BLOCK_D=block_d,
                                num_warps=warps)
         pz, norm_p, norm_z = sums[:, 0], sums[:, 1].sqrt(), sums[:, 2].sqrt()
-        n_p, n_z = norm_p.clamp_min(EPS), norm_z.clamp_min(EPS)
+        n_p, n_z = norm_p.clamp_min(eps), norm_z.clamp_min(eps)
         cos = pz / (n_p * n_z)
-        if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(p, z, cos, n_p, n_z, norm_p)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            ctx.save_for_backward(p, z, cos, n_p, n_z, norm_p, norm_z)
             ctx.reduction = reduction
         return reduce(-cos, reduction)
 
     @staticmethod
     def backward(ctx, grad_out):
-        p, z, cos, n_p, n_z, norm_p = ctx.saved_tensors
-        n, d = p.shape
+        p, z, cos, n_p, n_z, norm_p, norm_z = ctx.saved_tensors
+        n = p.shape[0]
         g = grad_out.to(torch.float32).expand(n) / (n if ctx.reduction == "mean" else 1)
-        # d(−cos)/dp = −ẑ/n_p + cos·p/(n_p·‖p‖); a zero row of p gets only the ẑ term (norm' = 0 there).
-        alpha = -g / (n_p * n_z)
-        beta = torch.where(norm_p > 0, g * cos / (n_p * norm_p.clamp_min(torch.finfo(torch.float32).tiny)),
-                           torch.zeros_like(cos))
-        coef = torch.stack([alpha, beta], dim=1).contiguous()
-        grad = _empty(p.shape, p.dtype, p.device)
-        block_n, block_d, warps = _tiling(n, d)
-        _axpby_rows_kernel[(triton.cdiv(n, block_n),)](p, z, coef, grad, n, d, p.stride(0), z.stride(0),
-                                                       grad.stride(0), BLOCK_N=block_n, BLOCK_D=block_d,
-                                                       num_warps=warps)
-        return grad, None, None
+        grad_p = _grad_rows(p, z, g, cos, n_p, n_z, norm_p) if ctx.needs_input_grad[0] else None
+        grad_z = _grad_rows(z, p, g, cos, n_z, n_p, norm_z) if ctx.needs_input_grad[1] else None
+        return grad_p, grad_z, None, None
 
 
 @register("negative_cosine_similarity", "triton")
-def negative_cosine_similarity(p, z, reduction):
+def negative_cosine_similarity(p, z, reduction, stop_gradient=True, eps=EPS):
     if compute_dtype(p.dtype) == torch.float64 or compute_dtype(z.dtype) == torch.float64:
         from ..reference import negative_cosine_similarity as exact  # float32 accumulators would lose digits
-        return exact(p, z, reduction)
-    return _NegativeCosine.apply(p, z, reduction)
+        return exact(p, z, reduction, stop_gradient, eps)
+    return _NegativeCosine.apply(p, z.detach() if stop_gradient else z, reduction, float(eps))
