@@ -1,0 +1,1 @@
+"""Integrations with other libraries: drop-in functions and patch() / unpatch() helpers (one module per library)."""
