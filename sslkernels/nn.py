@@ -8,11 +8,13 @@ OpenCLIP's ClipLoss, the official DINO DINOLoss.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -24,7 +26,7 @@ from .distributed import all_gather_rows
 __all__ = [
     "InfoNCELoss", "NTXentLoss", "ClipLoss", "MoCoLoss", "SupConLoss", "DCLLoss", "DINOLoss",
     "NegativeCosineSimilarity", "BarlowTwinsLoss", "VICRegLoss", "SwaVLoss",
-    "DCLWLoss", "MemoryBankModule", "negative_mises_fisher_weights",
+    "DCLWLoss", "MemoryBankModule", "negative_mises_fisher_weights", "SigLipLoss", "ModelEmaV3",
 ]
 
 
@@ -264,24 +266,6 @@ class DCLWLoss(DCLLoss):
         super().__init__(temperature, functools.partial(negative_mises_fisher_weights, sigma=sigma),
                          gather_distributed, reduction=reduction, backend=backend)
         self.sigma = sigma
-
-
-class ClipLoss(_Loss):
-    """CLIP's symmetric loss with OpenCLIP's signature; forward(image_features, text_features, logit_scale,
-    output_dict=False) where ``logit_scale`` is already exponentiated."""
-
-    def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
-                 rank: int = 0, world_size: int = 1, use_horovod: bool = False, *, reduction: str = "mean",
-                 backend: Optional[str] = None):
-        super().__init__(reduction, backend)
-        if use_horovod:
-            raise ValueError("use_horovod=True is not supported: sslkernels scales out with torch.distributed")
-        self.local_loss, self.gather_with_grad, self.world_size = local_loss, gather_with_grad, world_size
-
-    def forward(self, image_features, text_features, logit_scale, output_dict: bool = False):
-        loss = Fn.clip_loss(image_features, text_features, logit_scale, reduction=self.reduction,
-                            gather_distributed=self.world_size > 1, backend=self.backend)
-        return {"contrastive_loss": loss} if output_dict else loss
 
 
 class MoCoLoss(_Loss):
@@ -585,3 +569,430 @@ class SwaVLoss(nn.Module):
                             epsilon=self.sinkhorn_epsilon, iterations=self.sinkhorn_iterations,
                             queue_outputs=queue_outputs, gather_distributed=self.sinkhorn_gather_distributed,
                             backend=self.backend).reshape(1)
+
+
+# ==================================================================================================
+# Drop-ins for OpenCLIP (open_clip_torch 3.3.0: ClipLoss, SigLipLoss) and timm (1.0.31: ModelEmaV3).
+# Same constructor and forward signatures, attributes, state-dict layout and numbers as the originals;
+# sslkernels.integrations.open_clip / .timm swap them into those packages.
+# ==================================================================================================
+
+
+def _one_value(x, name: str):
+    """OpenCLIP's scalars may be [1]-shaped (``nonscalar_logit_scale=True`` models): view them as 0-d.
+
+    reshape keeps the autograd link, so the gradient still reaches the [1]-shaped parameter."""
+    if isinstance(x, torch.Tensor) and x.dim() > 0:
+        if x.numel() != 1:
+            raise ValueError(f"{name} must hold one value (a 0-d or [1] tensor), got shape {tuple(x.shape)}")
+        return x.reshape(())
+    return x
+
+
+def _rank_args(owner: str, rank, world_size) -> None:
+    for name, v, low in (("rank", rank, 0), ("world_size", world_size, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"{owner}: {name} must be an int >= {low}, got {v!r}")
+    if rank >= world_size:
+        raise ValueError(f"{owner}: rank {rank} is outside [0, world_size={world_size})")
+
+
+def _check_process_group(owner: str, rank: int, world_size: int) -> None:
+    """world_size > 1 is only meaningful inside an initialized process group of that size."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(f"{owner}(world_size={world_size}) needs torch.distributed to be initialized "
+                         "(dist.init_process_group) before the forward; on one process use world_size=1")
+    if dist.get_world_size() != world_size or dist.get_rank() != rank:
+        raise ValueError(f"{owner}(rank={rank}, world_size={world_size}) does not match the process group "
+                         f"(rank {dist.get_rank()} of {dist.get_world_size()})")
+
+
+def _gather(x: torch.Tensor, with_grad: bool, keep_local: bool, rank: int) -> torch.Tensor:
+    """Every rank's rows, rank-major (OpenCLIP's gather_features on torch.distributed).
+
+    ``with_grad``: gradients flow back to the rank that owns each chunk (torch.distributed.nn.all_gather).
+    Otherwise the gathered copies are constants; ``keep_local`` puts this rank's own tensor back in its
+    slot so its rows still get their gradient (OpenCLIP does this unless local_loss)."""
+    if with_grad:
+        from torch.distributed.nn import all_gather as all_gather_with_grad  # imported on first distributed use
+        return torch.cat(all_gather_with_grad(x), dim=0)
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    if keep_local:
+        parts[rank] = x
+    return torch.cat(parts, dim=0)
+
+
+class ClipLoss(_Loss):
+    """CLIP's symmetric loss with OpenCLIP's signature (open_clip_torch 3.3.0):
+
+    ``ClipLoss(local_loss=False, gather_with_grad=False, cache_labels=False, rank=0, world_size=1,
+    use_horovod=False)``; ``forward(image_features, text_features, logit_scale, logit_bias=None,
+    output_dict=False)`` → the loss, or ``{"contrastive_loss": loss}``. ``logit_scale`` is already
+    exponentiated (OpenCLIP's models return ``logit_scale.exp()``), a float or a 0-d / [1] tensor.
+
+    ``logit_bias`` shifts every logit of a row by the same amount, which leaves a softmax cross-entropy
+    unchanged: OpenCLIP's loss does not depend on it, and neither does this one; it is kept in the graph
+    with an exactly-zero gradient (OpenCLIP's is zero up to rounding), and a NaN in it still gives a NaN loss.
+
+    ``world_size > 1`` needs an initialized torch.distributed group of that size (rank = this process's
+    rank): features are all-gathered as OpenCLIP does (``gather_with_grad``: gradients flow to every rank;
+    ``local_loss``: each rank's rows against all columns, labels offset by ``rank``), and the loss runs
+    on our fused ops over the gathered features. Horovod is not supported (``use_horovod=True`` is
+    accepted on one process, where OpenCLIP never uses it either). Beyond OpenCLIP: ``reduction``, ``backend``.
+    """
+
+    def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
+                 rank: int = 0, world_size: int = 1, use_horovod: bool = False, *, reduction: str = "mean",
+                 backend: Optional[str] = None):
+        super().__init__(reduction, backend)
+        _rank_args("ClipLoss", rank, world_size)
+        if use_horovod and world_size > 1:
+            raise ValueError("ClipLoss(use_horovod=True, world_size > 1) is not supported: sslkernels gathers "
+                             "with torch.distributed")
+        self.local_loss, self.gather_with_grad, self.cache_labels = local_loss, gather_with_grad, cache_labels
+        self.rank, self.world_size, self.use_horovod = rank, world_size, use_horovod
+        # OpenCLIP's label cache; used only by get_ground_truth (the fused loss needs no label tensor).
+        self.prev_num_logits = 0
+        self.labels = {}
+
+    def get_ground_truth(self, device, num_logits) -> torch.Tensor:
+        """OpenCLIP's labels for ``num_logits`` rows (offset by rank·num_logits under local_loss)."""
+        if self.prev_num_logits != num_logits or device not in self.labels:
+            labels = torch.arange(num_logits, device=device, dtype=torch.long)
+            if self.world_size > 1 and self.local_loss:
+                labels = labels + num_logits * self.rank
+            if self.cache_labels:
+                self.labels[device] = labels
+                self.prev_num_logits = num_logits
+            return labels
+        return self.labels[device]
+
+    def _gathered(self, image_features, text_features):
+        _check_process_group("ClipLoss", self.rank, self.world_size)
+        keep = not self.local_loss
+        return (_gather(image_features, self.gather_with_grad, keep, self.rank),
+                _gather(text_features, self.gather_with_grad, keep, self.rank))
+
+    def get_logits(self, image_features, text_features, logit_scale, logit_bias=None):
+        """OpenCLIP's (logits_per_image, logits_per_text), materialized: for inspection and subclasses;
+        ``forward`` never builds them."""
+        logit_scale, logit_bias = _one_value(logit_scale, "logit_scale"), _one_value(logit_bias, "logit_bias")
+        if self.world_size > 1:
+            all_image, all_text = self._gathered(image_features, text_features)
+            if self.local_loss:
+                per_image = logit_scale * image_features @ all_text.T
+                per_text = logit_scale * text_features @ all_image.T
+            else:
+                per_image = logit_scale * all_image @ all_text.T
+                per_text = per_image.T
+        else:
+            per_image = logit_scale * image_features @ text_features.T
+            per_text = logit_scale * text_features @ image_features.T
+        if logit_bias is not None:
+            per_image, per_text = per_image + logit_bias, per_text + logit_bias
+        return per_image, per_text
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict: bool = False):
+        logit_scale = _one_value(logit_scale, "logit_scale")
+        if self.world_size == 1:
+            loss = Fn.clip_loss(image_features, text_features, logit_scale, reduction=self.reduction,
+                                backend=self.backend)
+        else:
+            loss = self._distributed_loss(image_features, text_features, logit_scale)
+        if isinstance(logit_bias, torch.Tensor):
+            loss = loss + 0 * _one_value(logit_bias, "logit_bias").to(loss.dtype)  # gradient exactly 0: see the docstring
+        elif logit_bias is not None and (isinstance(logit_bias, bool) or not isinstance(logit_bias, (int, float))):
+            raise TypeError(f"logit_bias must be None, a float or a tensor, got {type(logit_bias).__name__}")
+        return {"contrastive_loss": loss} if output_dict else loss
+
+    def _distributed_loss(self, image_features, text_features, logit_scale):
+        all_image, all_text = self._gathered(image_features, text_features)
+        if not self.local_loss:
+            # Every rank computes the global loss over all gathered rows, as OpenCLIP does.
+            return Fn.clip_loss(all_image, all_text, logit_scale, reduction=self.reduction, backend=self.backend)
+        # This rank's rows against every rank's columns; row i's positive is global column rank·n + i.
+        n = image_features.shape[0]
+        targets = torch.arange(n, device=image_features.device) + n * self.rank
+        logit_scale = check.positive_scalar(logit_scale, "logit_scale", image_features.device)
+        # info_nce divides by a temperature: 1/scale costs one rounding of the scale (≤ 1 ulp of the logits).
+        temperature = 1 / logit_scale
+        per_image = Fn.info_nce(image_features, all_text, temperature, targets=targets, reduction=self.reduction,
+                                backend=self.backend)
+        per_text = Fn.info_nce(text_features, all_image, temperature, targets=targets, reduction=self.reduction,
+                               backend=self.backend)
+        return (per_image + per_text) / 2
+
+
+class SigLipLoss(_Loss):
+    """SigLIP's pairwise sigmoid loss with OpenCLIP's signature (open_clip_torch 3.3.0):
+
+    ``SigLipLoss(cache_labels=False, rank=0, world_size=1, dist_impl=None)`` (dist_impl None means
+    "bidir"; one of "bidir", "shift", "reduce", "gather"); ``forward(image_features, text_features,
+    logit_scale, logit_bias, output_dict=False)``. As in OpenCLIP, ``logit_scale`` is already exponentiated
+    (SigLIP models return ``logit_scale.exp()``) and ``logit_bias`` is used as is (None: no bias); both
+    may be floats or 0-d / [1] tensors and get gradients. Labels are +1 on the diagonal and −1 elsewhere;
+    loss = −Σ log σ(label · logit) / N.
+
+    ``world_size > 1`` needs an initialized torch.distributed group of that size: this rank's images see
+    its own texts with those labels and every other rank's texts as negatives only (OpenCLIP's
+    ``negative_only``), whatever ``dist_impl`` says: the four exchange schemes compute the same loss, and
+    here the texts are all-gathered with gradients. A negatives-only block is our fused loss plus the mean
+    of its diagonal logits (−log σ(−x) = −log σ(x) + x), so it runs on the same kernels.
+    Beyond OpenCLIP: ``reduction`` (per image row sums for "none"), ``backend``.
+    """
+
+    DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
+
+    def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1,
+                 dist_impl: Optional[str] = None, *, reduction: str = "mean", backend: Optional[str] = None):
+        super().__init__(reduction, backend)
+        _rank_args("SigLipLoss", rank, world_size)
+        dist_impl = dist_impl or "bidir"
+        if dist_impl not in self.DIST_IMPLS:
+            raise ValueError(f"dist_impl must be None or one of {self.DIST_IMPLS}, got {dist_impl!r}")
+        self.cache_labels, self.rank, self.world_size, self.dist_impl = cache_labels, rank, world_size, dist_impl
+        self.prev_num_logits = 0  # OpenCLIP keeps (and does not use) a label cache; kept for attribute parity
+        self.labels = {}
+
+    def get_ground_truth(self, device, dtype, num_logits, negative_only: bool = False) -> torch.Tensor:
+        """OpenCLIP's ±1 label matrix (−1 everywhere with ``negative_only``), materialized."""
+        labels = -torch.ones((num_logits, num_logits), device=device, dtype=dtype)
+        if not negative_only:
+            labels = labels + 2 * torch.eye(num_logits, device=device, dtype=dtype)
+        return labels
+
+    def get_logits(self, image_features, text_features, logit_scale, logit_bias=None):
+        """OpenCLIP's logits, materialized (``forward`` never builds them)."""
+        logits = _one_value(logit_scale, "logit_scale") * image_features @ text_features.T
+        if logit_bias is not None:
+            logits = logits + _one_value(logit_bias, "logit_bias")
+        return logits
+
+    def _loss(self, image_features, text_features, logit_scale, logit_bias, negative_only: bool = False):
+        loss = Fn.siglip_loss(image_features, text_features, logit_scale, logit_bias, reduction=self.reduction,
+                              backend=self.backend)
+        if not negative_only:
+            return loss
+        # Labels all −1: −log σ(−x_ii) = −log σ(x_ii) + x_ii turns the diagonal terms into negatives.
+        diag = logit_scale * (image_features * text_features).sum(dim=1) + logit_bias
+        if self.reduction == "none":
+            return loss + diag
+        return loss + (diag.mean() if self.reduction == "mean" else diag.sum())
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict: bool = False):
+        logit_scale = _one_value(logit_scale, "logit_scale")
+        logit_bias = 0.0 if logit_bias is None else _one_value(logit_bias, "logit_bias")
+        loss = self._loss(image_features, text_features, logit_scale, logit_bias)
+        if self.world_size > 1:
+            _check_process_group("SigLipLoss", self.rank, self.world_size)
+            all_text = _gather(text_features, True, False, self.rank).chunk(self.world_size)
+            for r, texts in enumerate(all_text):
+                if r != self.rank:
+                    loss = loss + self._loss(image_features, texts, logit_scale, logit_bias, negative_only=True)
+        return {"contrastive_loss": loss} if output_dict else loss
+
+
+# Elements per stochastic-rounding step: timm's chunk size, which fixes how its private RNG is drawn.
+_SR_CHUNK = 1 << 22
+
+
+@torch.no_grad()
+def _stochastic_round_ema_(targets, sources, weight, generator) -> None:
+    """bf16 EMA targets with stochastic rounding, drawing the same random bits as timm 1.0.31.
+
+    The update t + weight·(s − t) is formed in fp32; 16 random bits are added below the bf16 mantissa
+    and the low half truncated, so the value rounds up with probability equal to the discarded fraction
+    (an EMA step of 1e-4 relative, far below bf16's 2^-8 resolution, then accumulates in expectation
+    instead of always rounding away). Tensors are concatenated in groups of at most _SR_CHUNK elements and
+    one randint is drawn per group, in this order, as timm does: with the same seed the EMA weights are
+    identical bit for bit. (A fused kernel would need timm's exact RNG stream; this path stays eager.)
+    """
+    group, size = [], 0
+    for t, s in zip(targets, sources):
+        if group and size + t.numel() > _SR_CHUNK:
+            _stochastic_round_group_(group, weight, generator)
+            group, size = [], 0
+        group.append((t, s))
+        size += t.numel()
+    if group:
+        _stochastic_round_group_(group, weight, generator)
+
+
+def _stochastic_round_group_(pairs, weight, generator) -> None:
+    x = torch.cat([t.reshape(-1) for t, _ in pairs]).float()
+    x.mul_(1.0 - weight).add_(torch.cat([s.reshape(-1) for _, s in pairs]), alpha=weight)
+    bits = x.view(torch.int32)
+    bits.add_(torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device, generator=generator))
+    bits.bitwise_and_(-(1 << 16))  # what is left is exactly a bf16 value: the copy below does not round
+    for (t, _), v in zip(pairs, x.split([t.numel() for t, _ in pairs])):
+        t.copy_(v.view(t.shape))
+
+
+def _unit_interval(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1], got {value!r}")
+    return value
+
+
+class ModelEmaV3(nn.Module):
+    """timm's ModelEmaV3 (timm 1.0.31) on the fused multi-tensor EMA: the same constructor
+    ``ModelEmaV3(model, decay=0.9999, min_decay=0.0, update_after_step=0, use_warmup=False,
+    warmup_gamma=1.0, warmup_power=2/3, device=None, dtype=None, stochastic_rounding=True,
+    stochastic_rounding_seed=0, foreach=True, exclude_buffers=False)``, ``update(model, step=None)``,
+    ``get_decay(step)``, ``set(model)``, ``forward``, ``.module``, and the same state dict
+    (``module.<name>``), so checkpoints load in either class.
+
+    What is averaged, as in timm: every floating-point entry of the model's state dict (parameters and
+    persistent buffers such as BatchNorm statistics) is lerped, integer entries are copied; with
+    ``exclude_buffers=True`` only parameters are lerped and every buffer (``module.buffers()``, persistent
+    or not) is copied. Entries pair up by position, as timm's ``zip``, but a count or shape mismatch is an
+    error here instead of a silent truncation.
+
+    How: all lerped pairs go to ``ema_update_`` in one call (one kernel launch per dtype pair on the GPU;
+    ``foreach`` is kept as an attribute but changes nothing). bf16 EMA tensors with ``stochastic_rounding``
+    (timm's default) take timm's stochastic-rounding algorithm with its private RNG, eagerly, so they
+    match timm bit for bit. A tensor listed twice in the state dict (tied weights) is updated once with
+    decay², which is what timm's sequential lerp over the list computes. Results agree with timm's to
+    fp32 rounding (the kernel forms decay·ema + (1 − decay)·model, timm's lerp ema + w·(model − ema)).
+    Beyond timm: ``backend`` (keyword-only) for ``ema_update_``.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999, min_decay: float = 0.0, update_after_step: int = 0,
+                 use_warmup: bool = False, warmup_gamma: float = 1.0, warmup_power: float = 2 / 3,
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
+                 stochastic_rounding: bool = True, stochastic_rounding_seed: int = 0, foreach: bool = True,
+                 exclude_buffers: bool = False, *, backend: Optional[str] = None):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.decay = _unit_interval(decay, "decay")
+        self.min_decay = _unit_interval(min_decay, "min_decay")
+        if isinstance(update_after_step, bool) or not isinstance(update_after_step, int):
+            raise TypeError(f"update_after_step must be an int, got {update_after_step!r}")
+        if not warmup_gamma > 0:
+            raise ValueError(f"warmup_gamma must be positive, got {warmup_gamma!r}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be None or a floating-point torch.dtype, got {dtype!r}")
+        self.module = copy.deepcopy(model)
+        self.module.eval()
+        self.update_after_step, self.use_warmup = update_after_step, use_warmup
+        self.warmup_gamma, self.warmup_power = warmup_gamma, warmup_power
+        self.foreach, self.device, self.dtype = foreach, device, dtype
+        self.stochastic_rounding, self.stochastic_rounding_seed = stochastic_rounding, stochastic_rounding_seed
+        self.exclude_buffers, self.backend = exclude_buffers, backend
+        first = next(model.parameters(), None)
+        if device is not None and (first is None or device != first.device):
+            self.foreach = False  # timm's flag: its foreach ops need one device
+            self.module.to(device=device)
+        if dtype is not None:
+            self.module.to(dtype=dtype)
+        # timm's private RNG for stochastic rounding: the global RNG is untouched, ranks round alike.
+        own = next(self.module.parameters(), None)
+        self._sr_generator = torch.Generator(device=own.device if own is not None else "cpu")
+        self._sr_generator.manual_seed(stochastic_rounding_seed)
+
+    def get_decay(self, step: Optional[int] = None) -> float:
+        """timm's schedule: ``decay`` without a step; 0 until ``update_after_step + 1``; then, with
+        ``use_warmup``, 1 − (1 + t/γ)^(−power) clamped to [min_decay, decay] (t counted from there)."""
+        if step is None:
+            return self.decay
+        step = max(0, step - self.update_after_step - 1)
+        if step <= 0:
+            return 0.0
+        if not self.use_warmup:
+            return self.decay
+        decay = 1 - (1 + step / self.warmup_gamma) ** -self.warmup_power
+        return max(min(decay, self.decay), self.min_decay)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: Optional[int] = None) -> None:
+        decay = self.get_decay(step)
+        if self.exclude_buffers:
+            self.apply_update_no_buffers_(model, decay)
+        else:
+            self.apply_update_(model, decay)
+
+    def _state_pairs(self, model: nn.Module):
+        ema_sd, model_sd = self.module.state_dict(), model.state_dict()
+        if len(ema_sd) != len(model_sd):
+            raise ValueError(f"model's state dict has {len(model_sd)} entries but the EMA copy's has {len(ema_sd)}; "
+                             "pass the model the EMA was made from (unwrapped, e.g. ddp_model.module)")
+        pairs = []
+        for (key, e), m in zip(ema_sd.items(), model_sd.values()):
+            if isinstance(e, torch.Tensor):
+                if not isinstance(m, torch.Tensor) or e.shape != m.shape:
+                    got = tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
+                    raise ValueError(f"model's state dict entry for {key!r} is {got}, the EMA copy's "
+                                     f"{tuple(e.shape)}; the two must pair up by position")
+                pairs.append((e, m))
+        return pairs
+
+    @torch.no_grad()
+    def apply_update_(self, model: nn.Module, decay: float) -> None:
+        """Lerp every floating-point state-dict entry towards the model's, copy the others."""
+        lerp = []
+        for e, m in self._state_pairs(model):
+            if e.is_floating_point():
+                lerp.append((e, m))
+            else:
+                e.copy_(m)
+        self._ema_(lerp, decay)
+
+    @torch.no_grad()
+    def apply_update_no_buffers_(self, model: nn.Module, decay: float) -> None:
+        """Lerp parameters, copy every buffer (exclude_buffers=True)."""
+        ema_p, model_p = list(self.module.parameters()), list(model.parameters())
+        ema_b, model_b = list(self.module.buffers()), list(model.buffers())
+        if len(ema_p) != len(model_p) or len(ema_b) != len(model_b):
+            raise ValueError(f"model has {len(model_p)} parameters and {len(model_b)} buffers but the EMA copy has "
+                             f"{len(ema_p)} and {len(ema_b)}; pass the model the EMA was made from")
+        for e, m in zip(ema_p + ema_b, model_p + model_b):
+            if e.shape != m.shape:
+                raise ValueError(f"a model tensor of shape {tuple(m.shape)} pairs with an EMA tensor of shape "
+                                 f"{tuple(e.shape)}; the two must pair up by position")
+        self._ema_(list(zip(ema_p, model_p)), decay)
+        for e, m in zip(ema_b, model_b):
+            e.copy_(m)
+
+    @torch.no_grad()
+    def set(self, model: nn.Module) -> None:
+        """Copy the model's state into the EMA copy."""
+        for e, m in self._state_pairs(model):
+            e.copy_(m)
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)  # as timm: not under no_grad
+
+    def _ema_(self, pairs, decay) -> None:
+        """ema ← decay·ema + (1 − decay)·model over (ema, model) pairs, sources moved to the EMA's device."""
+        pairs = [(e, m if m.device == e.device else m.to(e.device)) for e, m in pairs]
+        if self.stochastic_rounding:
+            rounded = [(e, m) for e, m in pairs if e.dtype == torch.bfloat16]
+            if rounded:
+                pairs = [(e, m) for e, m in pairs if e.dtype != torch.bfloat16]
+                # timm draws per tensor in its per-tensor path (foreach off), per group otherwise.
+                for chunk in ([rounded] if self.foreach else [[p] for p in rounded]):
+                    _stochastic_round_ema_([e for e, _ in chunk], [m for _, m in chunk], 1.0 - decay,
+                                           self._sr_generator)
+        # One ema_update_ per (device, times listed): tied weights appear under several state-dict keys, and
+        # k lerps in a row equal one with decay^k; one launch must not write a tensor twice.
+        groups: dict = {}
+        seen: dict = {}
+        for e, m in pairs:
+            key = (e.data_ptr(), e.dtype, e.shape, e.stride()) if e.numel() else None
+            if key is not None and key in seen:
+                seen[key][0] += 1
+                continue
+            entry = [1, e, m]
+            if key is not None:
+                seen[key] = entry
+            groups.setdefault(e.device, []).append(entry)
+        for entries in groups.values():
+            by_count: dict = {}
+            for count, e, m in entries:
+                by_count.setdefault(count, ([], []))
+                by_count[count][0].append(e)
+                by_count[count][1].append(m)
+            for count, (targets, sources) in by_count.items():
+                Fn.ema_update_(targets, sources, decay ** count, backend=self.backend)

@@ -1,0 +1,138 @@
+"""solo-learn's loss functions (solo-learn 1.0.2, the release on PyPI) on sslkernels' fused ops.
+
+Same names, signatures, defaults and numbers as ``solo.losses`` of that release:
+
+  simclr_loss_func(z1, z2, temperature=0.1, extra_pos_mask=None)
+  moco_loss_func(query, key, queue, temperature=0.1)         queue is D×K (columns are negatives), as solo's
+  byol_loss_func(p, z, simplified=True)
+  simsiam_loss_func(p, z, simplified=True)
+  barlow_loss_func(z1, z2, lamb=5e-3, scale_loss=0.025)
+  vicreg_loss_func(z1, z2, sim_loss_weight=25.0, var_loss_weight=25.0, cov_loss_weight=1.0)
+
+Each also takes a keyword-only ``backend``. Inputs are [N, D] feature matrices (solo's functions also
+accept more leading dims in places; its methods never pass them). Later solo-learn versions (GitHub main)
+changed these signatures (index-based positives, mocov2plus / mocov3 functions, gathering across ranks);
+those are not mirrored here: the installed 1.0.2 is what the tests compare against.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import _checks as check
+from .. import functional as Fn
+from ..distributed import is_distributed
+
+__all__ = ["simclr_loss_func", "moco_loss_func", "byol_loss_func", "simsiam_loss_func", "barlow_loss_func",
+           "vicreg_loss_func"]
+
+
+def simclr_loss_func(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1,
+                     extra_pos_mask: Optional[torch.Tensor] = None, *, backend: Optional[str] = None) -> torch.Tensor:
+    """SimCLR's loss over Z = normalize(cat(z1, z2)) (2N rows; solo normalizes inside).
+
+    Without ``extra_pos_mask`` the positive of row i is its other view: NT-Xent (``nt_xent``). With it
+    (a 2N×2N bool mask, solo's supervised SimCLR), a row's loss averages −log p over all its positives
+    (mask OR other view). When those positives are "same label" sets (what solo's gen_extra_positives_gt
+    builds), this is SupCon's L_out and runs on ``supcon_loss`` with the labels read off the mask; any
+    other mask takes an eager path with solo's formula (it is N×N anyway).
+    """
+    check.features(z1, "z1")
+    check.features(z2, "z2")
+    if z1.shape != z2.shape:
+        raise ValueError(f"z2 has shape {tuple(z2.shape)} but z1 has {tuple(z1.shape)}; the views must pair up")
+    z1n, z2n = F.normalize(z1, dim=-1), F.normalize(z2, dim=-1)
+    if extra_pos_mask is None:
+        return Fn.nt_xent(z1n, z2n, temperature, backend=backend)
+    n = 2 * z1.shape[0]
+    check.tensor(extra_pos_mask, "extra_pos_mask")
+    if extra_pos_mask.shape != (n, n):
+        raise ValueError(f"extra_pos_mask must have shape [{n}, {n}] (2N×2N over cat(z1, z2)), "
+                         f"got {tuple(extra_pos_mask.shape)}")
+    if extra_pos_mask.is_floating_point() or extra_pos_mask.is_complex():
+        raise TypeError(f"extra_pos_mask must be a bool (or 0/1 integer) mask, got {extra_pos_mask.dtype}")
+    if extra_pos_mask.dtype != torch.bool:
+        if not bool(((extra_pos_mask == 0) | (extra_pos_mask == 1)).all()):
+            raise ValueError("extra_pos_mask must hold only 0 and 1")
+        extra_pos_mask = extra_pos_mask.bool()
+    idx = torch.arange(n, device=z1.device)
+    pos = extra_pos_mask.to(z1.device).clone()
+    pos[idx, (idx + n // 2) % n] = True  # each row's other view is always a positive
+    z = torch.cat([z1n, z2n])
+    if not bool(pos.diagonal().any()):
+        # Positives "same label, not self" ⇔ pos + self-loops is an equivalence relation; then a row's
+        # label is the first column of its class, and the mask is exactly label equality off the diagonal.
+        labels = (pos | torch.eye(n, dtype=torch.bool, device=pos.device)).to(torch.uint8).argmax(dim=1)
+        same = labels[:, None] == labels[None, :]
+        same.fill_diagonal_(False)
+        if torch.equal(same, pos):
+            return Fn.supcon_loss(z, labels, temperature, backend=backend)
+    return _masked_simclr(z, pos, temperature)
+
+
+def _masked_simclr(z: torch.Tensor, pos: torch.Tensor, temperature) -> torch.Tensor:
+    """solo's formula for any positive mask (a self-positive on the diagonal included): row i's loss is
+    −mean over its positives j of (z_i·z_j/τ − LSE_{k≠i} z_i·z_k/τ); the mean is over rows."""
+    temperature = check.positive_scalar(temperature, "temperature", z.device)
+    logits = z @ z.T / temperature
+    self_mask = torch.eye(z.shape[0], dtype=torch.bool, device=z.device)
+    log_prob = logits - torch.logsumexp(logits.masked_fill(self_mask, float("-inf")), dim=1, keepdim=True)
+    per_row = torch.where(pos, log_prob, torch.zeros_like(log_prob)).sum(dim=1) / pos.sum(dim=1)
+    return -per_row.mean()
+
+
+def moco_loss_func(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor, temperature=0.1, *,
+                   backend: Optional[str] = None) -> torch.Tensor:
+    """MoCo's loss; ``queue`` is solo's D×K buffer (column k is negative k). Runs ``moco_loss`` on queue.T."""
+    check.features(query, "query")
+    check.features(queue, "queue")
+    if queue.shape[0] != query.shape[1]:
+        raise ValueError(f"queue has shape {tuple(queue.shape)}; solo-learn's queue is D×K (feature dim first), "
+                         f"so its first dimension must be query's feature dim {query.shape[1]}")
+    if queue.requires_grad:
+        # solo's queue is a buffer of past keys; moco_loss gives it no gradient, so refuse rather than drop one.
+        raise ValueError("queue requires grad; moco_loss_func treats it as a constant buffer: pass queue.detach()")
+    return Fn.moco_loss(query, key, queue.T, temperature, backend=backend)
+
+
+def _check_simplified(simplified) -> None:
+    if not isinstance(simplified, bool):
+        raise TypeError(f"simplified must be a bool, got {type(simplified).__name__}")
+
+
+def byol_loss_func(p: torch.Tensor, z: torch.Tensor, simplified: bool = True, *,
+                   backend: Optional[str] = None) -> torch.Tensor:
+    """BYOL's loss 2 − 2·mean cos(p, z), z detached. ``simplified`` picks one of solo's two equal
+    formulas; both are the fused cosine here."""
+    _check_simplified(simplified)
+    return 2 + 2 * Fn.negative_cosine_similarity(p, z, backend=backend)
+
+
+def simsiam_loss_func(p: torch.Tensor, z: torch.Tensor, simplified: bool = True, *,
+                      backend: Optional[str] = None) -> torch.Tensor:
+    """SimSiam's loss −mean cos(p, z), z detached (``simplified`` as in byol_loss_func)."""
+    _check_simplified(simplified)
+    return Fn.negative_cosine_similarity(p, z, backend=backend)
+
+
+def _single_process(name: str) -> None:
+    if is_distributed():
+        raise NotImplementedError(f"{name}: solo-learn all-reduces across ranks here; the sslkernels version is "
+                                  "single-process only for now")
+
+
+def barlow_loss_func(z1: torch.Tensor, z2: torch.Tensor, lamb: float = 5e-3, scale_loss: float = 0.025, *,
+                     backend: Optional[str] = None) -> torch.Tensor:
+    """Barlow Twins as solo computes it: ``scale_loss`` × the reference loss with off-diagonal weight ``lamb``."""
+    _single_process("barlow_loss_func")
+    return scale_loss * Fn.barlow_twins_loss(z1, z2, lamb, backend=backend)
+
+
+def vicreg_loss_func(z1: torch.Tensor, z2: torch.Tensor, sim_loss_weight: float = 25.0,
+                     var_loss_weight: float = 25.0, cov_loss_weight: float = 1.0, *,
+                     backend: Optional[str] = None) -> torch.Tensor:
+    """VICReg as solo computes it. solo sums the two views' variance hinges where the reference code
+    averages them, so its variance weight is twice ``vicreg_loss``'s."""
+    return Fn.vicreg_loss(z1, z2, sim_loss_weight, 2 * var_loss_weight, cov_loss_weight, backend=backend)
