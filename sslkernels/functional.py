@@ -4,6 +4,7 @@ Every function takes ``backend=None`` ("auto" unless set_backend / SSLKERNELS_BA
 """
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Iterable, Optional, Union
 
@@ -21,6 +22,22 @@ __all__ = [
     "negative_cosine_similarity", "dino_loss", "update_center_", "sinkhorn_knopp", "swav_loss",
     "barlow_twins_loss", "vicreg_loss", "ema_update_", "similarity", "knn_topk", "rankme",
 ]
+
+
+def _outside_autocast(loss_fn):
+    """Run a loss as autocast runs F.cross_entropy: in its inputs' precision, not autocast's.
+
+    Inside ``torch.autocast`` the matmuls of the CPU and reference paths would otherwise drop to bf16 /
+    fp16 (fp32 features then lose ~3 digits in the logits, and an LSE over thousands of them more). The
+    kernels already take bf16 / fp16 features as they are and accumulate in fp32; fp32 features stay fp32.
+    """
+    @functools.wraps(loss_fn)
+    def wrapper(*args, **kwargs):
+        if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
+            with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+                return loss_fn(*args, **kwargs)
+        return loss_fn(*args, **kwargs)
+    return wrapper
 
 
 def _single_process(op: str, gather_distributed, distributed, process_group) -> None:
@@ -54,6 +71,7 @@ def _pair(a_name, a, b_name, b, *, same_rows: bool) -> None:
 # --------------------------------------------------------------------------------------- contrastive
 
 
+@_outside_autocast
 def info_nce(query, key, temperature: Scalar = 0.1, *, targets=None, symmetric: bool = False, decoupled: bool = False,
              reduction: str = "mean", gather_distributed: bool = False, distributed: Optional[str] = None,
              process_group=None, backend: Optional[str] = None) -> torch.Tensor:
@@ -83,6 +101,7 @@ def info_nce(query, key, temperature: Scalar = 0.1, *, targets=None, symmetric: 
     return impl(query, key, temperature, targets, bool(symmetric), bool(decoupled), reduction)
 
 
+@_outside_autocast
 def nt_xent(z1, z2, temperature: Scalar = 0.5, *, decoupled: bool = False, reduction: str = "mean",
             gather_distributed: bool = False, distributed: Optional[str] = None, process_group=None,
             backend: Optional[str] = None) -> torch.Tensor:
@@ -99,6 +118,7 @@ def nt_xent(z1, z2, temperature: Scalar = 0.5, *, decoupled: bool = False, reduc
     return impl(z1, z2, temperature, bool(decoupled), reduction)
 
 
+@_outside_autocast
 def clip_loss(image_features, text_features, logit_scale: Scalar, *, reduction: str = "mean",
               gather_distributed: bool = False, distributed: Optional[str] = None, process_group=None,
               backend: Optional[str] = None) -> torch.Tensor:
@@ -113,6 +133,7 @@ def clip_loss(image_features, text_features, logit_scale: Scalar, *, reduction: 
     return impl(image_features, text_features, logit_scale, reduction)
 
 
+@_outside_autocast
 def siglip_loss(image_features, text_features, logit_scale: Scalar, logit_bias: Scalar, *, reduction: str = "mean",
                 gather_distributed: bool = False, distributed: Optional[str] = None, process_group=None,
                 backend: Optional[str] = None) -> torch.Tensor:
@@ -129,6 +150,7 @@ def siglip_loss(image_features, text_features, logit_scale: Scalar, logit_bias: 
     return impl(image_features, text_features, logit_scale, logit_bias, reduction)
 
 
+@_outside_autocast
 def moco_loss(query, key, queue, temperature: Scalar = 0.2, *, reduction: str = "mean",
               gather_distributed: bool = False, distributed: Optional[str] = None, process_group=None,
               backend: Optional[str] = None) -> torch.Tensor:
@@ -150,6 +172,7 @@ def moco_loss(query, key, queue, temperature: Scalar = 0.2, *, reduction: str = 
     return impl(query, key, queue, temperature, reduction)
 
 
+@_outside_autocast
 def supcon_loss(features, labels, temperature: Scalar = 0.1, *, reduction: str = "mean",
                 gather_distributed: bool = False, distributed: Optional[str] = None, process_group=None,
                 backend: Optional[str] = None) -> torch.Tensor:
@@ -168,6 +191,7 @@ def supcon_loss(features, labels, temperature: Scalar = 0.1, *, reduction: str =
 # --------------------------------------------------------------------------------- non-contrastive
 
 
+@_outside_autocast
 def negative_cosine_similarity(p, z, *, reduction: str = "mean", stop_gradient: bool = True, eps: float = 1e-8,
                                backend: Optional[str] = None) -> torch.Tensor:
     """BYOL / SimSiam: −cos(p_i, z_i) with a stop-gradient on ``z``.
@@ -182,6 +206,7 @@ def negative_cosine_similarity(p, z, *, reduction: str = "mean", stop_gradient: 
     return dispatch("negative_cosine_similarity", backend, p.device)(p, z, reduction, bool(stop_gradient), eps)
 
 
+@_outside_autocast
 def dino_loss(student_output, teacher_output, center, *, student_temp: float = 0.1, teacher_temp: Scalar = 0.04,
               n_global_crops: int = 2, reduction: str = "mean", backend: Optional[str] = None) -> torch.Tensor:
     """DINO's cross-entropy between centred, sharpened teacher crops and every other student crop."""
@@ -270,6 +295,7 @@ def _crop_list(crops, name: str, *, allow_empty: bool = False):
     return list(crops)
 
 
+@_outside_autocast
 def swav_loss(high_resolution_outputs, low_resolution_outputs=(), *, temperature: float = 0.1, epsilon: float = 0.05,
               iterations: int = 3, queue_outputs=None, gather_distributed: bool = False, process_group=None,
               backend: Optional[str] = None) -> torch.Tensor:
@@ -305,6 +331,7 @@ def swav_loss(high_resolution_outputs, low_resolution_outputs=(), *, temperature
     return impl(high, low, temperature, epsilon, iterations, queue_outputs, bool(gather_distributed), process_group)
 
 
+@_outside_autocast
 def barlow_twins_loss(z1, z2, lambda_offdiag: float = 5e-3, *, backend: Optional[str] = None) -> torch.Tensor:
     """Barlow Twins: batch-normalized cross-correlation pushed to the identity."""
     _pair("z1", z1, "z2", z2, same_rows=True)
@@ -315,6 +342,7 @@ def barlow_twins_loss(z1, z2, lambda_offdiag: float = 5e-3, *, backend: Optional
     return dispatch("barlow_twins_loss", backend, z1.device)(z1, z2, float(lambda_offdiag))
 
 
+@_outside_autocast
 def vicreg_loss(z1, z2, sim_weight: float = 25.0, var_weight: float = 25.0, cov_weight: float = 1.0, *,
                 backend: Optional[str] = None) -> torch.Tensor:
     """VICReg: invariance (MSE) + variance hinge + covariance off-diagonal penalty."""
