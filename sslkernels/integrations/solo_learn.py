@@ -10,9 +10,15 @@ Same names, signatures, defaults and numbers as ``solo.losses`` of that release:
   vicreg_loss_func(z1, z2, sim_loss_weight=25.0, var_loss_weight=25.0, cov_loss_weight=1.0)
 
 Each also takes a keyword-only ``backend``. Inputs are [N, D] feature matrices (solo's functions also
-accept more leading dims in places; its methods never pass them). Later solo-learn versions (GitHub main)
-changed these signatures (index-based positives, mocov2plus / mocov3 functions, gathering across ranks);
-those are not mirrored here: the installed 1.0.2 is what the tests compare against.
+accept more leading dims in places; its methods never pass them). Later solo-learn versions (GitHub main,
+not on PyPI) renamed and changed some of these; on one process these forms are here too:
+
+  simclr_loss_func(z, indexes, temperature=0.1)              positives: rows with equal (integer) indexes
+  mocov2plus_loss_func(query, key, queue, temperature=0.1)   = moco_loss_func
+  mocov3_loss_func(query, key, temperature=0.2)              InfoNCE of the normalized features × 2τ
+
+They are tested against float64 formulas (tests/test_solo_learn_main_forms.py), not against solo's code, which
+no installable release has.
 """
 from __future__ import annotations
 
@@ -25,13 +31,16 @@ from .. import _checks as check
 from .. import functional as Fn
 from ..distributed import is_distributed
 
-__all__ = ["simclr_loss_func", "moco_loss_func", "byol_loss_func", "simsiam_loss_func", "barlow_loss_func",
-           "vicreg_loss_func"]
+__all__ = ["simclr_loss_func", "moco_loss_func", "mocov2plus_loss_func", "mocov3_loss_func", "byol_loss_func",
+           "simsiam_loss_func", "barlow_loss_func", "vicreg_loss_func"]
 
 
 def simclr_loss_func(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1,
                      extra_pos_mask: Optional[torch.Tensor] = None, *, backend: Optional[str] = None) -> torch.Tensor:
     """SimCLR's loss over Z = normalize(cat(z1, z2)) (2N rows; solo normalizes inside).
+
+    Also solo-learn main's form ``simclr_loss_func(z, indexes, temperature=0.1)`` (an integer ``indexes``
+    as the second argument): see :func:`_simclr_by_index`.
 
     Without ``extra_pos_mask`` the positive of row i is its other view: NT-Xent (``nt_xent``). With it
     (a 2N×2N bool mask, solo's supervised SimCLR), a row's loss averages −log p over all its positives
@@ -39,6 +48,11 @@ def simclr_loss_func(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.
     builds), this is SupCon's L_out and runs on ``supcon_loss`` with the labels read off the mask; any
     other mask takes an eager path with solo's formula (it is N×N anyway).
     """
+    if isinstance(z2, torch.Tensor) and not (z2.is_floating_point() or z2.is_complex()):
+        if extra_pos_mask is not None:
+            raise TypeError("extra_pos_mask belongs to the (z1, z2) form; the (z, indexes) form takes positives "
+                            "from indexes")
+        return _simclr_by_index(z1, z2, temperature, backend)
     check.features(z1, "z1")
     check.features(z2, "z2")
     if z1.shape != z2.shape:
@@ -72,6 +86,35 @@ def simclr_loss_func(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.
     return _masked_simclr(z, pos, temperature)
 
 
+def _simclr_by_index(z: torch.Tensor, indexes: torch.Tensor, temperature, backend) -> torch.Tensor:
+    """solo-learn main's SimCLR: rows of z (all crops) with equal ``indexes`` are positives of each other.
+
+    Row i's loss is −log(Σ_{j≠i, same index} e^{s_ij} / Σ_{j≠i} e^{s_ij}), s = normalize(z)·normalize(z)ᵀ/τ,
+    averaged over rows. With exactly two crops per index (SimCLR's two views, in any row order) that is
+    NT-Xent, which runs fused on the two views picked out by index; other layouts (multi-crop, a lone crop)
+    take the formula on the N×N matrix, as solo does (a crop without a positive gives an infinite loss there too).
+    """
+    check.features(z, "z")
+    if indexes.dim() != 1 or indexes.shape[0] != z.shape[0]:
+        raise ValueError(f"indexes must be a 1-D integer tensor with one entry per row of z ({z.shape[0]}), "
+                         f"got shape {tuple(indexes.shape)}")
+    _single_process("simclr_loss_func")
+    zn = F.normalize(z, dim=-1)
+    indexes = indexes.to(z.device)
+    _, inverse, counts = torch.unique(indexes, return_inverse=True, return_counts=True)
+    if bool((counts == 2).all()):
+        # The first and the second row of each index, in index order: a permutation of NT-Xent's rows.
+        order = torch.argsort(inverse, stable=True)
+        return Fn.nt_xent(zn[order[0::2]], zn[order[1::2]], temperature, backend=backend)
+    temperature = check.positive_scalar(temperature, "temperature", z.device)
+    logits = zn @ zn.T / temperature
+    self_mask = torch.eye(z.shape[0], dtype=torch.bool, device=z.device)
+    pos = (indexes[:, None] == indexes[None, :]) & ~self_mask
+    lse_all = torch.logsumexp(logits.masked_fill(self_mask, float("-inf")), dim=1)
+    lse_pos = torch.logsumexp(logits.masked_fill(~pos, float("-inf")), dim=1)
+    return (lse_all - lse_pos).mean()
+
+
 def _masked_simclr(z: torch.Tensor, pos: torch.Tensor, temperature) -> torch.Tensor:
     """solo's formula for any positive mask (a self-positive on the diagonal included): row i's loss is
     −mean over its positives j of (z_i·z_j/τ − LSE_{k≠i} z_i·z_k/τ); the mean is over rows."""
@@ -97,6 +140,28 @@ def moco_loss_func(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor, 
     return Fn.moco_loss(query, key, queue.T, temperature, backend=backend)
 
 
+def mocov2plus_loss_func(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor, temperature=0.1, *,
+                         backend: Optional[str] = None) -> torch.Tensor:
+    """solo-learn main's name for MoCo v2+'s loss: the same formula as :func:`moco_loss_func` (queue D×K)."""
+    return moco_loss_func(query, key, queue, temperature, backend=backend)
+
+
+def mocov3_loss_func(query: torch.Tensor, key: torch.Tensor, temperature=0.2, *,
+                     backend: Optional[str] = None) -> torch.Tensor:
+    """solo-learn main's MoCo v3 loss: InfoNCE of normalize(query) against normalize(key), positives on the
+    diagonal, scaled by 2τ (as the official MoCo v3 code). On one process the keys keep their gradient, as
+    solo's no-grad gather returns its input unchanged there. (solo main offsets the labels by rank 1 when
+    torch.distributed is not initialized, which indexes past the logits; here one process is rank 0.)"""
+    check.features(query, "query")
+    check.features(key, "key")
+    if query.shape != key.shape:
+        raise ValueError(f"key has shape {tuple(key.shape)} but query has {tuple(query.shape)}")
+    _single_process("mocov3_loss_func")
+    temperature = check.positive_scalar(temperature, "temperature", query.device)
+    loss = Fn.info_nce(F.normalize(query, dim=1), F.normalize(key, dim=1), temperature, backend=backend)
+    return loss * (2 * temperature)
+
+
 def _check_simplified(simplified) -> None:
     if not isinstance(simplified, bool):
         raise TypeError(f"simplified must be a bool, got {type(simplified).__name__}")
@@ -119,8 +184,8 @@ def simsiam_loss_func(p: torch.Tensor, z: torch.Tensor, simplified: bool = True,
 
 def _single_process(name: str) -> None:
     if is_distributed():
-        raise NotImplementedError(f"{name}: solo-learn all-reduces across ranks here; the sslkernels version is "
-                                  "single-process only for now")
+        raise NotImplementedError(f"{name}: solo-learn combines the ranks' features here (all-gather / all-reduce); "
+                                  "the sslkernels version is single-process only for now")
 
 
 def barlow_loss_func(z1: torch.Tensor, z2: torch.Tensor, lamb: float = 5e-3, scale_loss: float = 0.025, *,
