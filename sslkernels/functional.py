@@ -259,6 +259,10 @@ def update_center_(center, teacher_output, momentum: Scalar = 0.9, *, async_op: 
     if center.numel() != teacher_output.shape[1]:
         raise ValueError(f"center has {center.numel()} values but teacher_output has {teacher_output.shape[1]} columns")
     momentum = check.momentum(momentum, device=center.device)
+    if torch.compiler.is_compiling() and not async_op and not _dist.is_distributed(process_group):
+        from . import library  # as in _compiled_loss; the asynchronous / all-reduce forms stay eager (graph break)
+        library.update_center_(center, teacher_output, momentum, backend)
+        return center
     return dispatch("update_center_", backend, center.device)(center, teacher_output, momentum, bool(async_op),
                                                               process_group)
 

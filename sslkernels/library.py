@@ -1,4 +1,5 @@
-"""torch.library custom ops (namespace ``sslkernels``) over the losses and ema_update_, for torch.compile.
+"""torch.library custom ops (namespace ``sslkernels``) over the losses, ema_update_ and update_center_, for
+torch.compile.
 
 Dynamo cannot trace the implementations (autograd.Functions with Python loops over chunks, Triton
 launches, host-side caches), so under torch.compile the public functions call these ops instead: each is
@@ -360,3 +361,26 @@ def ema_update_(targets: List[torch.Tensor], sources: List[torch.Tensor], moment
     is_tensor = isinstance(momentum, torch.Tensor)
     torch.ops.sslkernels.ema_update_.default(targets, sources, momentum if is_tensor else None,
                                              0.0 if is_tensor else float(momentum), backend)
+
+
+# ---------------------------------------------------------------------------------------- update_center_
+
+
+@torch.library.custom_op(f"{NAMESPACE}::update_center_", mutates_args=("center",))
+def _update_center_op(center: torch.Tensor, teacher_output: torch.Tensor, momentum: Optional[torch.Tensor],
+                      momentum_value: float, backend: Optional[str]) -> None:
+    """In place center ← m·center + (1 − m)·mean_rows(teacher_output), one process, synchronous."""
+    m = momentum if momentum is not None else momentum_value
+    dispatch("update_center_", backend, center.device)(center, teacher_output, m, False, None)
+
+
+@_update_center_op.register_fake
+def _(center, teacher_output, momentum, momentum_value, backend) -> None:
+    return None
+
+
+def update_center_(center: torch.Tensor, teacher_output: torch.Tensor, momentum, backend: Optional[str]) -> None:
+    """update_center_ on validated arguments through the custom op (the synchronous, one-process form)."""
+    is_tensor = isinstance(momentum, torch.Tensor)
+    torch.ops.sslkernels.update_center_.default(center, teacher_output, momentum if is_tensor else None,
+                                                0.0 if is_tensor else float(momentum), backend)

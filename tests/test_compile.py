@@ -498,3 +498,37 @@ def test_with_grads_refuses_an_unflagged_input_that_requires_grad():
     q, k = _leaf(4, D), _leaf(4, D)
     with pytest.raises(RuntimeError, match="needs_grad does not flag it"):
         spec.op_with_grads(q, k, None, 0.1, None, False, False, "mean", None, [True, False, False])
+
+
+@pytest.mark.parametrize("momentum", ["float", "tensor"])
+def test_dino_step_with_update_center_compiles(momentum):
+    # A whole DINO loss step: the loss and the centre's EMA in one graph (fullgraph: no break at update_center_).
+    g = torch.Generator().manual_seed(5)
+    student = torch.randn(4 * 3, 19, generator=g, requires_grad=True)
+    teacher = torch.randn(2 * 3, 19, generator=g)
+    m = 0.9 if momentum == "float" else torch.tensor(0.9)
+    center = torch.randn(1, 19, generator=g)
+    expected_center = center.clone()
+    expected_loss = sslkernels.dino_loss(student, teacher, expected_center, n_global_crops=2)
+    sslkernels.update_center_(expected_center, teacher, m)
+
+    rec = Recorder()
+
+    @torch.compile(backend=rec, fullgraph=True)
+    def step(s, t, c):
+        loss = sslkernels.dino_loss(s, t, c, n_global_crops=2)
+        sslkernels.update_center_(c, t, m)
+        return loss
+
+    loss = step(student, teacher, center)
+    rec.expect("dino_loss_with_grads", "update_center_")
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(center, expected_center, rtol=1e-6, atol=1e-7)
+
+
+def test_opcheck_update_center():
+    import sslkernels.library  # noqa: F401
+
+    center, teacher = torch.randn(1, 9), torch.randn(6, 9)
+    torch.library.opcheck(torch.ops.sslkernels.update_center_.default, (center, teacher, None, 0.9, None))
+    torch.library.opcheck(torch.ops.sslkernels.update_center_.default, (center, teacher, torch.tensor(0.5), 0.0, None))
