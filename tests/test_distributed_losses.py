@@ -135,6 +135,24 @@ def _worker(rank: int, world: int, init_file: str) -> None:  # noqa: C901 (one p
     check("supcon_loss", lambda red: SF.supcon_loss(mf, labels[sl], 0.1, reduction=red, **gd),
           lambda red: SF.supcon_loss(f, labels, 0.1, reduction=red, backend="torch"), sl, [f], [mf])
 
+    # process_group=: a subgroup of the first and last ranks spans only their rows (the rest stay out)
+    members = [0, world - 1]
+    sub = dist.new_group(members)  # every rank takes part in creating it
+    qa, ka = feats(total), feats(total)
+    if rank in members:
+        rows_of = [torch.arange(sum(sizes[:m]), sum(sizes[:m + 1])) for m in members]
+        q, k = qa[torch.cat(rows_of)].requires_grad_(), ka[torch.cat(rows_of)].requires_grad_()
+        mine = slice(0, n) if rank == members[0] else slice(sizes[0], sizes[0] + n)
+        mq, mk = q.detach()[mine].float().requires_grad_(), k.detach()[mine].float().requires_grad_()
+        ref_rows = SF.info_nce(q, k, 0.1, symmetric=True, reduction="none", backend="torch")
+        _close(SF.info_nce(mq, mk, 0.1, symmetric=True, reduction="none", gather_distributed=True,
+                           process_group=sub), ref_rows[mine].detach(), "process_group rows")
+        ref_rows.sum().backward()
+        SF.info_nce(mq, mk, 0.1, symmetric=True, reduction="sum", gather_distributed=True,
+                    process_group=sub).backward()
+        _close(mq.grad, q.grad[mine], "process_group query grad (sums: no factor)")
+        _close(mk.grad, k.grad[mine], "process_group key grad (sums: no factor)")
+
     # what does not span ranks says so
     x = torch.randn(n, d)
     for call in (lambda: SF.info_nce(x, x, distributed="ring"),
