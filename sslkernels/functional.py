@@ -86,7 +86,12 @@ def _pair(a_name, a, b_name, b, *, same_rows: bool) -> None:
 def info_nce(query, key, temperature: Scalar = 0.1, *, targets=None, symmetric: bool = False, decoupled: bool = False,
              reduction: str = "mean", gather_distributed: bool = False, distributed: Optional[str] = None,
              process_group=None, backend: Optional[str] = None) -> torch.Tensor:
-    """InfoNCE over logits = query @ key.T / τ (never materialized on the fused paths); see shared/API.md."""
+    """InfoNCE over logits = query @ key.T / τ (never materialized on the fused paths); see shared/API.md.
+
+    ``gather_distributed=True`` on several ranks (of ``process_group``): this rank's queries against every
+    rank's keys (and, with ``symmetric``, its keys against every rank's queries); ``targets`` index the
+    gathered keys, and without them local row i's positive is this rank's key i. The reduction runs over
+    the local rows (README "Distributed"). ``distributed="ring"`` is not implemented yet."""
     _pair("query", query, "key", key, same_rows=False)
     n, m = query.shape[0], key.shape[0]
     temperature = check.positive_scalar(temperature, "temperature", query.device, per_row=n)
@@ -119,7 +124,10 @@ def info_nce(query, key, temperature: Scalar = 0.1, *, targets=None, symmetric: 
 def nt_xent(z1, z2, temperature: Scalar = 0.5, *, decoupled: bool = False, reduction: str = "mean",
             gather_distributed: bool = False, distributed: Optional[str] = None, process_group=None,
             backend: Optional[str] = None) -> torch.Tensor:
-    """SimCLR's NT-Xent over Z = cat([z1, z2]); the positive of row i is row (i + N) mod 2N."""
+    """SimCLR's NT-Xent over Z = cat([z1, z2]); the positive of row i is row (i + N) mod 2N.
+
+    ``gather_distributed=True``: this rank's 2n rows against all ranks' 2N (own row left out); the
+    reduction runs over the local 2n rows."""
     _pair("z1", z1, "z2", z2, same_rows=True)
     temperature = check.positive_scalar(temperature, "temperature", z1.device)
     check.reduction(reduction)
@@ -137,7 +145,10 @@ def nt_xent(z1, z2, temperature: Scalar = 0.5, *, decoupled: bool = False, reduc
 def clip_loss(image_features, text_features, logit_scale: Scalar, *, reduction: str = "mean",
               gather_distributed: bool = False, distributed: Optional[str] = None, process_group=None,
               backend: Optional[str] = None) -> torch.Tensor:
-    """CLIP's symmetric loss; ``logit_scale`` is already exponentiated (OpenCLIP passes logit_scale.exp())."""
+    """CLIP's symmetric loss; ``logit_scale`` is already exponentiated (OpenCLIP passes logit_scale.exp()).
+
+    ``gather_distributed=True``: OpenCLIP's ``local_loss=True, gather_with_grad=True`` (each rank's images
+    and texts against every rank's texts and images, mean over the local pairs)."""
     _pair("image_features", image_features, "text_features", text_features, same_rows=True)
     logit_scale = check.positive_scalar(logit_scale, "logit_scale", image_features.device)
     check.reduction(reduction)
@@ -171,7 +182,9 @@ def siglip_loss(image_features, text_features, logit_scale: Scalar, logit_bias: 
 def moco_loss(query, key, queue, temperature: Scalar = 0.2, *, reduction: str = "mean",
               gather_distributed: bool = False, distributed: Optional[str] = None, process_group=None,
               backend: Optional[str] = None) -> torch.Tensor:
-    """MoCo v1/v2: positive q·k at index 0, the K rows of ``queue`` (a tensor or MemoryQueue) as negatives."""
+    """MoCo v1/v2: positive q·k at index 0, the K rows of ``queue`` (a tensor or MemoryQueue) as negatives.
+
+    ``gather_distributed=True`` leaves the loss per rank (the queue already holds every rank's keys)."""
     if isinstance(queue, nn.Module) and hasattr(queue, "queue"):
         queue = queue.queue
     _pair("query", query, "key", key, same_rows=True)
@@ -195,7 +208,10 @@ def moco_loss(query, key, queue, temperature: Scalar = 0.2, *, reduction: str = 
 def supcon_loss(features, labels, temperature: Scalar = 0.1, *, reduction: str = "mean",
                 gather_distributed: bool = False, distributed: Optional[str] = None, process_group=None,
                 backend: Optional[str] = None) -> torch.Tensor:
-    """Supervised contrastive loss (L_out); anchors without a positive give 0 and leave the mean."""
+    """Supervised contrastive loss (L_out); anchors without a positive give 0 and leave the mean.
+
+    ``gather_distributed=True``: this rank's anchors against every rank's features and labels; the mean
+    is over the local anchors that have a positive on some rank."""
     check.features(features, "features")
     labels = check.index_vector(labels, "labels", features.shape[0], features.device)
     temperature = check.positive_scalar(temperature, "temperature", features.device)
