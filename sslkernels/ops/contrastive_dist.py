@@ -83,13 +83,5 @@ def supcon_loss(features, labels, temperature, reduction, group):
     f, g = ref._up(features), ref._up(everyone)
     logits = (f @ g.T) / ref._scalar(temperature, f)
     self_mask = _self_mask(n, g.shape[0], _offset(sizes, group), f.device)
-    pos_mask = (labels[:, None] == all_labels[None, :]) & ~self_mask
-    log_prob = logits - torch.logsumexp(logits.masked_fill(self_mask, float("-inf")), dim=1, keepdim=True)
-    n_pos = pos_mask.sum(dim=1)
-    pos_sum = torch.where(pos_mask, log_prob, torch.zeros_like(log_prob)).sum(dim=1)
-    has_pos = n_pos > 0
-    rows = torch.where(has_pos, -pos_sum / n_pos.clamp(min=1), torch.zeros_like(pos_sum))
-    if reduction == "mean":
-        # This rank's anchors that have a positive on any rank; none at all gives 0 (graph kept).
-        return rows.sum() / has_pos.sum().clamp(min=1)
-    return ref.reduce(rows, reduction)
+    # Mean over this rank's anchors that have a positive on any rank.
+    return ref.supcon_rows(logits, labels, all_labels, self_mask, reduction)
