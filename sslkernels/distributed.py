@@ -39,3 +39,68 @@ def requested(gather_distributed: bool, distributed: Optional[str], group=None) 
     if distributed not in (None, "ring"):
         raise ValueError(f"distributed must be None or 'ring', got {distributed!r}")
     return bool(gather_distributed or distributed) and is_distributed(group)
+
+
+def rank(group=None) -> int:
+    return dist.get_rank(group) if is_distributed(group) else 0
+
+
+def gather_sizes(n: int, device: torch.device, group=None) -> list:
+    """Every rank's row count, rank order (one small all-gather and a host read)."""
+    if not is_distributed(group):
+        return [n]
+    mine = torch.tensor([n], dtype=torch.int64, device=device)
+    parts = [torch.empty_like(mine) for _ in range(world_size(group))]
+    dist.all_gather(parts, mine, group=group)
+    return [int(p) for p in torch.cat(parts).tolist()]
+
+
+def _gather_padded(x: torch.Tensor, sizes: list, group) -> torch.Tensor:
+    """all_gather of rows whose count differs by rank: every rank sends max(sizes) rows (gloo and older
+    NCCL need equal shapes), the padding is dropped on arrival."""
+    x = x.contiguous()
+    top = max(sizes)
+    if x.shape[0] < top:
+        x = torch.cat([x, x.new_zeros((top - x.shape[0],) + tuple(x.shape[1:]))])
+    parts = [torch.empty_like(x) for _ in sizes]
+    dist.all_gather(parts, x, group=group)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
+
+class _AllGatherRows(torch.autograd.Function):
+    """Forward: every rank's rows, rank order. Backward: each rank's loss saw every rank's rows, so a
+    row's gradient is the sum over ranks of the incoming gradients: all-reduce, keep this rank's slice.
+    (Every rank must run the backward, as with any collective in autograd.)"""
+
+    @staticmethod
+    def forward(ctx, x, sizes, group):
+        ctx.group, ctx.offset, ctx.n = group, sum(sizes[:rank(group)]), x.shape[0]
+        return _gather_padded(x, sizes, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous().clone()
+        dist.all_reduce(g, op=dist.ReduceOp.SUM, group=ctx.group)
+        return g[ctx.offset:ctx.offset + ctx.n], None, None
+
+
+def all_gather_with_grad(x: torch.Tensor, sizes: Optional[list] = None, group=None) -> torch.Tensor:
+    """Every rank's ``x`` concatenated along dim 0 in rank order, gradient flowing back to the owner.
+
+    Ranks may hold different numbers of rows; ``sizes`` (from :func:`gather_sizes`) saves a collective
+    when the caller already has them. Identity with one rank."""
+    if not is_distributed(group):
+        return x
+    if sizes is None:
+        sizes = gather_sizes(x.shape[0], x.device, group)
+    return _AllGatherRows.apply(x, sizes, group)
+
+
+@torch.no_grad()
+def all_gather_uneven(x: torch.Tensor, sizes: Optional[list] = None, group=None) -> torch.Tensor:
+    """:func:`all_gather_with_grad` without the gradient (labels, indices)."""
+    if not is_distributed(group):
+        return x
+    if sizes is None:
+        sizes = gather_sizes(x.shape[0], x.device, group)
+    return _gather_padded(x, sizes, group)

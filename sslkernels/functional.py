@@ -14,6 +14,7 @@ from torch import nn
 from . import _checks as check
 from . import distributed as _dist
 from .backends import dispatch
+from .ops import contrastive_dist as _contrastive_dist
 
 Scalar = Union[float, torch.Tensor]
 
@@ -47,6 +48,16 @@ def _single_process(op: str, gather_distributed, distributed, process_group) -> 
             "implemented yet; call it without them to get each rank's local loss")
 
 
+def _across_ranks(op: str, gather_distributed, distributed, process_group) -> bool:
+    """Whether the loss spans the ranks of ``process_group`` (ops/contrastive_dist.py); False on one rank."""
+    if not _dist.requested(gather_distributed, distributed, process_group):
+        return False
+    if distributed == "ring":
+        raise NotImplementedError(f"{op}: distributed='ring' is not implemented yet; gather_distributed=True "
+                                  "(all-gather of the keys) spans the ranks")
+    return True
+
+
 def _compiled_loss(name: str, backend, *args) -> torch.Tensor:
     """The loss through its torch.library custom ops (library.py): what runs while torch.compile traces.
 
@@ -75,7 +86,12 @@ def _pair(a_name, a, b_name, b, *, same_rows: bool) -> None:
 def info_nce(query, key, temperature: Scalar = 0.1, *, targets=None, symmetric: bool = False, decoupled: bool = False,
              reduction: str = "mean", gather_distributed: bool = False, distributed: Optional[str] = None,
              process_group=None, backend: Optional[str] = None) -> torch.Tensor:
-    """InfoNCE over logits = query @ key.T / τ (never materialized on the fused paths); see shared/API.md."""
+    """InfoNCE over logits = query @ key.T / τ (never materialized on the fused paths); see shared/API.md.
+
+    ``gather_distributed=True`` on several ranks (of ``process_group``): this rank's queries against every
+    rank's keys (and, with ``symmetric``, its keys against every rank's queries); ``targets`` index the
+    gathered keys, and without them local row i's positive is this rank's key i. The reduction runs over
+    the local rows (README "Distributed"). ``distributed="ring"`` is not implemented yet."""
     _pair("query", query, "key", key, same_rows=False)
     n, m = query.shape[0], key.shape[0]
     temperature = check.positive_scalar(temperature, "temperature", query.device, per_row=n)
@@ -89,11 +105,14 @@ def info_nce(query, key, temperature: Scalar = 0.1, *, targets=None, symmetric: 
         if n != m:
             raise ValueError(f"targets is None, so key must have as many rows as query ({n}), got {m}; "
                              "pass targets to pick each query's positive")
-    else:
-        targets = check.index_vector(targets, "targets", n, query.device, upper=m)
-    if decoupled and m < 2:
+    across = _across_ranks("info_nce", gather_distributed, distributed, process_group)
+    if targets is not None:  # across ranks they index the gathered keys: checked against their global count
+        targets = check.index_vector(targets, "targets", n, query.device, upper=None if across else m)
+    if decoupled and m < 2 and not across:
         raise ValueError("decoupled=True needs at least 2 keys: with the positive left out, 1 key leaves no negative")
-    _single_process("info_nce", gather_distributed, distributed, process_group)
+    if across:
+        return _contrastive_dist.info_nce(query, key, temperature, targets, bool(symmetric), bool(decoupled),
+                                          reduction, process_group, backend)
     if torch.compiler.is_compiling():
         return _compiled_loss("info_nce", backend, query, key, temperature, targets, bool(symmetric), bool(decoupled),
                               reduction)
@@ -105,13 +124,17 @@ def info_nce(query, key, temperature: Scalar = 0.1, *, targets=None, symmetric: 
 def nt_xent(z1, z2, temperature: Scalar = 0.5, *, decoupled: bool = False, reduction: str = "mean",
             gather_distributed: bool = False, distributed: Optional[str] = None, process_group=None,
             backend: Optional[str] = None) -> torch.Tensor:
-    """SimCLR's NT-Xent over Z = cat([z1, z2]); the positive of row i is row (i + N) mod 2N."""
+    """SimCLR's NT-Xent over Z = cat([z1, z2]); the positive of row i is row (i + N) mod 2N.
+
+    ``gather_distributed=True``: this rank's 2n rows against all ranks' 2N (own row left out); the
+    reduction runs over the local 2n rows."""
     _pair("z1", z1, "z2", z2, same_rows=True)
     temperature = check.positive_scalar(temperature, "temperature", z1.device)
     check.reduction(reduction)
     if decoupled and z1.shape[0] < 2:
         raise ValueError("decoupled=True needs a batch of at least 2 pairs: with 1 pair there is no negative")
-    _single_process("nt_xent", gather_distributed, distributed, process_group)
+    if _across_ranks("nt_xent", gather_distributed, distributed, process_group):
+        return _contrastive_dist.nt_xent(z1, z2, temperature, bool(decoupled), reduction, process_group)
     if torch.compiler.is_compiling():
         return _compiled_loss("nt_xent", backend, z1, z2, temperature, bool(decoupled), reduction)
     impl = dispatch("nt_xent", backend, z1.device)
@@ -122,11 +145,16 @@ def nt_xent(z1, z2, temperature: Scalar = 0.5, *, decoupled: bool = False, reduc
 def clip_loss(image_features, text_features, logit_scale: Scalar, *, reduction: str = "mean",
               gather_distributed: bool = False, distributed: Optional[str] = None, process_group=None,
               backend: Optional[str] = None) -> torch.Tensor:
-    """CLIP's symmetric loss; ``logit_scale`` is already exponentiated (OpenCLIP passes logit_scale.exp())."""
+    """CLIP's symmetric loss; ``logit_scale`` is already exponentiated (OpenCLIP passes logit_scale.exp()).
+
+    ``gather_distributed=True``: OpenCLIP's ``local_loss=True, gather_with_grad=True`` (each rank's images
+    and texts against every rank's texts and images, mean over the local pairs)."""
     _pair("image_features", image_features, "text_features", text_features, same_rows=True)
     logit_scale = check.positive_scalar(logit_scale, "logit_scale", image_features.device)
     check.reduction(reduction)
-    _single_process("clip_loss", gather_distributed, distributed, process_group)
+    if _across_ranks("clip_loss", gather_distributed, distributed, process_group):
+        return _contrastive_dist.clip_loss(image_features, text_features, logit_scale, reduction, process_group,
+                                           backend)
     if torch.compiler.is_compiling():
         return _compiled_loss("clip_loss", backend, image_features, text_features, logit_scale, reduction)
     impl = dispatch("clip_loss", backend, image_features.device)
@@ -154,7 +182,9 @@ def siglip_loss(image_features, text_features, logit_scale: Scalar, logit_bias: 
 def moco_loss(query, key, queue, temperature: Scalar = 0.2, *, reduction: str = "mean",
               gather_distributed: bool = False, distributed: Optional[str] = None, process_group=None,
               backend: Optional[str] = None) -> torch.Tensor:
-    """MoCo v1/v2: positive q·k at index 0, the K rows of ``queue`` (a tensor or MemoryQueue) as negatives."""
+    """MoCo v1/v2: positive q·k at index 0, the K rows of ``queue`` (a tensor or MemoryQueue) as negatives.
+
+    ``gather_distributed=True`` leaves the loss per rank (the queue already holds every rank's keys)."""
     if isinstance(queue, nn.Module) and hasattr(queue, "queue"):
         queue = queue.queue
     _pair("query", query, "key", key, same_rows=True)
@@ -165,7 +195,9 @@ def moco_loss(query, key, queue, temperature: Scalar = 0.2, *, reduction: str = 
         queue = queue.to(query.dtype)
     temperature = check.positive_scalar(temperature, "temperature", query.device)
     check.reduction(reduction)
-    _single_process("moco_loss", gather_distributed, distributed, process_group)
+    # Across ranks MoCo's loss stays per rank: the positive is the rank's own key and the negatives are the
+    # queue, which already holds every rank's keys (MemoryQueue.enqueue_ gathers them).
+    _across_ranks("moco_loss", gather_distributed, distributed, process_group)
     if torch.compiler.is_compiling():
         return _compiled_loss("moco_loss", backend, query, key, queue, temperature, reduction)
     impl = dispatch("moco_loss", backend, query.device)
@@ -176,12 +208,16 @@ def moco_loss(query, key, queue, temperature: Scalar = 0.2, *, reduction: str = 
 def supcon_loss(features, labels, temperature: Scalar = 0.1, *, reduction: str = "mean",
                 gather_distributed: bool = False, distributed: Optional[str] = None, process_group=None,
                 backend: Optional[str] = None) -> torch.Tensor:
-    """Supervised contrastive loss (L_out); anchors without a positive give 0 and leave the mean."""
+    """Supervised contrastive loss (L_out); anchors without a positive give 0 and leave the mean.
+
+    ``gather_distributed=True``: this rank's anchors against every rank's features and labels; the mean
+    is over the local anchors that have a positive on some rank."""
     check.features(features, "features")
     labels = check.index_vector(labels, "labels", features.shape[0], features.device)
     temperature = check.positive_scalar(temperature, "temperature", features.device)
     check.reduction(reduction)
-    _single_process("supcon_loss", gather_distributed, distributed, process_group)
+    if _across_ranks("supcon_loss", gather_distributed, distributed, process_group):
+        return _contrastive_dist.supcon_loss(features, labels, temperature, reduction, process_group)
     if torch.compiler.is_compiling():
         return _compiled_loss("supcon_loss", backend, features, labels, temperature, reduction)
     impl = dispatch("supcon_loss", backend, features.device)

@@ -110,8 +110,12 @@ def supcon_loss(features, labels, temperature, reduction):
         # A lone anchor has no positive (and an empty denominator): it contributes 0, graph kept.
         return reduce((f * 0).sum(dim=1), reduction)
     logits = (f @ f.T) / _scalar(temperature, f)
-    self_mask = torch.eye(n, dtype=torch.bool, device=f.device)
-    pos_mask = (labels[:, None] == labels[None, :]) & ~self_mask
+    return supcon_rows(logits, labels, labels, torch.eye(n, dtype=torch.bool, device=f.device), reduction)
+
+
+def supcon_rows(logits, labels, key_labels, self_mask, reduction):
+    """SupCon from anchor × key logits; ``self_mask`` marks each anchor's own column (also used across ranks)."""
+    pos_mask = (labels[:, None] == key_labels[None, :]) & ~self_mask
     log_prob = logits - torch.logsumexp(logits.masked_fill(self_mask, float("-inf")), dim=1, keepdim=True)
     n_pos = pos_mask.sum(dim=1)
     # where() rather than multiplication keeps the -inf-free but unused diagonal out of the sum.
