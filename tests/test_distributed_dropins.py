@@ -1,0 +1,166 @@
+"""lightly's drop-ins and the distributed training state over real gloo processes (world sizes 2 and 3).
+
+One process launch per world size runs every check (tests/test_distributed_losses.py's launcher):
+- lightly 1.6.0's NTXentLoss / DCLLoss / DCLWLoss(gather_distributed=True) against ours on the same per-rank
+  inputs: loss and input gradients per rank (lightly's GatherLayer sums gradients over ranks, as ours);
+- MemoryQueue.enqueue_ with uneven batches: every rank's keys in rank order, the same queue on every rank;
+- update_center_ (sync and async_op + wait) and sinkhorn_knopp(gather_distributed=True) against a float64
+  single-process computation over all ranks' rows.
+"""
+import datetime
+import os
+import subprocess
+import sys
+import traceback
+
+import pytest
+import torch
+
+WORLDS = {2: [5, 5], 3: [4, 6, 3]}  # rows per rank for the queue: even, then uneven
+
+
+def _close(actual, expected, what):
+    expected = expected.double()
+    atol = 1e-5 * max(float(expected.abs().max()), 1e-3)
+    torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def _lightly_vs_ours(rank, world, g):
+    """Same inputs on both sides; lightly's GatherLayer and ours are collectives, so every rank runs both."""
+    import lightly.loss as L
+    import sslkernels.nn as snn
+
+    n, d = 6, 16  # lightly's eye_rank / labels assume equal batches on every rank
+    cases = [("NTXentLoss", lambda: L.NTXentLoss(0.5, gather_distributed=True),
+              lambda: snn.NTXentLoss(0.5, gather_distributed=True)),
+             ("DCLLoss", lambda: L.DCLLoss(0.1, gather_distributed=True),
+              lambda: snn.DCLLoss(0.1, gather_distributed=True)),
+             ("DCLWLoss", lambda: L.DCLWLoss(0.1, sigma=0.5, gather_distributed=True),
+              lambda: snn.DCLWLoss(0.1, sigma=0.5, gather_distributed=True))]
+    for name, theirs, ours in cases:
+        # unnormalized inputs of varied norms: both modules normalize inside
+        x0 = torch.randn(world, n, d, generator=g)[rank] * 3
+        x1 = torch.randn(world, n, d, generator=g)[rank] * 3
+        got = []
+        for make in (theirs, ours):
+            a, b = x0.clone().requires_grad_(), x1.clone().requires_grad_()
+            loss = make()(a, b)
+            loss.backward()
+            got.append((loss.detach(), a.grad, b.grad))
+        (lw, la, lb), (ow, oa, ob) = got
+        assert torch.isfinite(ow) and torch.isfinite(oa).all() and torch.isfinite(ob).all(), name
+        _close(ow, lw, f"{name} loss, rank {rank}")
+        _close(oa, la, f"{name} grad of out0, rank {rank}")
+        _close(ob, lb, f"{name} grad of out1, rank {rank}")
+        # the gather matters: the local (single-rank) loss differs
+        local = dict(NTXentLoss=L.NTXentLoss(0.5), DCLLoss=L.DCLLoss(0.1), DCLWLoss=L.DCLWLoss(0.1))[name](x0, x1)
+        assert abs(float(local) - float(ow)) > 1e-4, f"{name}: gathered loss equals the local one"
+
+
+def _state(rank, world, g):
+    import torch.distributed as dist
+    import sslkernels.functional as SF
+    from sslkernels.state import MemoryQueue
+
+    sizes = WORLDS[world]
+    off, n, total = sum(sizes[:rank]), sizes[rank], sum(sizes)
+
+    def everyone(tensor):
+        parts = [torch.empty_like(tensor) for _ in range(world)]
+        dist.all_gather(parts, tensor.contiguous())
+        return parts
+
+    # MemoryQueue: two steps of uneven batches, wrapping around a queue smaller than two global batches
+    size, d = total + 3, 8
+    q = MemoryQueue(size, d)
+    q.queue.copy_(torch.zeros(size, d))  # the random init differs by rank; start from a known queue
+    expect = torch.zeros(size, d, dtype=torch.float64)
+    ptr = 0
+    for step in range(2):
+        keys = torch.randn(total, d, generator=g, dtype=torch.float64)  # all ranks' keys, rank order
+        q.enqueue_(keys[off:off + n].float())
+        for row in keys:
+            expect[ptr] = row
+            ptr = (ptr + 1) % size
+        _close(q.queue, expect, f"queue after step {step}, rank {rank}")
+        assert int(q.ptr) == ptr, f"ptr {int(q.ptr)} != {ptr} on rank {rank}"
+        for r, other in enumerate(everyone(q.queue)):
+            assert torch.equal(other, q.queue), f"rank {r}'s queue differs from rank {rank}'s"
+
+    # update_center_ and sinkhorn: equal rows per rank (DINO's and SwAV's convention: B = n · world_size)
+    m, p = 5, 23
+    full = torch.randn(world * m, p, generator=g, dtype=torch.float64) * 3
+    mine = full[rank * m:(rank + 1) * m].float()
+    start = torch.randn(1, p, generator=g, dtype=torch.float64)
+    want = 0.9 * start + 0.1 * full.mean(dim=0, keepdim=True)
+    for backend in ("auto", "torch"):
+        center = start.float().clone()
+        SF.update_center_(center, mine, 0.9, backend=backend)
+        _close(center, want, f"update_center_ {backend}, rank {rank}")
+        center = start.float().clone()
+        handle = SF.update_center_(center, mine, 0.9, async_op=True, backend=backend)
+        _close(center, start, f"update_center_ async before wait, {backend}, rank {rank}")
+        handle.wait()
+        _close(center, want, f"update_center_ async {backend}, rank {rank}")
+
+    for iterations in (0, 1, 3):
+        want = SF.sinkhorn_knopp(full, epsilon=0.05, iterations=iterations, backend="torch")[rank * m:(rank + 1) * m]
+        for backend in ("auto", "torch"):
+            got = SF.sinkhorn_knopp(mine, epsilon=0.05, iterations=iterations, gather_distributed=True,
+                                    backend=backend)
+            _close(got, want, f"sinkhorn {backend}, {iterations} iterations, rank {rank}")
+
+
+def _worker(rank: int, world: int, init_file: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    g = torch.Generator().manual_seed(4321)  # same stream on every rank: each takes its own slice
+    _lightly_vs_ours(rank, world, g)
+    _state(rank, world, g)
+    dist.destroy_process_group()
+
+
+def _spawn(world: int, tmp_path) -> None:
+    init_file = str(tmp_path / f"pg{world}")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(r), str(world), init_file],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for r in range(world)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=120)[0])
+    finally:
+        for p in procs:  # never leave a rank behind (one failed rank leaves the others in a collective)
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    failed = [f"rank {r} of {world} (rc {p.returncode}):\n{out[-3000:]}"
+              for r, (p, out) in enumerate(zip(procs, outs)) if p.returncode != 0 or f"rank {r} ok" not in out]
+    assert not failed, "\n\n".join(failed)
+
+
+@pytest.mark.parametrize("world", sorted(WORLDS))
+def test_lightly_ntxent_dcl_dclw_and_state_across_ranks(world, tmp_path):
+    """lightly.loss.NTXentLoss / DCLLoss / DCLWLoss(gather_distributed=True) per rank, MemoryQueue,
+    update_center_ and sinkhorn_knopp across ranks."""
+    import torch.distributed as dist
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available in this build")
+    pytest.importorskip("lightly")
+    _spawn(world, tmp_path)
+
+
+if __name__ == "__main__":
+    r, w = int(sys.argv[1]), int(sys.argv[2])
+    try:
+        _worker(r, w, sys.argv[3])
+    except BaseException:
+        traceback.print_exc()
+        sys.stdout.flush()
+        os._exit(1)  # skip the process group's teardown, which would wait for the other ranks
+    print(f"rank {r} ok", flush=True)
