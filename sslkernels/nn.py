@@ -174,7 +174,9 @@ class NTXentLoss(_Loss):
     Beyond lightly 1.6.0 (which refuses it) a bare int ``memory_bank_size=K`` is accepted: the bank is
     made at the first forward with the width of out1 (as older lightly releases did).
     ``gather_distributed=True`` with a bank gathers only the rows written into it, as lightly; without a
-    bank it gathers negatives, which is not implemented across several ranks (an error, not a local loss).
+    bank each rank's 2n rows meet every rank's rows (functional ``nt_xent(gather_distributed=True)``), the
+    loss is the mean over the local rows and the gather's backward sums over ranks: lightly's values and
+    gradients per rank (tests/test_distributed_dropins.py).
     """
 
     def __init__(self, temperature: float = 0.5, memory_bank_size: Union[int, Sequence[int]] = 0,
@@ -225,6 +227,9 @@ class DCLLoss(_Loss):
     calls it, on the normalized inputs, once per direction, and may carry a gradient. Since
     LSE_neg − w·s/τ = (LSE_neg − s/τ) + (1 − w)·s/τ, the weighted loss is the fused decoupled NT-Xent plus
     an O(N·D) correction over the positive pairs.
+
+    ``gather_distributed=True`` across ranks: negatives are every rank's rows, the weights and the mean stay
+    per rank (lightly's convention, values and gradients per rank).
     """
 
     def __init__(self, temperature: float = 0.1, weight_fn=None, gather_distributed: bool = False, *,
