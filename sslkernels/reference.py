@@ -172,7 +172,10 @@ class CenterUpdate:
         if not self.done:
             if self._work is not None:
                 self._work.wait()
-            mean = (self._sums / (self._n * self._world)).reshape(self.center.shape)
+            # Across ranks the row count travelled with the sums (last element): the mean over every rank's
+            # rows, whatever each rank's batch size (DINO's sum / (n · world_size) when they are equal).
+            sums, n = (self._sums[:-1], self._sums[-1]) if self._world > 1 else (self._sums, self._n)
+            mean = (sums / n).reshape(self.center.shape)
             m = _scalar(self._m, mean)
             self.center.copy_((self.center.to(mean.dtype) * m + mean * (1 - m)).to(self.center.dtype))
             self.done, self._sums, self._work = True, None, None
@@ -185,6 +188,8 @@ def center_update(center, sums, n_rows, momentum, async_op, group) -> Union[torc
     now, or, with ``async_op``, when the returned handle's wait() is called."""
     from .distributed import all_reduce_sum, world_size
 
+    if world_size(group) > 1:  # one collective for the sums and the row count
+        sums = torch.cat([sums, sums.new_full((1,), float(n_rows))])
     sums, work = all_reduce_sum(sums, group, async_op=True)
     pending = CenterUpdate(center, sums, n_rows, momentum, work, world_size(group))
     return pending if async_op else pending.wait()
@@ -216,11 +221,12 @@ def sinkhorn_knopp(scores, epsilon, iterations, distributed=False, group=None):
     # log-sum-exps are taken, and exp() is applied once to values ≤ log(B).
     # ``distributed``: the samples are spread over ranks (SwAV's distributed_sinkhorn): sums over samples
     # and the total are taken over all ranks, B counts every rank's rows.
-    from .distributed import world_size
+    from .distributed import gather_sizes
 
     logq = _up(scores).T / epsilon  # P×B, prototypes by samples, as the official code
     p, b = logq.shape
-    b = b * (world_size(group) if distributed else 1)
+    # B counts every rank's rows: ranks may hold different numbers (SwAV's n · world_size when equal)
+    b = sum(gather_sizes(b, scores.device, group)) if distributed else b
     logq = logq - logsumexp_across_ranks(torch.logsumexp(logq.flatten(), dim=0), distributed, group)
     for _ in range(iterations):
         logq = logq - logsumexp_across_ranks(torch.logsumexp(logq, dim=1, keepdim=True), distributed, group)

@@ -5,7 +5,7 @@ One process launch per world size runs every check (tests/test_distributed_losse
   inputs: loss and input gradients per rank (lightly's GatherLayer sums gradients over ranks, as ours);
 - MemoryQueue.enqueue_ with uneven batches: every rank's keys in rank order, the same queue on every rank;
 - update_center_ (sync and async_op + wait) and sinkhorn_knopp(gather_distributed=True) against a float64
-  single-process computation over all ranks' rows.
+  single-process computation over all ranks' rows (uneven batches too).
 """
 import datetime
 import os
@@ -87,10 +87,10 @@ def _state(rank, world, g):
         for r, other in enumerate(everyone(q.queue)):
             assert torch.equal(other, q.queue), f"rank {r}'s queue differs from rank {rank}'s"
 
-    # update_center_ and sinkhorn: equal rows per rank (DINO's and SwAV's convention: B = n · world_size)
-    m, p = 5, 23
-    full = torch.randn(world * m, p, generator=g, dtype=torch.float64) * 3
-    mine = full[rank * m:(rank + 1) * m].float()
+    # update_center_: the mean over every rank's rows, uneven batches included
+    p = 23
+    full = torch.randn(total, p, generator=g, dtype=torch.float64) * 3
+    mine = full[off:off + n].float()
     start = torch.randn(1, p, generator=g, dtype=torch.float64)
     want = 0.9 * start + 0.1 * full.mean(dim=0, keepdim=True)
     for backend in ("auto", "torch"):
@@ -103,12 +103,16 @@ def _state(rank, world, g):
         handle.wait()
         _close(center, want, f"update_center_ async {backend}, rank {rank}")
 
+    # sinkhorn: each rank its own rows' assignments, B counting every rank's rows (equal and uneven batches)
+    m = 5
+    even = torch.randn(world * m, p, generator=g, dtype=torch.float64) * 3
     for iterations in (0, 1, 3):
-        want = SF.sinkhorn_knopp(full, epsilon=0.05, iterations=iterations, backend="torch")[rank * m:(rank + 1) * m]
-        for backend in ("auto", "torch"):
-            got = SF.sinkhorn_knopp(mine, epsilon=0.05, iterations=iterations, gather_distributed=True,
-                                    backend=backend)
-            _close(got, want, f"sinkhorn {backend}, {iterations} iterations, rank {rank}")
+        for rows, lo, hi in ((even, rank * m, (rank + 1) * m), (full, off, off + n)):
+            want = SF.sinkhorn_knopp(rows, epsilon=0.05, iterations=iterations, backend="torch")[lo:hi]
+            for backend in ("auto", "torch"):
+                got = SF.sinkhorn_knopp(rows[lo:hi].float(), epsilon=0.05, iterations=iterations,
+                                        gather_distributed=True, backend=backend)
+                _close(got, want, f"sinkhorn {backend}, {iterations} iterations, {hi - lo} rows, rank {rank}")
 
 
 def _worker(rank: int, world: int, init_file: str) -> None:

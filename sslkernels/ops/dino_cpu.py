@@ -25,7 +25,7 @@ import math
 import torch
 
 from ..backends import register
-from ..distributed import world_size
+from ..distributed import gather_sizes
 from ..reference import compute_dtype, logsumexp_across_ranks, reduce
 from ..reference import swav_loss as _swav_reference
 
@@ -160,7 +160,7 @@ def sinkhorn_potentials(scores, epsilon, iterations, distributed=False, group=No
     if iterations == 0:
         # Only the global normalization (Q sums to B over all ranks): one constant, the same for every sample.
         total = logsumexp_across_ranks(torch.logsumexp(row_lse(w), dim=0), distributed, group)
-        b_all = b * (world_size(group) if distributed else 1)
+        b_all = sum(gather_sizes(b, scores.device, group)) if distributed else b  # uneven ranks too
         return u, w.fill_(0).add_(math.log(b_all) - total)
     for _ in range(iterations):
         lse_cols = torch.full((p,), float("-inf"), dtype=dtype, device=scores.device)

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ..backends import register
-from ..distributed import world_size
+from ..distributed import gather_sizes
 from ..reference import compute_dtype, logsumexp_across_ranks
 from ._common import empty as _empty, unit_stride_rows as _rows
 
@@ -126,7 +126,7 @@ def sinkhorn_potentials(scores, epsilon, iterations, distributed=False, group=No
     if iterations == 0:
         # Only the global normalization (Q sums to B over all ranks): w is one constant.
         total = logsumexp_across_ranks(torch.logsumexp(_row_lse(scores, u, inv_eps), dim=0), distributed, group)
-        b_all = b * (world_size(group) if distributed else 1)
+        b_all = sum(gather_sizes(b, scores.device, group)) if distributed else b  # uneven ranks too
         return u, (math.log(b_all) - total).expand(b).contiguous()
     w = torch.zeros(b, dtype=torch.float32, device=scores.device)  # a constant: cancels out of the first u
     for _ in range(iterations):
