@@ -15,7 +15,7 @@ from torch import nn
 
 from . import _checks as check
 from .backends import dispatch
-from .distributed import all_gather_uneven
+from .distributed import all_gather_rows, all_gather_uneven
 from .functional import BUFFER_MODES, ema_update_
 
 SCHEDULES = ("cosine", "cosine_epoch", "constant")
@@ -51,9 +51,12 @@ class MemoryQueue(nn.Module):
 
     @torch.no_grad()
     def enqueue_(self, keys: torch.Tensor, *, normalize: bool = False, process_group=None,
-                 backend: Optional[str] = None) -> "MemoryQueue":
-        """Write ``keys`` (all ranks' keys in rank order, when distributed; ranks may hold different batch sizes)
-        at ``ptr`` with wrap-around; advance ``ptr``.
+                 uneven_batches: bool = False, backend: Optional[str] = None) -> "MemoryQueue":
+        """Write ``keys`` (all ranks' keys in rank order, when distributed) at ``ptr`` with wrap-around; advance ``ptr``.
+
+        Distributed, every rank must enqueue the same number of rows (DDP with drop_last, as official MoCo
+        assumes): one all-gather, no host sync. ``uneven_batches=True`` lets ranks differ (e.g. a last, smaller
+        batch): the counts are exchanged first, which costs a second small collective and a host read.
 
         ``normalize=True`` L2-normalizes the rows on the way in (fused with the cast on the GPU).
 
@@ -68,10 +71,9 @@ class MemoryQueue(nn.Module):
             raise ValueError(f"keys have dimension {keys.shape[1]} but the queue holds rows of dimension {self.dim}")
         if keys.device != self.queue.device:
             raise ValueError(f"keys are on {keys.device} but the queue is on {self.queue.device}")
-        # Ranks may enqueue different batch sizes (the last, smaller batch of an epoch): their counts are
-        # exchanged first (one small all-gather and a host read of world_size ints), then every rank's rows
-        # arrive in rank order, so every rank writes the same rows at the same ptr.
-        keys = all_gather_uneven(keys.detach(), None, process_group)
+        # Either way every rank's rows arrive in rank order, so every rank writes the same rows at the same ptr.
+        keys = (all_gather_uneven(keys.detach(), None, process_group) if uneven_batches
+                else all_gather_rows(keys.detach(), process_group))
         dispatch("queue_enqueue_", backend, keys.device)(self.queue, self.ptr, keys, bool(normalize))
         torch.autograd.graph.increment_version(self.queue)  # host-side counter: no sync, graph-capturable
         return self

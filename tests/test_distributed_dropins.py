@@ -78,7 +78,7 @@ def _state(rank, world, g):
     ptr = 0
     for step in range(2):
         keys = torch.randn(total, d, generator=g, dtype=torch.float64)  # all ranks' keys, rank order
-        q.enqueue_(keys[off:off + n].float())
+        q.enqueue_(keys[off:off + n].float(), uneven_batches=True)
         for row in keys:
             expect[ptr] = row
             ptr = (ptr + 1) % size
@@ -86,6 +86,17 @@ def _state(rank, world, g):
         assert int(q.ptr) == ptr, f"ptr {int(q.ptr)} != {ptr} on rank {rank}"
         for r, other in enumerate(everyone(q.queue)):
             assert torch.equal(other, q.queue), f"rank {r}'s queue differs from rank {rank}'s"
+
+    # Equal batches take the default path (one all-gather, no host read): every rank enqueues 2 rows.
+    q2 = MemoryQueue(5, d)
+    q2.queue.zero_()
+    eq = torch.randn(2 * world, d, generator=g, dtype=torch.float64)
+    q2.enqueue_(eq[2 * rank:2 * rank + 2].float())
+    expect2 = torch.zeros(5, d, dtype=torch.float64)
+    for i, row in enumerate(eq):
+        expect2[i % 5] = row
+    _close(q2.queue, expect2, f"equal-batch queue, rank {rank}")
+    assert int(q2.ptr) == (2 * world) % 5
 
     # update_center_: the mean over every rank's rows, uneven batches included
     p = 23
