@@ -11,12 +11,13 @@ single-process float64 oracle (backend="torch") over the whole batch:
   gradient and the ranks' scalar (temperature / logit_scale) gradients sum to the oracle's.
 """
 import os
-import subprocess
 import sys
 import traceback
 
 import pytest
 import torch
+
+from gloo_ranks import spawn_ranks
 
 WORLDS = {2: [5, 5], 3: [4, 6, 3]}  # rows per rank: even, then uneven
 
@@ -172,34 +173,12 @@ def _worker(rank: int, world: int, init_file: str) -> None:  # noqa: C901 (one p
     dist.destroy_process_group()
 
 
-def _spawn(world: int, tmp_path) -> None:
-    init_file = str(tmp_path / f"pg{world}")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
-    env.setdefault("OMP_NUM_THREADS", "1")
-    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(r), str(world), init_file],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-             for r in range(world)]
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=120)[0])
-    finally:
-        for p in procs:  # never leave a rank behind (one failed rank leaves the others in a collective)
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    failed = [f"rank {r} of {world} (rc {p.returncode}):\n{out[-3000:]}"
-              for r, (p, out) in enumerate(zip(procs, outs)) if p.returncode != 0 or f"rank {r} ok" not in out]
-    # A rank that fails first takes the others down with "connection closed": show every rank's output.
-    assert not failed, "\n\n".join(failed)
-
-
 @pytest.mark.parametrize("world", sorted(WORLDS))
 def test_gathered_losses_match_single_process(world, tmp_path):
     import torch.distributed as dist
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available in this build")
-    _spawn(world, tmp_path)
+    spawn_ranks(__file__, world, tmp_path)
 
 
 if __name__ == "__main__":

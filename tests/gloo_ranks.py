@@ -1,0 +1,29 @@
+"""Run a test file as ``world`` real Gloo ranks (subprocesses, file rendezvous: no network port).
+
+The file is executed as ``python FILE RANK WORLD INIT_FILE``; each rank prints ``rank R ok`` when its checks
+pass. Used by the tests of the distributed paths (test_distributed_*.py)."""
+import os
+import subprocess
+import sys
+
+
+def spawn_ranks(script: str, world: int, tmp_path, timeout: float = 120) -> None:
+    init_file = str(tmp_path / f"pg{world}")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(script), str(r), str(world), init_file],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for r in range(world)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:  # never leave a rank behind (one failed rank leaves the others in a collective)
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    failed = [f"rank {r} of {world} (rc {p.returncode}):\n{out[-3000:]}"
+              for r, (p, out) in enumerate(zip(procs, outs)) if p.returncode != 0 or f"rank {r} ok" not in out]
+    # A rank that fails first takes the others down with "connection closed": show every rank's output.
+    assert not failed, "\n\n".join(failed)
