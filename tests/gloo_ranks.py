@@ -5,6 +5,7 @@ pass. Used by the tests of the distributed paths (test_distributed_*.py)."""
 import os
 import subprocess
 import sys
+import traceback
 
 
 def spawn_ranks(script: str, world: int, tmp_path, timeout: float = 120) -> None:
@@ -27,3 +28,23 @@ def spawn_ranks(script: str, world: int, tmp_path, timeout: float = 120) -> None
               for r, (p, out) in enumerate(zip(procs, outs)) if p.returncode != 0 or f"rank {r} ok" not in out]
     # A rank that fails first takes the others down with "connection closed": show every rank's output.
     assert not failed, "\n\n".join(failed)
+
+
+def run_rank(worker) -> None:
+    """The ``__main__`` of such a file: ``worker(rank, world, init_file)``, then ``rank R ok``; on any error the
+    traceback and an immediate exit (a process group's teardown would wait for the other ranks)."""
+    rank, world = int(sys.argv[1]), int(sys.argv[2])
+    try:
+        worker(rank, world, sys.argv[3])
+    except BaseException:
+        traceback.print_exc()
+        sys.stdout.flush()
+        os._exit(1)
+    print(f"rank {rank} ok", flush=True)
+
+
+def skip_without_gloo() -> None:
+    import pytest
+    import torch.distributed as dist
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available in this build")

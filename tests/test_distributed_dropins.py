@@ -8,14 +8,11 @@ One process launch per world size runs every check (tests/test_distributed_losse
   single-process computation over all ranks' rows (uneven batches too).
 """
 import datetime
-import os
-import sys
-import traceback
 
 import pytest
 import torch
 
-from gloo_ranks import spawn_ranks
+from gloo_ranks import run_rank, skip_without_gloo, spawn_ranks
 
 WORLDS = {2: [5, 5], 3: [4, 6, 3]}  # rows per rank for the queue: even, then uneven
 
@@ -143,19 +140,10 @@ def _worker(rank: int, world: int, init_file: str) -> None:
 def test_lightly_ntxent_dcl_dclw_and_state_across_ranks(world, tmp_path):
     """lightly.loss.NTXentLoss / DCLLoss / DCLWLoss(gather_distributed=True) per rank, MemoryQueue,
     update_center_ and sinkhorn_knopp across ranks."""
-    import torch.distributed as dist
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available in this build")
+    skip_without_gloo()
     pytest.importorskip("lightly")
     spawn_ranks(__file__, world, tmp_path)
 
 
 if __name__ == "__main__":
-    r, w = int(sys.argv[1]), int(sys.argv[2])
-    try:
-        _worker(r, w, sys.argv[3])
-    except BaseException:
-        traceback.print_exc()
-        sys.stdout.flush()
-        os._exit(1)  # skip the process group's teardown, which would wait for the other ranks
-    print(f"rank {r} ok", flush=True)
+    run_rank(_worker)

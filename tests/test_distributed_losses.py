@@ -10,14 +10,11 @@ single-process float64 oracle (backend="torch") over the whole batch:
   test weights each rank's mean by n_rank / N before backward: then every row gets exactly the global-mean
   gradient and the ranks' scalar (temperature / logit_scale) gradients sum to the oracle's.
 """
-import os
-import sys
-import traceback
 
 import pytest
 import torch
 
-from gloo_ranks import spawn_ranks
+from gloo_ranks import run_rank, skip_without_gloo, spawn_ranks
 
 WORLDS = {2: [5, 5], 3: [4, 6, 3]}  # rows per rank: even, then uneven
 
@@ -175,18 +172,9 @@ def _worker(rank: int, world: int, init_file: str) -> None:  # noqa: C901 (one p
 
 @pytest.mark.parametrize("world", sorted(WORLDS))
 def test_gathered_losses_match_single_process(world, tmp_path):
-    import torch.distributed as dist
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available in this build")
+    skip_without_gloo()
     spawn_ranks(__file__, world, tmp_path)
 
 
 if __name__ == "__main__":
-    r, w = int(sys.argv[1]), int(sys.argv[2])
-    try:
-        _worker(r, w, sys.argv[3])
-    except BaseException:
-        traceback.print_exc()
-        sys.stdout.flush()
-        os._exit(1)  # skip the process group's teardown, which would wait for the other ranks
-    print(f"rank {r} ok", flush=True)
+    run_rank(_worker)
