@@ -1,12 +1,12 @@
 """Sinkhorn-Knopp (Triton kernels under the interpreter, and the streamed CPU path) against the official
-SwAV normalization written here in float64."""
-import math
+SwAV normalization in float64 (tests/sinkhorn_oracle.py)."""
 
 import pytest
 import torch
 
 import sslkernels
 from conftest import HAS_CUDA, assert_close
+from sinkhorn_oracle import sinkhorn64
 
 pytest.importorskip("triton")
 from sslkernels.ops import dino_cpu, sinkhorn  # noqa: E402
@@ -25,18 +25,6 @@ def _small_tiles(monkeypatch):
     monkeypatch.setattr(dino_cpu, "CHUNK_ELEMENTS", 100)
 
 
-def swav64(scores, epsilon, iterations):
-    """SwAV's distributed_sinkhorn on one process, in float64 and in log space (so it cannot overflow):
-    Q = exp(scores/ε)ᵀ; Q /= ΣQ; repeat: rows /= row sums, /= P; columns /= column sums, /= B; Q *= B."""
-    logq = scores.double().T / epsilon
-    p, b = logq.shape
-    logq = logq - torch.logsumexp(logq.reshape(-1), dim=0)
-    for _ in range(iterations):
-        logq = logq - torch.logsumexp(logq, dim=1, keepdim=True) - math.log(p)
-        logq = logq - torch.logsumexp(logq, dim=0, keepdim=True) - math.log(b)
-    return (torch.exp(logq) * b).T
-
-
 def swav64_exp(scores, epsilon, iterations):
     """The same, literally as the official code (exp domain); float64 holds it for moderate scores."""
     q = torch.exp(scores.double() / epsilon).T
@@ -50,7 +38,7 @@ def swav64_exp(scores, epsilon, iterations):
 
 def test_oracles_agree():
     s = torch.randn(6, 11)
-    assert_close(swav64(s, 0.05, 3), swav64_exp(s, 0.05, 3), torch.float64)
+    assert_close(sinkhorn64(s, 0.05, 3), swav64_exp(s, 0.05, 3), torch.float64)
 
 
 @pytest.mark.parametrize("kind", ["triton", "cpu"])
@@ -71,7 +59,7 @@ def test_sinkhorn_dtypes(kind, dtype):
     scores = torch.randn(9, 30).to(dtype)
     got = KINDS[kind](scores.to(DEVICE[kind]), 0.1, 3)
     assert got.dtype == torch.promote_types(dtype, torch.float32)
-    assert_close(got, swav64(scores, 0.1, 3), dtype)
+    assert_close(got, sinkhorn64(scores, 0.1, 3), dtype)
 
 
 @pytest.mark.parametrize("kind", ["triton", "cpu"])
@@ -85,12 +73,12 @@ def test_sinkhorn_extreme_scores(kind, scale):
     # The exponents reach |scores/ε| ≈ 10⁵·scale/10³; float32 rounds them to ~1e-2·scale/10³ absolute, so
     # entries may differ from float64 by that relative amount (the eager reference rounds the same way).
     if scale == 1e3:
-        assert_close(got, swav64(scores, 0.05, 3), rtol=2e-2)
+        assert_close(got, sinkhorn64(scores, 0.05, 3), rtol=2e-2)
 
 
 def test_sinkhorn_triton_non_contiguous_scores():
     scores = torch.randn(30, 9).T  # 9×30 with a column stride of 9
-    assert_close(sinkhorn.sinkhorn_knopp(scores.to(DEVICE["triton"]), 0.05, 2), swav64(scores, 0.05, 2), torch.float32)
+    assert_close(sinkhorn.sinkhorn_knopp(scores.to(DEVICE["triton"]), 0.05, 2), sinkhorn64(scores, 0.05, 2), torch.float32)
 
 
 @pytest.mark.parametrize("backend", ["triton", "auto", "torch"])
@@ -98,7 +86,7 @@ def test_sinkhorn_public_api(backend):
     scores = torch.randn(8, 21)
     dev = DEVICE["triton"] if backend == "triton" else "cpu"
     got = sslkernels.sinkhorn_knopp(scores.to(dev), epsilon=0.05, iterations=3, backend=backend)
-    assert_close(got, swav64(scores, 0.05, 3), torch.float32)
+    assert_close(got, sinkhorn64(scores, 0.05, 3), torch.float32)
 
 
 # ------------------------------------------------------------------------------------------ distributed
@@ -120,7 +108,7 @@ def _distributed_worker(rank, world, path):
         mine = full[rank * 5:(rank + 1) * 5]
         impls = dict(KINDS, torch=reference.sinkhorn_knopp)
         for iterations in (0, 1, 3):
-            want = swav64(full, 0.05, iterations)[rank * 5:(rank + 1) * 5]
+            want = sinkhorn64(full, 0.05, iterations)[rank * 5:(rank + 1) * 5]
             for kind, impl in impls.items():
                 got = impl(mine, 0.05, iterations, True, None)
                 assert_close(got, want, torch.float32, name=f"{kind}, {iterations} iterations, rank {rank}")

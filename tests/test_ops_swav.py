@@ -1,13 +1,13 @@
 """SwaV (lightly's SwaVLoss: Sinkhorn codes of each high-resolution crop, predicted by every other crop) on
 the DINO kernels (Triton under the interpreter, and the CPU path) and the eager reference, against float64
 math written here. Values and the gradients of every crop."""
-import math
 
 import pytest
 import torch
 
 import sslkernels.functional as Fn
 from conftest import HAS_CUDA, assert_close
+from sinkhorn_oracle import sinkhorn64
 from sslkernels import reference
 
 pytest.importorskip("triton")
@@ -26,17 +26,6 @@ def _small_tiles(monkeypatch):
     monkeypatch.setattr(dino_cpu, "CHUNK_ELEMENTS", 100)
 
 
-def codes64(scores, epsilon, iterations):
-    """SwAV's sinkhorn in float64 and log space: Q = exp(s/ε)ᵀ / ΣQ; rows /= sums·P; columns /= sums·B; Q·B."""
-    logq = scores.double().T / epsilon
-    p, b = logq.shape
-    logq = logq - torch.logsumexp(logq.reshape(-1), dim=0)
-    for _ in range(iterations):
-        logq = logq - torch.logsumexp(logq, dim=1, keepdim=True) - math.log(p)
-        logq = logq - torch.logsumexp(logq, dim=0, keepdim=True) - math.log(b)
-    return (torch.exp(logq) * b).T
-
-
 def swav64(high, low, temperature, epsilon, iterations, queue=None):
     """lightly's SwaVLoss.forward, in float64."""
     crops = [z.double() for z in high + low]
@@ -45,7 +34,7 @@ def swav64(high, low, temperature, epsilon, iterations, queue=None):
         scores = crops[i].detach()
         if queue is not None:
             scores = torch.cat([scores, queue[i].double()])
-        q = codes64(scores, epsilon, iterations)[:crops[i].shape[0]]
+        q = sinkhorn64(scores, epsilon, iterations)[:crops[i].shape[0]]
         sub = 0.0
         for v, z in enumerate(crops):
             if v != i:
