@@ -56,21 +56,7 @@ class _GradInForward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, chunk_fn: ChunkFn, n: int, step: int, weights: torch.Tensor, *tensors):
         want = [t.requires_grad for t in tensors]
-        grads: List[Optional[torch.Tensor]]
-        if step >= n:
-            # One chunk (small batches): its gradient pieces are whole gradients; no zero-filled accumulators.
-            grads = [None] * len(tensors)
-            with torch.no_grad():
-                loss, pieces = chunk_fn(0, n, weights, any(want), *tensors)
-                total = (weights * loss).sum()
-            for idx, _, value in pieces:
-                if want[idx]:
-                    grads[idx] = value if grads[idx] is None else grads[idx] + value
-            grads = [g if g is not None or not w else torch.zeros_like(t) for g, w, t in zip(grads, want, tensors)]
-            ctx.save_for_backward(*[g if g is not None else torch.empty(0) for g in grads])
-            ctx.want = want
-            return total
-        grads = [torch.zeros_like(t) if w else None for t, w in zip(tensors, want)]
+        grads: List[Optional[torch.Tensor]] = [None] * len(tensors)
         total = torch.zeros((), dtype=weights.dtype)
         with torch.no_grad():
             for start in range(0, n, step):
@@ -78,8 +64,15 @@ class _GradInForward(torch.autograd.Function):
                 loss, pieces = chunk_fn(start, stop, weights[start:stop], any(want), *tensors)
                 total = total + (weights[start:stop] * loss).sum()
                 for idx, rows, value in pieces:
-                    if grads[idx] is not None:
-                        (grads[idx] if rows is None else grads[idx][rows]).add_(value)
+                    if not want[idx]:
+                        continue
+                    if grads[idx] is None:
+                        if value.shape == tensors[idx].shape:
+                            grads[idx] = value  # a whole gradient (one chunk, or a piece over all rows): no copy
+                            continue
+                        grads[idx] = torch.zeros_like(tensors[idx])
+                    (grads[idx] if rows is None else grads[idx][rows]).add_(value)
+        grads = [torch.zeros_like(t) if w and g is None else g for g, w, t in zip(grads, want, tensors)]
         ctx.save_for_backward(*[g if g is not None else torch.empty(0) for g in grads])
         ctx.want = want
         return total
