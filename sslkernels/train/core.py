@@ -386,10 +386,6 @@ class Run:
               f"raw pixels (reference point): kNN {raw['knn_top1']:.4f}, {args.fewshot_shots}-shot kNN "
               f"{raw['knn_fewshot']:.4f}, linear probe {raw['linear_probe']:.4f}", flush=True)
 
-    def sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def log_epoch(self, epoch: int, metrics: dict, *, loss=None, samples: int = 0, seconds: float = 0.0) -> dict:
         """Record one epoch. ``loss`` is the mean training loss (None for the epoch-0 evaluation before training)."""
         if loss is not None and not math.isfinite(loss):
@@ -492,6 +488,28 @@ _RESUME_MAY_CHANGE = ("out", "resume", "stop_after", "progress", "no_plots", "no
 _RESUME_DEFAULTS = {"dtype": "float32"}  # settings older checkpoints did not record
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the GPU (timing); nothing on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_method(args, split: data_lib.Split, build, device: torch.device):
+    """(method, AdamW over its trainable parameters), in the data's dtype on ``device``."""
+    method = build(args, split).to(device=device, dtype=split.train_x.dtype)
+    params = [p for p in method.parameters() if p.requires_grad]
+    return method, torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def optimizer_step(method: Method, optimizer, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
+    """One step's loss, backward and optimizer update (the caller then steps its scheduler and after_step)."""
+    loss = method.training_step(x, y, step)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
 def fit(name: str, args, build) -> dict:
     """Train ``build(args, split) -> Method`` with the shared options; ``--impl both`` compares fused and reference."""
     if args.compare or args.impl == "both":
@@ -524,9 +542,7 @@ def fit(name: str, args, build) -> dict:
     backend = run.backend
 
     with backend_scope(backend):
-        method = build(args, split).to(device=device, dtype=split.train_x.dtype)
-        params = [p for p in method.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+        method, optimizer = build_method(args, split, build, device)
         loader = data_lib.Shuffler(split.train_x.shape[0], args.batch_size, args.seed, device)
         steps_per_epoch = len(loader)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(args.epochs * steps_per_epoch, 1))
@@ -552,14 +568,11 @@ def fit(name: str, args, build) -> dict:
             method.train()
             bar = _progress(args, steps_per_epoch, f"{name} epoch {epoch}/{args.epochs}")
             losses = []
-            run.sync()
+            sync(device)
             t0 = time.perf_counter()
             for i, idx in enumerate(loader):
                 step = (epoch - 1) * steps_per_epoch + i
-                loss = method.training_step(split.train_x[idx], split.train_y[idx], step)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                loss = optimizer_step(method, optimizer, split.train_x[idx], split.train_y[idx], step)
                 scheduler.step()
                 method.after_step(step)
                 losses.append(loss.detach())
@@ -568,7 +581,7 @@ def fit(name: str, args, build) -> dict:
                     bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{(i + 1) * args.batch_size / dt:.0f}",
                                     mem=f"{memory_mb(device):.0f}MB", refresh=False)
                 bar.update()
-            run.sync()
+            sync(device)
             seconds = time.perf_counter() - t0
             bar.close()
             run.train_seconds += seconds
@@ -615,9 +628,8 @@ def _interleaved_step_seconds(args, build, steps: int) -> dict:
         sub = argparse.Namespace(**{**vars(args), "impl": impl})
         seed_everything(args.seed)
         with backend_scope(IMPLS[impl]):
-            method = build(sub, split).to(device=device, dtype=split.train_x.dtype)
-        params = [p for p in method.parameters() if p.requires_grad]
-        models[impl] = (method.train(), torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay))
+            method, optimizer = build_method(sub, split, build, device)
+        models[impl] = (method.train(), optimizer)
     loader = data_lib.Shuffler(split.train_x.shape[0], args.batch_size, args.seed, device)
     seconds: dict = {impl: [] for impl in models}
     warmup, step = 3, 0
@@ -626,16 +638,11 @@ def _interleaved_step_seconds(args, build, steps: int) -> dict:
             for impl in (("fused", "reference") if step % 2 == 0 else ("reference", "fused")):
                 method, optimizer = models[impl]
                 with backend_scope(IMPLS[impl]):
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
+                    sync(device)
                     t0 = time.perf_counter()
-                    loss = method.training_step(split.train_x[idx], split.train_y[idx], step)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
+                    optimizer_step(method, optimizer, split.train_x[idx], split.train_y[idx], step)
                     method.after_step(step)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
+                    sync(device)
                     if step >= warmup:
                         seconds[impl].append(time.perf_counter() - t0)
             step += 1
