@@ -21,7 +21,7 @@ from torch import nn
 from . import _checks as check
 from . import functional as Fn
 from .backends import dispatch
-from .distributed import all_gather_rows
+from .distributed import all_gather_rows, all_gather_with_grad
 
 __all__ = [
     "InfoNCELoss", "NTXentLoss", "ClipLoss", "MoCoLoss", "SupConLoss", "DCLLoss", "DINOLoss",
@@ -618,11 +618,10 @@ def _gather(x: torch.Tensor, with_grad: bool, keep_local: bool, rank: int) -> to
     ``with_grad``: gradients flow back to the rank that owns each chunk (torch.distributed.nn.all_gather).
     Otherwise the gathered copies are constants; ``keep_local`` puts this rank's own tensor back in its
     slot so its rows still get their gradient (OpenCLIP does this unless local_loss)."""
+    world = dist.get_world_size()
     if with_grad:
-        from torch.distributed.nn import all_gather as all_gather_with_grad  # imported on first distributed use
-        return torch.cat(all_gather_with_grad(x), dim=0)
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.detach().contiguous())
+        return all_gather_with_grad(x, [x.shape[0]] * world)  # OpenCLIP's ranks hold equal batches
+    parts = list(all_gather_rows(x.detach()).chunk(world))
     if keep_local:
         parts[rank] = x
     return torch.cat(parts, dim=0)
