@@ -55,6 +55,17 @@ def gather_sizes(n: int, device: torch.device, group=None) -> list:
     return [int(p) for p in torch.cat(parts).tolist()]
 
 
+def gather_sizes_and_dims(x: torch.Tensor, group=None):
+    """(every rank's row count, every rank's feature dim) of a 2-d ``x``, rank order (one small all-gather)."""
+    if not is_distributed(group):
+        return [x.shape[0]], [x.shape[1]]
+    mine = torch.tensor([x.shape[0], x.shape[1]], dtype=torch.int64, device=x.device)
+    parts = [torch.empty_like(mine) for _ in range(world_size(group))]
+    dist.all_gather(parts, mine, group=group)
+    both = torch.stack(parts).tolist()
+    return [int(r[0]) for r in both], [int(r[1]) for r in both]
+
+
 def _gather_padded(x: torch.Tensor, sizes: list, group) -> torch.Tensor:
     """all_gather of rows whose count differs by rank: every rank sends max(sizes) rows (gloo and older
     NCCL need equal shapes), the padding is dropped on arrival."""
@@ -104,3 +115,69 @@ def all_gather_uneven(x: torch.Tensor, sizes: Optional[list] = None, group=None)
     if sizes is None:
         sizes = gather_sizes(x.shape[0], x.device, group)
     return _gather_padded(x, sizes, group)
+
+
+def _wait(works) -> None:
+    for w in works or ():
+        w.wait()
+
+
+class Ring:
+    """The ranks of ``group`` in a ring, for blocks of rows that visit every rank (``distributed="ring"``).
+
+    ``sizes[r]`` is rank r's row count. :meth:`circulate` passes every rank's block once around the ring,
+    always to the next rank, with point-to-point sends that run while the caller computes on the block in
+    hand; a rank never holds more than two blocks (the one in hand and the one arriving) and one carry.
+    """
+
+    def __init__(self, sizes: list, group=None):
+        self.group, self.sizes = group, list(sizes)
+        self.world, self.rank = world_size(group), rank(group)
+        self.offsets = [sum(self.sizes[:r]) for r in range(self.world)]
+        peer = (lambda r: r) if group is None else (lambda r: dist.get_global_rank(group, r))
+        self.next, self.prev = peer((self.rank + 1) % self.world), peer((self.rank - 1) % self.world)
+
+    def _rows_like(self, x: torch.Tensor, owner: int) -> torch.Tensor:
+        return torch.empty((self.sizes[owner],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+
+    def _exchange(self, send, recv, tag: int) -> list:
+        """Send ``send`` to the next rank and receive ``recv`` from the previous one, asynchronously.
+
+        One tag per tensor: gloo matches messages by (peer, tag), NCCL by order, and the order of posts is
+        the same on every rank, so both agree (with 2 ranks, next and previous are the same peer)."""
+        ops = [dist.P2POp(dist.isend, t, self.next, self.group, tag + i) for i, t in enumerate(send)]
+        ops += [dist.P2POp(dist.irecv, t, self.prev, self.group, tag + i) for i, t in enumerate(recv)]
+        return dist.batch_isend_irecv(ops) if ops else []
+
+    def circulate(self, payload, step, combine):
+        """Visit every rank's ``payload`` (tensors with this rank's rows first: its block), this rank's first.
+
+        ``step(owner, *block)`` computes on the block of rank ``owner`` and may return a carry: a tensor with
+        one row per block row (partial column sums, partial key gradients) that travels one step behind the
+        block, ``combine(arrived, mine)`` merging it with what earlier ranks computed. After the last step
+        every block's carry has seen every rank and takes one more hop home. Returns the complete carry of
+        this rank's own block (None if ``step`` returns none).
+        """
+        block = [t.contiguous() for t in payload]
+        carry_in = carry_works = None  # (gloo: wait each work exactly once; a second wait waits for another send)
+        for t in range(self.world):
+            owner = (self.rank - t) % self.world
+            after = (owner - 1) % self.world  # the next block's owner (this rank's own after the last step)
+            arriving, works = [], []
+            if t < self.world - 1:
+                arriving = [self._rows_like(x, after) for x in block]
+                works = self._exchange(block, arriving, tag=0)
+            part = step(owner, *block)
+            if part is not None:
+                if carry_works is not None:  # the carry of this block from the previous rank (and ours sent on)
+                    _wait(carry_works)
+                    part = combine(carry_in, part)
+                part = part.contiguous()
+                carry_in = self._rows_like(part, after)
+                carry_works = self._exchange([part], [carry_in], tag=len(block))
+            _wait(works)
+            block = arriving
+        if carry_in is None:
+            return None
+        _wait(carry_works)
+        return carry_in

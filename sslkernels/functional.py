@@ -41,21 +41,12 @@ def _outside_autocast(loss_fn):
     return wrapper
 
 
-def _single_process(op: str, gather_distributed, distributed, process_group) -> None:
-    if _dist.requested(gather_distributed, distributed, process_group):
-        raise NotImplementedError(
-            f"{op}: gather_distributed / distributed='ring' across {_dist.world_size(process_group)} ranks is not "
-            "implemented yet; call it without them to get each rank's local loss")
-
-
-def _across_ranks(op: str, gather_distributed, distributed, process_group) -> bool:
-    """Whether the loss spans the ranks of ``process_group`` (ops/contrastive_dist.py); False on one rank."""
+def _across_ranks(gather_distributed, distributed, process_group) -> Optional[str]:
+    """None when the loss stays on this rank (nothing asked, or one rank), else "ring" or "gather"
+    (ops/contrastive_dist.py)."""
     if not _dist.requested(gather_distributed, distributed, process_group):
-        return False
-    if distributed == "ring":
-        raise NotImplementedError(f"{op}: distributed='ring' is not implemented yet; gather_distributed=True "
-                                  "(all-gather of the keys) spans the ranks")
-    return True
+        return None
+    return "ring" if distributed == "ring" else "gather"
 
 
 def _compiled_loss(name: str, backend, *args) -> torch.Tensor:
@@ -91,7 +82,8 @@ def info_nce(query, key, temperature: Scalar = 0.1, *, targets=None, symmetric: 
     ``gather_distributed=True`` on several ranks (of ``process_group``): this rank's queries against every
     rank's keys (and, with ``symmetric``, its keys against every rank's queries); ``targets`` index the
     gathered keys, and without them local row i's positive is this rank's key i. The reduction runs over
-    the local rows (README "Distributed"). ``distributed="ring"`` is not implemented yet."""
+    the local rows (README "Distributed"). ``distributed="ring"``: the same loss with the keys (and their
+    gradients) passed around the ring instead of gathered, so memory per rank does not grow with the ranks."""
     _pair("query", query, "key", key, same_rows=False)
     n, m = query.shape[0], key.shape[0]
     temperature = check.positive_scalar(temperature, "temperature", query.device, per_row=n)
@@ -105,14 +97,14 @@ def info_nce(query, key, temperature: Scalar = 0.1, *, targets=None, symmetric: 
         if n != m:
             raise ValueError(f"targets is None, so key must have as many rows as query ({n}), got {m}; "
                              "pass targets to pick each query's positive")
-    across = _across_ranks("info_nce", gather_distributed, distributed, process_group)
+    across = _across_ranks(gather_distributed, distributed, process_group)
     if targets is not None:  # across ranks they index the gathered keys: checked against their global count
         targets = check.index_vector(targets, "targets", n, query.device, upper=None if across else m)
     if decoupled and m < 2 and not across:
         raise ValueError("decoupled=True needs at least 2 keys: with the positive left out, 1 key leaves no negative")
     if across:
         return _contrastive_dist.info_nce(query, key, temperature, targets, bool(symmetric), bool(decoupled),
-                                          reduction, process_group, backend)
+                                          reduction, process_group, backend, across == "ring")
     if torch.compiler.is_compiling():
         return _compiled_loss("info_nce", backend, query, key, temperature, targets, bool(symmetric), bool(decoupled),
                               reduction)
@@ -131,10 +123,12 @@ def nt_xent(z1, z2, temperature: Scalar = 0.5, *, decoupled: bool = False, reduc
     _pair("z1", z1, "z2", z2, same_rows=True)
     temperature = check.positive_scalar(temperature, "temperature", z1.device)
     check.reduction(reduction)
-    if decoupled and z1.shape[0] < 2:
+    across = _across_ranks(gather_distributed, distributed, process_group)
+    if decoupled and z1.shape[0] < 2 and not across:  # across ranks the other ranks' pairs are negatives
         raise ValueError("decoupled=True needs a batch of at least 2 pairs: with 1 pair there is no negative")
-    if _across_ranks("nt_xent", gather_distributed, distributed, process_group):
-        return _contrastive_dist.nt_xent(z1, z2, temperature, bool(decoupled), reduction, process_group)
+    if across:
+        return _contrastive_dist.nt_xent(z1, z2, temperature, bool(decoupled), reduction, process_group,
+                                         across == "ring")
     if torch.compiler.is_compiling():
         return _compiled_loss("nt_xent", backend, z1, z2, temperature, bool(decoupled), reduction)
     impl = dispatch("nt_xent", backend, z1.device)
@@ -152,9 +146,10 @@ def clip_loss(image_features, text_features, logit_scale: Scalar, *, reduction: 
     _pair("image_features", image_features, "text_features", text_features, same_rows=True)
     logit_scale = check.positive_scalar(logit_scale, "logit_scale", image_features.device)
     check.reduction(reduction)
-    if _across_ranks("clip_loss", gather_distributed, distributed, process_group):
+    across = _across_ranks(gather_distributed, distributed, process_group)
+    if across:
         return _contrastive_dist.clip_loss(image_features, text_features, logit_scale, reduction, process_group,
-                                           backend)
+                                           backend, across == "ring")
     if torch.compiler.is_compiling():
         return _compiled_loss("clip_loss", backend, image_features, text_features, logit_scale, reduction)
     impl = dispatch("clip_loss", backend, image_features.device)
@@ -165,12 +160,19 @@ def clip_loss(image_features, text_features, logit_scale: Scalar, *, reduction: 
 def siglip_loss(image_features, text_features, logit_scale: Scalar, logit_bias: Scalar, *, reduction: str = "mean",
                 gather_distributed: bool = False, distributed: Optional[str] = None, process_group=None,
                 backend: Optional[str] = None) -> torch.Tensor:
-    """SigLIP's pairwise sigmoid loss (OpenCLIP's SigLipLoss on one device)."""
+    """SigLIP's pairwise sigmoid loss (OpenCLIP's SigLipLoss on one device).
+
+    Across ranks (``gather_distributed=True`` or ``distributed="ring"``): this rank's images against every
+    rank's texts, the other ranks' all negatives, summed over pairs and divided by the local rows (OpenCLIP's
+    SigLipLoss with world_size > 1)."""
     _pair("image_features", image_features, "text_features", text_features, same_rows=True)
     logit_scale = check.positive_scalar(logit_scale, "logit_scale", image_features.device)
     logit_bias = check.finite_scalar(logit_bias, "logit_bias", image_features.device)
     check.reduction(reduction)
-    _single_process("siglip_loss", gather_distributed, distributed, process_group)
+    across = _across_ranks(gather_distributed, distributed, process_group)
+    if across:
+        return _contrastive_dist.siglip_loss(image_features, text_features, logit_scale, logit_bias, reduction,
+                                             process_group, across == "ring")
     if torch.compiler.is_compiling():
         return _compiled_loss("siglip_loss", backend, image_features, text_features, logit_scale, logit_bias,
                               reduction)
@@ -197,7 +199,7 @@ def moco_loss(query, key, queue, temperature: Scalar = 0.2, *, reduction: str = 
     check.reduction(reduction)
     # Across ranks MoCo's loss stays per rank: the positive is the rank's own key and the negatives are the
     # queue, which already holds every rank's keys (MemoryQueue.enqueue_ gathers them).
-    _across_ranks("moco_loss", gather_distributed, distributed, process_group)
+    _across_ranks(gather_distributed, distributed, process_group)
     if torch.compiler.is_compiling():
         return _compiled_loss("moco_loss", backend, query, key, queue, temperature, reduction)
     impl = dispatch("moco_loss", backend, query.device)
@@ -216,8 +218,10 @@ def supcon_loss(features, labels, temperature: Scalar = 0.1, *, reduction: str =
     labels = check.index_vector(labels, "labels", features.shape[0], features.device)
     temperature = check.positive_scalar(temperature, "temperature", features.device)
     check.reduction(reduction)
-    if _across_ranks("supcon_loss", gather_distributed, distributed, process_group):
-        return _contrastive_dist.supcon_loss(features, labels, temperature, reduction, process_group)
+    across = _across_ranks(gather_distributed, distributed, process_group)
+    if across:
+        return _contrastive_dist.supcon_loss(features, labels, temperature, reduction, process_group,
+                                             across == "ring")
     if torch.compiler.is_compiling():
         return _compiled_loss("supcon_loss", backend, features, labels, temperature, reduction)
     impl = dispatch("supcon_loss", backend, features.device)

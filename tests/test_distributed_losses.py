@@ -1,4 +1,5 @@
-"""gather_distributed=True on the contrastive losses, over real gloo processes (world sizes 2 and 3).
+"""gather_distributed=True and distributed="ring" on the contrastive losses, over real gloo processes
+(world sizes 2 and 3).
 
 Every rank builds the same global batch from one seed, keeps its own rows (float32) and compares with the
 single-process float64 oracle (backend="torch") over the whole batch:
@@ -16,7 +17,7 @@ import torch
 
 from gloo_ranks import run_rank, skip_without_gloo, spawn_ranks
 
-WORLDS = {2: [5, 5], 3: [4, 6, 3]}  # rows per rank: even, then uneven
+WORLDS = {2: [5, 5], 3: [4, 6, 1]}  # rows per rank: even, then uneven with a lone row
 
 
 def _close(actual, expected, what):
@@ -72,66 +73,95 @@ def _worker(rank: int, world: int, init_file: str) -> None:  # noqa: C901 (one p
                 total_grad /= world  # unweighted ranks: DDP's average is the global-mean gradient
             _close(total_grad, r.grad, f"{name} grad of scalar {i}")
 
-    gd = dict(gather_distributed=True)
-    # info_nce, paired rows, plain and DCL
-    for decoupled in (False, True):
+    def cases(gd, how):
+        # info_nce, paired rows, plain and DCL
+        for decoupled in (False, True):
+            (q, k), (mq, mk) = leaves(feats(total), feats(total))
+            check(f"{how} info_nce decoupled={decoupled}",
+                  lambda red: SF.info_nce(mq, mk, 0.1, decoupled=decoupled, reduction=red, **gd),
+                  lambda red: SF.info_nce(q, k, 0.1, decoupled=decoupled, reduction=red, backend="torch"),
+                  sl, [q, k], [mq, mk])
+        # info_nce, explicit global targets, ranks holding other key counts than query counts
+        ksizes = [s + 2 for s in sizes]
+        kg = feats(sum(ksizes))
+        targets = torch.randint(0, sum(ksizes), (total,), generator=g)
+        q = feats(total).requires_grad_()
+        k = kg.clone().requires_grad_()
+        koff = sum(ksizes[:rank])
+        mq = q.detach()[sl].float().requires_grad_()
+        mk = kg[koff:koff + ksizes[rank]].float().requires_grad_()
+        ref_rows = SF.info_nce(q, k, 0.1, targets=targets, reduction="none", backend="torch")
+        mine = SF.info_nce(mq, mk, 0.1, targets=targets[sl], reduction="none", **gd)
+        _close(mine, ref_rows[sl].detach(), f"{how} info_nce targets rows")
+        SF.info_nce(q, k, 0.1, targets=targets, backend="torch").backward()
+        (SF.info_nce(mq, mk, 0.1, targets=targets[sl], **gd) * weight).backward()
+        _close(mq.grad, factor * q.grad[sl], f"{how} info_nce targets query grad")
+        _close(mk.grad, factor * k.grad[koff:koff + ksizes[rank]], f"{how} info_nce targets key grad")
+        # symmetric info_nce: learnable 0-d τ, then per-anchor τ
         (q, k), (mq, mk) = leaves(feats(total), feats(total))
-        check(f"info_nce decoupled={decoupled}",
-              lambda red: SF.info_nce(mq, mk, 0.1, decoupled=decoupled, reduction=red, **gd),
-              lambda red: SF.info_nce(q, k, 0.1, decoupled=decoupled, reduction=red, backend="torch"),
-              sl, [q, k], [mq, mk])
-    # info_nce, explicit global targets, ranks holding other key counts than query counts
-    ksizes = [s + 2 for s in sizes]
-    kg = feats(sum(ksizes))
-    targets = torch.randint(0, sum(ksizes), (total,), generator=g)
-    q = feats(total).requires_grad_()
-    k = kg.clone().requires_grad_()
-    koff = sum(ksizes[:rank])
-    mq = q.detach()[sl].float().requires_grad_()
-    mk = kg[koff:koff + ksizes[rank]].float().requires_grad_()
-    ref_rows = SF.info_nce(q, k, 0.1, targets=targets, reduction="none", backend="torch")
-    mine = SF.info_nce(mq, mk, 0.1, targets=targets[sl], reduction="none", **gd)
-    _close(mine, ref_rows[sl].detach(), "info_nce targets rows")
-    SF.info_nce(q, k, 0.1, targets=targets, backend="torch").backward()
-    (SF.info_nce(mq, mk, 0.1, targets=targets[sl], **gd) * weight).backward()
-    _close(mq.grad, factor * q.grad[sl], "info_nce targets query grad")
-    _close(mk.grad, factor * k.grad[koff:koff + ksizes[rank]], "info_nce targets key grad")
-    # symmetric info_nce: learnable 0-d τ, then per-anchor τ
-    (q, k), (mq, mk) = leaves(feats(total), feats(total))
-    t, mt = torch.tensor(0.2, dtype=torch.float64, requires_grad=True), torch.tensor(0.2, requires_grad=True)
-    check("info_nce symmetric", lambda red: SF.info_nce(mq, mk, mt, symmetric=True, reduction=red, **gd),
-          lambda red: SF.info_nce(q, k, t, symmetric=True, reduction=red, backend="torch"), sl, [q, k], [mq, mk],
-          [(t, mt)])
-    (q, k, tv), (mq, mk, mtv) = leaves(feats(total), feats(total),
-                                       0.1 + 0.2 * torch.rand(total, generator=g, dtype=torch.float64))
-    check("info_nce symmetric per-anchor τ",
-          lambda red: SF.info_nce(mq, mk, mtv, symmetric=True, reduction=red, **gd),
-          lambda red: SF.info_nce(q, k, tv, symmetric=True, reduction=red, backend="torch"),
-          sl, [q, k, tv], [mq, mk, mtv])
-    # clip_loss with a learnable (already exponentiated) logit_scale
-    (i, tx), (mi, mtx) = leaves(feats(total), feats(total))
-    s, ms = torch.tensor(14.0, dtype=torch.float64, requires_grad=True), torch.tensor(14.0, requires_grad=True)
-    check("clip_loss", lambda red: SF.clip_loss(mi, mtx, ms, reduction=red, **gd),
-          lambda red: SF.clip_loss(i, tx, s, reduction=red, backend="torch"), sl, [i, tx], [mi, mtx], [(s, ms)])
-    # nt_xent: this rank's rows are its z1 rows and its z2 rows of Z = cat(z1, z2)
-    for decoupled in (False, True):
-        (z1, z2), (m1, m2) = leaves(feats(total), feats(total))
-        idx = torch.cat([torch.arange(off, off + n), total + torch.arange(off, off + n)])
-        check(f"nt_xent decoupled={decoupled}",
-              lambda red: SF.nt_xent(m1, m2, 0.5, decoupled=decoupled, reduction=red, **gd),
-              lambda red: SF.nt_xent(z1, z2, 0.5, decoupled=decoupled, reduction=red, backend="torch"),
-              idx, [z1, z2], [m1, m2])
-    # moco_loss: per-rank (own key positive, the shared queue as negatives)
-    (q, k), (mq, mk) = leaves(feats(total), feats(total))
-    queue = feats(7)
-    check("moco_loss", lambda red: SF.moco_loss(mq, mk, queue.float(), 0.2, reduction=red, **gd),
-          lambda red: SF.moco_loss(q, k, queue, 0.2, reduction=red, backend="torch"), sl, [q, k], [mq, mk])
-    # supcon_loss: every label twice or more globally, positives spread over ranks
-    labels = torch.arange(total) % (total // 2)
-    labels = labels[torch.randperm(total, generator=g)]
-    (f,), (mf,) = leaves(feats(total))
-    check("supcon_loss", lambda red: SF.supcon_loss(mf, labels[sl], 0.1, reduction=red, **gd),
-          lambda red: SF.supcon_loss(f, labels, 0.1, reduction=red, backend="torch"), sl, [f], [mf])
+        t, mt = torch.tensor(0.2, dtype=torch.float64, requires_grad=True), torch.tensor(0.2, requires_grad=True)
+        check(f"{how} info_nce symmetric", lambda red: SF.info_nce(mq, mk, mt, symmetric=True, reduction=red, **gd),
+              lambda red: SF.info_nce(q, k, t, symmetric=True, reduction=red, backend="torch"), sl, [q, k], [mq, mk],
+              [(t, mt)])
+        (q, k, tv), (mq, mk, mtv) = leaves(feats(total), feats(total),
+                                           0.1 + 0.2 * torch.rand(total, generator=g, dtype=torch.float64))
+        check(f"{how} info_nce symmetric per-anchor τ",
+              lambda red: SF.info_nce(mq, mk, mtv, symmetric=True, reduction=red, **gd),
+              lambda red: SF.info_nce(q, k, tv, symmetric=True, reduction=red, backend="torch"),
+              sl, [q, k, tv], [mq, mk, mtv])
+        # clip_loss with a learnable (already exponentiated) logit_scale
+        (i, tx), (mi, mtx) = leaves(feats(total), feats(total))
+        s, ms = torch.tensor(14.0, dtype=torch.float64, requires_grad=True), torch.tensor(14.0, requires_grad=True)
+        check(f"{how} clip_loss", lambda red: SF.clip_loss(mi, mtx, ms, reduction=red, **gd),
+              lambda red: SF.clip_loss(i, tx, s, reduction=red, backend="torch"), sl, [i, tx], [mi, mtx], [(s, ms)])
+        # nt_xent: this rank's rows are its z1 rows and its z2 rows of Z = cat(z1, z2)
+        for decoupled in (False, True):
+            (z1, z2), (m1, m2) = leaves(feats(total), feats(total))
+            idx = torch.cat([torch.arange(off, off + n), total + torch.arange(off, off + n)])
+            check(f"{how} nt_xent decoupled={decoupled}",
+                  lambda red: SF.nt_xent(m1, m2, 0.5, decoupled=decoupled, reduction=red, **gd),
+                  lambda red: SF.nt_xent(z1, z2, 0.5, decoupled=decoupled, reduction=red, backend="torch"),
+                  idx, [z1, z2], [m1, m2])
+        # moco_loss: per-rank (own key positive, the shared queue as negatives)
+        (q, k), (mq, mk) = leaves(feats(total), feats(total))
+        queue = feats(7)
+        check(f"{how} moco_loss", lambda red: SF.moco_loss(mq, mk, queue.float(), 0.2, reduction=red, **gd),
+              lambda red: SF.moco_loss(q, k, queue, 0.2, reduction=red, backend="torch"), sl, [q, k], [mq, mk])
+        # supcon_loss: every label twice or more globally, positives spread over ranks
+        labels = torch.arange(total) % (total // 2)
+        labels = labels[torch.randperm(total, generator=g)]
+        (f,), (mf,) = leaves(feats(total))
+        check(f"{how} supcon_loss", lambda red: SF.supcon_loss(mf, labels[sl], 0.1, reduction=red, **gd),
+              lambda red: SF.supcon_loss(f, labels, 0.1, reduction=red, backend="torch"), sl, [f], [mf])
+
+        # siglip_loss: learnable scale and bias; the other ranks' texts are all negatives
+        (i, tx), (mi, mtx) = leaves(feats(total), feats(total))
+        s, ms = torch.tensor(10.0, dtype=torch.float64, requires_grad=True), torch.tensor(10.0, requires_grad=True)
+        b, mb = torch.tensor(-5.0, dtype=torch.float64, requires_grad=True), torch.tensor(-5.0, requires_grad=True)
+        check(f"{how} siglip_loss", lambda red: SF.siglip_loss(mi, mtx, ms, mb, reduction=red, **gd),
+              lambda red: SF.siglip_loss(i, tx, s, b, reduction=red, backend="torch"), sl, [i, tx], [mi, mtx],
+              [(s, ms), (b, mb)])
+
+    for gd, how in ((dict(gather_distributed=True), "gather"), (dict(distributed="ring"), "ring")):
+        cases(gd, how)
+        # bf16 features (what CLIP trains in): fp32 accumulation, bf16 gradients, against the oracle on the
+        # same bf16 values
+        for name, fn in (("clip_loss", lambda a, b, **kw: SF.clip_loss(a, b, 14.0, **kw)),
+                         ("nt_xent", lambda a, b, **kw: SF.nt_xent(a, b, 0.5, **kw)),
+                         ("siglip_loss", lambda a, b, **kw: SF.siglip_loss(a, b, 10.0, -5.0, **kw))):
+            xa, xb = feats(total).bfloat16().double(), feats(total).bfloat16().double()
+            ra, rb = xa.clone().requires_grad_(), xb.clone().requires_grad_()
+            ma, mb = xa[sl].bfloat16().requires_grad_(), xb[sl].bfloat16().requires_grad_()
+            rows = fn(ra, rb, reduction="none", backend="torch")
+            idx = sl if name != "nt_xent" else torch.cat([torch.arange(off, off + n), total + torch.arange(off, off + n)])
+            _close(fn(ma, mb, reduction="none", **gd), rows[idx].detach(), f"{how} {name} bf16 rows")
+            rows.mean().backward()
+            (fn(ma, mb, **gd) * weight).backward()
+            for r, m in ((ra, ma), (rb, mb)):
+                assert m.grad.dtype == torch.bfloat16, f"{how} {name}: gradient dtype {m.grad.dtype}"
+                exp = factor * r.grad[sl].double()
+                torch.testing.assert_close(m.grad.double(), exp, rtol=1e-2, atol=1e-2 * float(exp.abs().max()),
+                                           msg=lambda msg: f"{how} {name} bf16 grad: {msg}")
 
     # process_group=: a subgroup of the first and last ranks spans only their rows (the rest stay out)
     members = [0, world - 1]
@@ -143,30 +173,31 @@ def _worker(rank: int, world: int, init_file: str) -> None:  # noqa: C901 (one p
         mine = slice(0, n) if rank == members[0] else slice(sizes[0], sizes[0] + n)
         mq, mk = q.detach()[mine].float().requires_grad_(), k.detach()[mine].float().requires_grad_()
         ref_rows = SF.info_nce(q, k, 0.1, symmetric=True, reduction="none", backend="torch")
-        _close(SF.info_nce(mq, mk, 0.1, symmetric=True, reduction="none", gather_distributed=True,
-                           process_group=sub), ref_rows[mine].detach(), "process_group rows")
         ref_rows.sum().backward()
-        SF.info_nce(mq, mk, 0.1, symmetric=True, reduction="sum", gather_distributed=True,
-                    process_group=sub).backward()
-        _close(mq.grad, q.grad[mine], "process_group query grad (sums: no factor)")
-        _close(mk.grad, k.grad[mine], "process_group key grad (sums: no factor)")
+        for gd, how in ((dict(gather_distributed=True), "gather"), (dict(distributed="ring"), "ring")):
+            mq.grad = mk.grad = None
+            _close(SF.info_nce(mq, mk, 0.1, symmetric=True, reduction="none", process_group=sub, **gd),
+                   ref_rows[mine].detach(), f"{how} process_group rows")
+            SF.info_nce(mq, mk, 0.1, symmetric=True, reduction="sum", process_group=sub, **gd).backward()
+            _close(mq.grad, q.grad[mine], f"{how} process_group query grad (sums: no factor)")
+            _close(mk.grad, k.grad[mine], f"{how} process_group key grad (sums: no factor)")
 
-    # what does not span ranks says so
+    # bad input across ranks: every rank raises the same ValueError (no rank left waiting in a collective)
     x = torch.randn(n, d)
-    for call in (lambda: SF.info_nce(x, x, distributed="ring"),
-                 lambda: SF.siglip_loss(x, x, 10.0, -10.0, gather_distributed=True)):
+    for gd in (dict(gather_distributed=True), dict(distributed="ring")):
         try:
-            call()
-        except NotImplementedError:
-            pass
+            SF.info_nce(x, x, targets=torch.full((n,), total, dtype=torch.long), **gd)
+        except ValueError as err:
+            assert "targets" in str(err)
         else:
-            raise AssertionError("expected NotImplementedError")
-    try:
-        SF.info_nce(x, x, targets=torch.full((n,), total, dtype=torch.long), **gd)
-    except ValueError as err:
-        assert "targets" in str(err)
-    else:
-        raise AssertionError("targets beyond the global keys must raise ValueError")
+            raise AssertionError("targets beyond the global keys must raise ValueError")
+        y = torch.randn(n, d + rank)  # rank 0 has d, the others more
+        try:
+            SF.clip_loss(y, y, 10.0, **gd)
+        except ValueError as err:
+            assert "feature dimension" in str(err), err
+        else:
+            raise AssertionError("a feature dim that differs across ranks must raise ValueError")
     dist.destroy_process_group()
 
 

@@ -1,4 +1,4 @@
-"""Small host-side helpers shared by the Triton kernel families."""
+"""Small host-side helpers shared by the kernel families (Triton and chunked PyTorch)."""
 from __future__ import annotations
 
 import os
@@ -31,3 +31,13 @@ def scalar_args(value):
 def unit_stride_rows(x: torch.Tensor) -> torch.Tensor:
     """x itself when its last dimension is contiguous (rows may have any stride), else a contiguous copy."""
     return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def scaled_rows(x: torch.Tensor, factor) -> torch.Tensor:
+    """x · factor row-wise in the compute dtype (fp32 for half inputs); factor a float, a 0-d tensor or a
+    per-row vector. Folding 1/τ into the queries this way lets autograd give τ's gradient."""
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    if isinstance(factor, torch.Tensor):
+        f = factor.to(x.dtype)
+        return x * (f[:, None] if f.dim() == 1 else f)
+    return x * factor

@@ -22,22 +22,14 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..backends import register
-from ..reference import compute_dtype, reduce
+from ..reference import reduce
+from ._common import scaled_rows
 
 CHUNK_ELEMENTS = 1 << 21  # 8 MiB of fp32 logits per chunk: past this, bigger chunks stop paying (N=8192, D=128)
 
 
 def _chunk_rows(m: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(m, 1))
-
-
-def _scaled(x: torch.Tensor, factor) -> torch.Tensor:
-    """x · factor row-wise in the compute dtype; factor a float, a 0-d tensor or a per-row vector."""
-    x = x.to(compute_dtype(x.dtype))
-    if isinstance(factor, torch.Tensor):
-        f = factor.to(x.dtype)
-        return x * (f[:, None] if f.dim() == 1 else f)
-    return x * factor
 
 
 def _inverse(t):
@@ -175,7 +167,7 @@ def _softmax_ce(qs, k, targets, decoupled, exclude_self, reduction):
 
 @register("info_nce", "cpu")
 def info_nce(query, key, temperature, targets, symmetric, decoupled, reduction):
-    qs = _scaled(query, _inverse(temperature))
+    qs = scaled_rows(query, _inverse(temperature))
     k = key.to(qs.dtype)
     n = qs.shape[0]
     if symmetric and n * n <= CHUNK_ELEMENTS:
@@ -195,7 +187,7 @@ def clip_loss(image_features, text_features, logit_scale, reduction):
 @register("nt_xent", "cpu")
 def nt_xent(z1, z2, temperature, decoupled, reduction):
     z = torch.cat([z1, z2], dim=0)
-    zs = _scaled(z, _inverse(temperature))
+    zs = scaled_rows(z, _inverse(temperature))
     n2 = z.shape[0]
     targets = (torch.arange(n2) + n2 // 2) % n2
     return _softmax_ce(zs, z.to(zs.dtype), targets, decoupled, True, reduction)
@@ -203,7 +195,7 @@ def nt_xent(z1, z2, temperature, decoupled, reduction):
 
 @register("moco_loss", "cpu")
 def moco_loss(query, key, queue, temperature, reduction):
-    qs = _scaled(query, _inverse(temperature))
+    qs = scaled_rows(query, _inverse(temperature))
     k, neg = key.to(qs.dtype), queue.detach().to(qs.dtype)
 
     def chunk(start, stop, w, want_grads, qs, k):
@@ -224,7 +216,7 @@ def moco_loss(query, key, queue, temperature, reduction):
 
 @register("supcon_loss", "cpu")
 def supcon_loss(features, labels, temperature, reduction):
-    fs = _scaled(features, _inverse(temperature))
+    fs = scaled_rows(features, _inverse(temperature))
     f = features.to(fs.dtype)
     n = f.shape[0]
     n_pos = (labels[:, None] == labels[None, :]).sum(dim=1) - 1
@@ -258,7 +250,7 @@ def supcon_loss(features, labels, temperature, reduction):
 
 @register("siglip_loss", "cpu")
 def siglip_loss(image_features, text_features, logit_scale, logit_bias, reduction):
-    ims = _scaled(image_features, logit_scale)
+    ims = scaled_rows(image_features, logit_scale)
     t = text_features.to(ims.dtype)
     # The bias rides along as a tensor input so the same chunk code yields its gradient.
     bias = logit_bias.to(ims.dtype) if isinstance(logit_bias, torch.Tensor) else torch.tensor(logit_bias, dtype=ims.dtype)
