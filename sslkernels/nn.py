@@ -740,9 +740,10 @@ class SigLipLoss(_Loss):
 
     ``world_size > 1`` needs an initialized torch.distributed group of that size: this rank's images see
     its own texts with those labels and every other rank's texts as negatives only (OpenCLIP's
-    ``negative_only``), whatever ``dist_impl`` says: the four exchange schemes compute the same loss, and
-    here the texts are all-gathered with gradients. A negatives-only block is our fused loss plus the mean
-    of its diagonal logits (−log σ(−x) = −log σ(x) + x), so it runs on the same kernels.
+    ``negative_only``). OpenCLIP's four exchange schemes compute the same loss; here "bidir" and "shift"
+    pass the texts around the ring (``siglip_loss(distributed="ring")``: memory per rank flat in the world
+    size) and "reduce" and "gather" all-gather them (``gather_distributed=True``), gradients included.
+    Ranks may hold different batch sizes.
     Beyond OpenCLIP: ``reduction`` (per image row sums for "none"), ``backend``.
     """
 
@@ -773,27 +774,17 @@ class SigLipLoss(_Loss):
             logits = logits + _one_value(logit_bias, "logit_bias")
         return logits
 
-    def _loss(self, image_features, text_features, logit_scale, logit_bias, negative_only: bool = False):
-        loss = Fn.siglip_loss(image_features, text_features, logit_scale, logit_bias, reduction=self.reduction,
-                              backend=self.backend)
-        if not negative_only:
-            return loss
-        # Labels all −1: −log σ(−x_ii) = −log σ(x_ii) + x_ii turns the diagonal terms into negatives.
-        diag = logit_scale * (image_features * text_features).sum(dim=1) + logit_bias
-        if self.reduction == "none":
-            return loss + diag
-        return loss + (diag.mean() if self.reduction == "mean" else diag.sum())
-
     def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict: bool = False):
         logit_scale = _one_value(logit_scale, "logit_scale")
         logit_bias = 0.0 if logit_bias is None else _one_value(logit_bias, "logit_bias")
-        loss = self._loss(image_features, text_features, logit_scale, logit_bias)
+        across = {}
         if self.world_size > 1:
             _check_process_group("SigLipLoss", self.rank, self.world_size)
-            all_text = _gather(text_features, True, False, self.rank).chunk(self.world_size)
-            for r, texts in enumerate(all_text):
-                if r != self.rank:
-                    loss = loss + self._loss(image_features, texts, logit_scale, logit_bias, negative_only=True)
+            # OpenCLIP's neighbour exchanges pass the texts around the ring: so does ours, gradients included.
+            across = (dict(distributed="ring") if self.dist_impl in ("bidir", "shift")
+                      else dict(gather_distributed=True))
+        loss = Fn.siglip_loss(image_features, text_features, logit_scale, logit_bias, reduction=self.reduction,
+                              backend=self.backend, **across)
         return {"contrastive_loss": loss} if output_dict else loss
 
 
