@@ -149,17 +149,22 @@ class Ring:
         ops += [dist.P2POp(dist.irecv, t, self.prev, self.group, tag + i) for i, t in enumerate(recv)]
         return dist.batch_isend_irecv(ops) if ops else []
 
-    def circulate(self, payload, step, combine):
+    def circulate(self, payload, step):
         """Visit every rank's ``payload`` (tensors with this rank's rows first: its block), this rank's first.
 
-        ``step(owner, *block)`` computes on the block of rank ``owner`` and may return a carry: a tensor with
-        one row per block row (partial column sums, partial key gradients) that travels one step behind the
-        block, ``combine(arrived, mine)`` merging it with what earlier ranks computed. After the last step
-        every block's carry has seen every rank and takes one more hop home. Returns the complete carry of
-        this rank's own block (None if ``step`` returns none).
+        ``step(owner, carry, *block)`` computes on the block of rank ``owner`` and may return a carry: a tensor
+        with one row per block row (column sums, key gradients) that follows the block around the ring, one
+        step behind it. ``carry`` is what the earlier ranks made of it (None on the block's first visit);
+        ``step`` adds its own part into it in place and returns it. After the last step every block's carry
+        has seen every rank and takes one more hop home. Returns the complete carry of this rank's own block
+        (None if ``step`` returns none).
+
+        Memory: the block in hand, the one arriving and one carry, whatever the world size. The arriving block
+        travels while ``step`` computes; the carry is waited for before the step (it left the previous rank
+        at the end of its step), so that no second carry-sized buffer is needed.
         """
         block = [t.contiguous() for t in payload]
-        carry_in = carry_works = None  # (gloo: wait each work exactly once; a second wait waits for another send)
+        carry_in = carry_works = sending = None  # gloo: wait each work exactly once (a second wait hangs)
         for t in range(self.world):
             owner = (self.rank - t) % self.world
             after = (owner - 1) % self.world  # the next block's owner (this rank's own after the last step)
@@ -167,17 +172,17 @@ class Ring:
             if t < self.world - 1:
                 arriving = [self._rows_like(x, after) for x in block]
                 works = self._exchange(block, arriving, tag=0)
-            part = step(owner, *block)
-            if part is not None:
-                if carry_works is not None:  # the carry of this block from the previous rank (and ours sent on)
-                    _wait(carry_works)
-                    part = combine(carry_in, part)
-                part = part.contiguous()
-                carry_in = self._rows_like(part, after)
-                carry_works = self._exchange([part], [carry_in], tag=len(block))
+            if carry_works is not None:  # our carry has left and this block's has arrived
+                _wait(carry_works)
+                carry_works = sending = None
+            carry = step(owner, carry_in, *block)
+            if carry is not None:
+                sending = carry.contiguous()
+                del carry
+                carry_in = self._rows_like(sending, after)
+                carry_works = self._exchange([sending], [carry_in], tag=len(block))
             _wait(works)
             block = arriving
-        if carry_in is None:
-            return None
-        _wait(carry_works)
+        if carry_works is not None:
+            _wait(carry_works)
         return carry_in

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .. import distributed as _dist
 
-CHUNK_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 25}  # logits per chunk: 8 MiB (CPU caches), 128 MiB (GPU matmuls)
+CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 25}  # logits per chunk: 4 MiB (CPU caches), 128 MiB (GPU matmuls)
 
 
 class Spec(NamedTuple):
@@ -92,11 +92,12 @@ class _State:
         self.count = torch.zeros(n, dtype=torch.long, device=device) if spec.supcon else None
         self.spec = spec
 
-    def consume(self, qs, blk: _Block, bias, targets, row_ids, labels) -> Optional[torch.Tensor]:
-        """Fold one block into the per-anchor state; returns the block's column LSE over these anchors
-        (symmetric losses) or None."""
+    def consume(self, qs, blk: _Block, bias, targets, row_ids, labels, col=None) -> Optional[torch.Tensor]:
+        """Fold one block into the per-anchor state. Symmetric losses: returns the block's column LSE over
+        these anchors and the earlier ones' (``col``, updated in place); else None."""
         spec, n, m = self.spec, qs.shape[0], blk.keys.shape[0]
-        col = torch.full((m,), float("-inf"), dtype=qs.dtype, device=qs.device) if spec.symmetric else None
+        if spec.symmetric and col is None:
+            col = torch.full((m,), float("-inf"), dtype=qs.dtype, device=qs.device)
         step = _chunk_rows(m, qs.device)
         for a in range(0, n, step):
             rows = slice(a, min(n, a + step))
@@ -115,8 +116,8 @@ class _State:
                 if spec.decoupled:
                     s[ch.pos_rows, ch.pos_cols] = float("-inf")
             self.lse[rows] = torch.logaddexp(self.lse[rows], torch.logsumexp(s, dim=1))
-            if col is not None:
-                col = torch.logaddexp(col, torch.logsumexp(s, dim=0))
+            if spec.symmetric:
+                torch.logaddexp(col, torch.logsumexp(s, dim=0), out=col)
         return col
 
     def rows(self, col_lse: Optional[torch.Tensor]) -> torch.Tensor:
@@ -138,10 +139,11 @@ def _finite(lse: torch.Tensor) -> torch.Tensor:
 
 
 def _block_grads(spec: Spec, qs, blk: _Block, bias, targets, row_ids, labels, lse, count, g_rows,
-                 col_lse, g_cols, dq: torch.Tensor):
-    """Add this block's dQ into ``dq``; return its dK (m × D, compute dtype) and d bias (SigLIP)."""
+                 col_lse, g_cols, dq: torch.Tensor, dk: Optional[torch.Tensor]):
+    """Add this block's dQ into ``dq`` and its dK into ``dk`` (m × D, compute dtype; None: a new one);
+    return dK and d bias (SigLIP)."""
     n, m = qs.shape[0], blk.keys.shape[0]
-    dk = torch.zeros_like(blk.keys)
+    dk = torch.zeros_like(blk.keys) if dk is None else dk
     dbias = torch.zeros((), dtype=qs.dtype, device=qs.device)
     step = _chunk_rows(m, qs.device)
     for a in range(0, n, step):
@@ -156,14 +158,15 @@ def _block_grads(spec: Spec, qs, blk: _Block, bias, targets, row_ids, labels, ls
         else:
             if spec.decoupled:
                 s[ch.pos_rows, ch.pos_cols] = float("-inf")
-            ds = torch.exp(s - lse[rows, None]).mul_(gr[:, None])
+            # In place where possible: besides the logits a chunk holds one more c × m buffer (memory per rank
+            # is what the ring is for).
+            ds = s.sub(lse[rows, None]).exp_().mul_(gr[:, None])
             if spec.supcon:
-                share = gr / count[rows].clamp(min=1).to(s.dtype)
-                ds.sub_(ch.pos_mask.to(s.dtype) * share[:, None])
+                ds.sub_(ch.pos_mask * (gr / count[rows].clamp(min=1).to(s.dtype))[:, None])
             else:
                 ds[ch.pos_rows, ch.pos_cols] -= gr[ch.pos_rows]
             if col_lse is not None:
-                ds.add_(torch.exp(s - col_lse[None, :]).mul_(g_cols[None, :]))
+                ds.add_(s.sub_(col_lse[None, :]).exp_().mul_(g_cols[None, :]))
                 ds[ch.pos_rows, ch.pos_cols] -= g_cols[ch.pos_cols]
         dq[rows] += ds @ blk.keys
         dk += ds.T @ qs[rows]
@@ -182,13 +185,13 @@ class BlockwiseLoss(torch.autograd.Function):
     def forward(ctx, spec: Spec, ring, qs, keys, bias, targets, row_ids, labels, key_labels):
         st = _State(spec, qs.shape[0], qs.dtype, qs.device)
         with torch.no_grad():
-            def step(owner, k, *lab):
+            def step(owner, col, k, *lab):
                 off = 0 if ring is None else ring.offsets[owner]
                 return st.consume(qs, _Block(k.to(qs.dtype), off, lab[0] if lab else None), bias, targets,
-                                  row_ids, labels)
+                                  row_ids, labels, col)
 
             payload = [keys] + ([key_labels] if spec.supcon else [])
-            col_lse = step(0, *payload) if ring is None else ring.circulate(payload, step, torch.logaddexp)
+            col_lse = step(0, None, *payload) if ring is None else ring.circulate(payload, step)
             rows = st.rows(col_lse)
         count = st.count if spec.supcon else torch.empty(0, dtype=torch.long, device=qs.device)
         ctx.mark_non_differentiable(count)
@@ -208,21 +211,21 @@ class BlockwiseLoss(torch.autograd.Function):
         dq = torch.zeros_like(qs)
         dbias = torch.zeros((), dtype=qs.dtype, device=qs.device)
 
-        def step(owner, k, *meta):
+        def step(owner, dk, k, *meta):
             nonlocal dbias
             meta = list(meta)
             blk_labels = meta.pop(0) if spec.supcon else None
             c_lse, c_g = (meta[0][:, 0], meta[0][:, 1]) if spec.symmetric else (None, None)
             off = 0 if ring is None else ring.offsets[owner]
             dk, db = _block_grads(spec, qs, _Block(k.to(qs.dtype), off, blk_labels), bias, targets, row_ids,
-                                  labels, lse, count, g_rows, c_lse, c_g, dq)
+                                  labels, lse, count, g_rows, c_lse, c_g, dq, dk)
             dbias = dbias + db
             return dk
 
         payload = [keys] + ([key_labels] if spec.supcon else [])
         if spec.symmetric:  # a key's column statistics travel with it: its LSE and its loss's gradient weight
             payload.append(torch.stack([_finite(col_lse), g_cols], dim=1))
-        dk = step(0, *payload) if ring is None else ring.circulate(payload, step, torch.add)
+        dk = step(0, None, *payload) if ring is None else ring.circulate(payload, step)
         dk = dk.to(keys.dtype) if ctx.needs_input_grad[3] else None
         dq = dq if ctx.needs_input_grad[2] else None
         db = dbias.to(bias.dtype) if spec.sigmoid and ctx.needs_input_grad[4] else None

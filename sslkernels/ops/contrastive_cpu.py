@@ -15,7 +15,7 @@ row computation plus autograd through that scaling.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +38,14 @@ def _inverse(t):
 
 # A chunk function maps (start, stop, weights, want_grads, *tensors) to (row losses [stop-start],
 # gradient pieces). A piece is (input index, row slice or None for the whole tensor, value) and holds
-# d(Σ_i weights_i·loss_i)/d(input) restricted to this chunk's rows. With want_grads False it returns no pieces.
+# d(Σ_i weights_i·loss_i)/d(input) restricted to this chunk's rows; the value may be a Product (a @ b, added
+# with addmm_: no product-sized temporary per chunk). With want_grads False it returns no pieces.
 ChunkFn = Callable[..., tuple]
+
+
+class Product(NamedTuple):
+    a: torch.Tensor
+    b: torch.Tensor
 
 
 class _GradInForward(torch.autograd.Function):
@@ -58,12 +64,17 @@ class _GradInForward(torch.autograd.Function):
                 for idx, rows, value in pieces:
                     if not want[idx]:
                         continue
+                    if grads[idx] is None and rows is None:
+                        # the first whole-shaped piece becomes the gradient: no zeros, no copy
+                        grads[idx] = value.a @ value.b if isinstance(value, Product) else value
+                        continue
                     if grads[idx] is None:
-                        if value.shape == tensors[idx].shape:
-                            grads[idx] = value  # a whole gradient (one chunk, or a piece over all rows): no copy
-                            continue
                         grads[idx] = torch.zeros_like(tensors[idx])
-                    (grads[idx] if rows is None else grads[idx][rows]).add_(value)
+                    target = grads[idx] if rows is None else grads[idx][rows]
+                    if isinstance(value, Product):
+                        target.addmm_(value.a, value.b)
+                    else:
+                        target.add_(value)
         grads = [torch.zeros_like(t) if w and g is None else g for g, w, t in zip(grads, want, tensors)]
         ctx.save_for_backward(*[g if g is not None else torch.empty(0) for g in grads])
         ctx.want = want
@@ -72,6 +83,10 @@ class _GradInForward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         saved = ctx.saved_tensors
+        if g.device.type == "cpu" and g.numel() == 1 and float(g) == 1.0:
+            # loss.backward(): the gradients as computed, without a scaled copy of each (autograd copies a
+            # saved tensor before accumulating into it, so handing it out is safe)
+            return (None, None, None, None, *[s if w else None for s, w in zip(saved, ctx.want)])
         out = [g * s if w else None for s, w in zip(saved, ctx.want)]
         return (None, None, None, None, *out)
 
@@ -101,11 +116,12 @@ def _run(chunk_fn: ChunkFn, n: int, m: int, reduction: str, tensors: Sequence[to
     return torch.cat(parts)
 
 
-def _lse_softmax(logits: torch.Tensor):
-    """Row LSE and row softmax from one exp pass (torch.logsumexp followed by exp would take two)."""
+def _lse_softmax(logits: torch.Tensor, inplace: bool = False):
+    """Row LSE and row softmax from one exp pass (torch.logsumexp followed by exp would take two);
+    ``inplace``: the softmax overwrites ``logits`` (one c × m buffer less)."""
     m = logits.amax(dim=1, keepdim=True)
     m = m.masked_fill(torch.isinf(m), 0.0)  # an all -inf row keeps LSE -inf, as torch.logsumexp does
-    e = torch.exp(logits - m)
+    e = logits.sub_(m).exp_() if inplace else torch.exp(logits - m)
     s = e.sum(dim=1, keepdim=True)
     return (m + s.log()).squeeze(1), e.div_(s)
 
@@ -119,16 +135,16 @@ def _softmax_ce_chunk(targets: torch.Tensor, decoupled: bool, exclude_self: bool
         t = targets[start:stop, None]
         pos = logits.gather(1, t).squeeze(1)
         if exclude_self:
-            logits = logits.scatter(1, torch.arange(start, stop)[:, None], float("-inf"))
+            logits.scatter_(1, torch.arange(start, stop)[:, None], float("-inf"))
         if decoupled:
-            logits = logits.scatter(1, t, float("-inf"))
+            logits.scatter_(1, t, float("-inf"))
         if not want_grads:
             return torch.logsumexp(logits, dim=1) - pos, ()
-        lse, ds = _lse_softmax(logits)
+        lse, ds = _lse_softmax(logits, inplace=True)
         # dS = w·(softmax − onehot(t)); masked entries have softmax 0 and drop out by themselves.
         ds.scatter_add_(1, t, -torch.ones_like(pos)[:, None])
         ds.mul_(w[:, None])
-        return lse - pos, ((0, slice(start, stop), ds @ k), (1, None, ds.T @ qs[start:stop]))
+        return lse - pos, ((0, slice(start, stop), ds @ k), (1, None, Product(ds.T, qs[start:stop])))
 
     return chunk
 
@@ -239,7 +255,7 @@ def supcon_loss(features, labels, temperature, reduction):
             return loss, ()
         ds = torch.exp(logits - lse[:, None]) - pos_mask.to(logits.dtype) / cnt[:, None]
         ds.mul_((w * valid)[:, None])
-        return loss, ((0, slice(start, stop), ds @ f), (1, None, ds.T @ fs[start:stop]))
+        return loss, ((0, slice(start, stop), ds @ f), (1, None, Product(ds.T, fs[start:stop])))
 
     weights = None
     if reduction == "mean":
@@ -266,6 +282,6 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, reductio
         ds = torch.sigmoid(logits)
         ds.scatter_add_(1, torch.arange(start, stop)[:, None], -torch.ones_like(diag)[:, None])
         ds.mul_(w[:, None])
-        return loss, ((0, slice(start, stop), ds @ t), (1, None, ds.T @ ims[start:stop]), (2, None, ds.sum()))
+        return loss, ((0, slice(start, stop), ds @ t), (1, None, Product(ds.T, ims[start:stop])), (2, None, ds.sum()))
 
     return _run(chunk, ims.shape[0], t.shape[0], reduction, (ims, t, bias))
