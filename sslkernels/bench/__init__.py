@@ -12,5 +12,9 @@
   targets.py  the issues' benchmark targets (``--sizes targets``) and their pass/fail from a run's records
   progress.py the progress bar (tqdm on a terminal) and log lines
   run.py      runs the cases; report.py writes results.json / results.csv / table.txt / results.md / plots
+  distributed.py  ``--distributed``: per-rank memory and time of the losses across 1, 2, 3 ... real ranks
+              (gloo processes on CPU, one per GPU with NCCL), its own tables and plot
 """
-from .cases import SPECS, OpSpec, Size  # noqa: F401
+from .cases import SPECS, OpSpec, Size
+
+__all__ = ["SPECS", "OpSpec", "Size"]

@@ -1,5 +1,6 @@
 """The benchmark CLI: ``python -m sslkernels.bench [OPS...] [--sizes ...] [--dtype ...] [--impl ...]
-[--device cpu|cuda] [--out DIR] [--quick]`` (``--help`` for the rest)."""
+[--device cpu|cuda] [--out DIR] [--quick]`` (``--help`` for the rest); ``--distributed [--worlds 1,2,3]``:
+per-rank memory and time of the losses across ranks (distributed.py)."""
 from __future__ import annotations
 
 import argparse
@@ -11,13 +12,13 @@ from typing import List, Optional
 
 import torch
 
-from . import report, targets
+from . import distributed, report, targets
 from .cases import DTYPES, PRESETS, SPECS, default_preset, resolve_op
 from .env import default_out_dir
 from .impls import FUSED_KINDS, GROUPS, discover
 from .peers import PEERS
 from .baselines import BASELINES
-from .run import TARGETS, Config, run
+from .run import TARGETS, Config, _parse_override, run
 from .timing import DEFAULT, QUICK
 
 
@@ -28,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Examples: --quick (every op, small sizes, < 5 min on a laptop CPU); "
                "--sizes targets (exactly the cases of the issues' targets on this device, with pass/fail); "
                "clip_loss --sizes clip-b,clip-l --dtype bf16; info_nce --sweep N --impl ours,eager; "
-               "--list (ops, sizes, formulas, implementations on this device).")
+               "--list (ops, sizes, formulas, implementations on this device); "
+               "--distributed (per-rank memory and time of the losses across 1, 2, 3 gloo processes).")
     p.add_argument("ops", nargs="*", help=f"ops to run (default: all): {', '.join(SPECS)}")
     p.add_argument("--sizes", default=None,
                    help=f"comma list of presets ({', '.join(PRESETS)}, {TARGETS}), size labels (e.g. simclr,clip-b), "
@@ -56,6 +58,32 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-limit-s", type=float, default=None, help="default: 2 s (0.5 s with --quick)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--list", action="store_true", help="list ops, sizes, formulas and implementations, then exit")
+    d = p.add_argument_group(
+        "distributed (--distributed)",
+        "Per-rank peak memory and time of fwd+bwd of clip_loss, siglip_loss, nt_xent and supcon_loss at a fixed "
+        "local batch, for each world size: ours with distributed='ring' and with gather_distributed=True, "
+        "OpenCLIP's ClipLoss(local_loss=True, gather_with_grad=True) / SigLipLoss(dist_impl='bidir'), and an eager "
+        "all-gather CLIP loss. CPU: WORLD real gloo processes per world size (file rendezvous, --threads each); "
+        "CUDA: NCCL, one process per visible GPU (larger worlds are skipped). Of the flags above it reads OPS "
+        "(default: all four), --sizes N=..:D=.. (N feature rows per rank; nt_xent gets N/2 pairs; default "
+        f"N={distributed.CPU_DIMS['N']}:D={distributed.CPU_DIMS['D']} on CPU, about 3 min on 2 cores for worlds "
+        "1,2,3 (lighter than N=4096:D=512, which takes about 20 min there); "
+        f"N={distributed.CUDA_DIMS['N']}:D={distributed.CUDA_DIMS['D']} on CUDA; --quick: "
+        f"N={distributed.QUICK_DIMS['N']}:D={distributed.QUICK_DIMS['D']}), --dtype, --impl (ours, "
+        f"{', '.join(n.replace(' ', '-') for n in distributed.impl_names())}), --threads (per rank, default 1), --device, --out, --quick, "
+        "--no-progress. Writes results.json, table.txt, results.md and memory.png.")
+    d.add_argument("--distributed", action="store_true",
+                   help="run the distributed benchmark instead of the per-op one (see this group's description)")
+    d.add_argument("--worlds", default="1,2,3",
+                   help="comma list of world sizes (number of ranks), default 1,2,3; the growth column compares "
+                        "the largest with the smallest (world 1: the single-process loss)")
+    d.add_argument("--repeats", type=int, default=None,
+                   help="timed repeats per case, each after a barrier (default "
+                        f"{distributed.REPEATS['cpu']} on CPU, {distributed.REPEATS['cuda']} on CUDA, "
+                        f"{distributed.QUICK_REPEATS} with --quick)")
+    d.add_argument("--timeout-s", type=float, default=distributed.IDLE_TIMEOUT_S,
+                   help="stop a world whose ranks finish no case for this long (also the process group's "
+                        "collective timeout); its cases left are recorded as errors (default %(default)g)")
     p.add_argument("--report", default=None, metavar="RESULTS_JSON",
                    help="re-print the table of a results.json (with --out: rewrite its tables, Markdown and plots there)")
     return p
@@ -80,15 +108,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.report:
         doc = json.loads(Path(args.report).read_text())
+        reporter = distributed if doc.get("benchmark") == "distributed" else report
         if args.out:  # regenerate every file (tables, Markdown, plots) from the results alone
-            written = report.write_all(doc, Path(args.out))
+            written = reporter.write_all(doc, Path(args.out))
             print(f"wrote {', '.join(str(f) for f in written['files'])}", file=sys.stderr)
-        sys.stdout.write(report.text_report(doc))
+        sys.stdout.write(reporter.text_report(doc))
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is available", file=sys.stderr)
         return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.distributed:
+        return _distributed(args, device)
     if args.list:
         print(_list(device))
         return 0
@@ -127,6 +158,49 @@ def main(argv: Optional[List[str]] = None) -> int:
     doc = run(cfg)
     out_dir = Path(args.out) if args.out else default_out_dir(device)
     written = report.write_all(doc, out_dir)
+    sys.stdout.write(written["text"])
+    if written["plots_note"]:
+        print(written["plots_note"])
+    print(f"wrote {', '.join(str(f) for f in written['files'])}")
+    print(f"total wall time {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _distributed(args: argparse.Namespace, device: torch.device) -> int:
+    not_here = [flag for flag, on in (("--sweep", args.sweep), ("--modes", args.modes), ("--list", args.list),
+                                      ("--no-memory", args.no_memory)) if on]
+    if not_here:
+        print(f"--distributed does not take {', '.join(not_here)}", file=sys.stderr)
+        return 2
+    try:
+        ops = [resolve_op(o).name for o in args.ops] or list(distributed.OPS)
+        other = [o for o in ops if o not in distributed.OPS]
+        if other:
+            raise ValueError(f"--distributed measures {', '.join(distributed.OPS)}; not {', '.join(other)}")
+        worlds = distributed.parse_worlds(args.worlds)
+        dims = distributed.default_dims(device, args.quick)
+        for item in (args.sizes.split(",") if args.sizes else []):
+            if item.strip():
+                dims.update(_parse_override(item.strip()))
+        if set(dims) - {"N", "D", "C"}:
+            raise ValueError(f"--sizes with --distributed sets N, D (and C, supcon's classes); got {sorted(dims)}")
+        wanted = [s.strip() for s in args.impl.split(",") if s.strip()] if args.impl else None
+        distributed.select(ops, wanted)  # unknown names are an error before anything starts
+    except ValueError as err:
+        print(err, file=sys.stderr)
+        return 2
+    if (args.repeats is not None and args.repeats < 1) or args.timeout_s <= 0:
+        print(f"--repeats is at least 1 and --timeout-s above 0; got {args.repeats}, {args.timeout_s}", file=sys.stderr)
+        return 2
+    repeats = args.repeats or distributed.default_repeats(device, args.quick)
+    cfg = distributed.DistConfig(ops=ops, worlds=worlds, dims=dims, dtype=DTYPES[args.dtype], device=device,
+                                 impls=wanted, repeats=repeats, threads=args.threads or 1, quick=args.quick,
+                                 progress=False if args.no_progress else None, idle_timeout_s=args.timeout_s)
+    t0 = time.perf_counter()
+    doc = distributed.run(cfg)
+    stamped = default_out_dir(device)
+    out_dir = Path(args.out) if args.out else stamped.with_name(stamped.name + "-distributed")
+    written = distributed.write_all(doc, out_dir)
     sys.stdout.write(written["text"])
     if written["plots_note"]:
         print(written["plots_note"])

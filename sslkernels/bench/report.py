@@ -17,7 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 

@@ -402,7 +402,7 @@ def run(cfg: Config, log: Callable[[str], None] = _log) -> Dict[str, Any]:
         ceilings.setdefault("by_dtype", {})[dtype_name(extra)] = more
     ceilings.setdefault("by_dtype", {})[dtype_name(dtypes[0])] = {
         k: v for k, v in ceilings.items() if k.startswith("matmul")}
-    log(f"  matmul " + ", ".join(f"{v['matmul_tflops']:.3g} TFLOP/s ({k})" for k, v in ceilings["by_dtype"].items())
+    log("  matmul " + ", ".join(f"{v['matmul_tflops']:.3g} TFLOP/s ({k})" for k, v in ceilings["by_dtype"].items())
         + f"; copy {ceilings['copy_gbps']:.3g} GB/s")
     records: List[Dict[str, Any]] = []
     total = sum(len(item.sizes) * len(discover(item.spec, device, item.impls)) for item in planned)
