@@ -83,10 +83,6 @@ class _GradInForward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         saved = ctx.saved_tensors
-        if g.device.type == "cpu" and g.numel() == 1 and float(g) == 1.0:
-            # loss.backward(): the gradients as computed, without a scaled copy of each (autograd copies a
-            # saved tensor before accumulating into it, so handing it out is safe)
-            return (None, None, None, None, *[s if w else None for s, w in zip(saved, ctx.want)])
         out = [g * s if w else None for s, w in zip(saved, ctx.want)]
         return (None, None, None, None, *out)
 
@@ -126,6 +122,11 @@ def _lse_softmax(logits: torch.Tensor, inplace: bool = False):
     return (m + s.log()).squeeze(1), e.div_(s)
 
 
+def _fill(logits: torch.Tensor, columns: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """-inf at one column per row (a left-out key)."""
+    return (logits.scatter_ if inplace else logits.scatter)(1, columns, float("-inf"))
+
+
 def _softmax_ce_chunk(targets: torch.Tensor, decoupled: bool, exclude_self: bool) -> ChunkFn:
     """Rows of LSE_j(q_i·k_j) − q_i·k_{t_i} over tensors (qs, k); DCL drops t_i from the LSE and
     ``exclude_self`` drops j == i (NT-Xent's diagonal)."""
@@ -134,13 +135,16 @@ def _softmax_ce_chunk(targets: torch.Tensor, decoupled: bool, exclude_self: bool
         logits = qs[start:stop] @ k.T
         t = targets[start:stop, None]
         pos = logits.gather(1, t).squeeze(1)
+        # In place only off the autograd graph (the gradient-in-forward path runs under no_grad; the
+        # reduction="none" path records these ops for its checkpointed backward).
+        inplace = not torch.is_grad_enabled()
         if exclude_self:
-            logits.scatter_(1, torch.arange(start, stop)[:, None], float("-inf"))
+            logits = _fill(logits, torch.arange(start, stop)[:, None], inplace)
         if decoupled:
-            logits.scatter_(1, t, float("-inf"))
+            logits = _fill(logits, t, inplace)
         if not want_grads:
             return torch.logsumexp(logits, dim=1) - pos, ()
-        lse, ds = _lse_softmax(logits, inplace=True)
+        lse, ds = _lse_softmax(logits, inplace=inplace)
         # dS = w·(softmax − onehot(t)); masked entries have softmax 0 and drop out by themselves.
         ds.scatter_add_(1, t, -torch.ones_like(pos)[:, None])
         ds.mul_(w[:, None])
