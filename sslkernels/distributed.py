@@ -130,12 +130,26 @@ class Ring:
     hand; a rank never holds more than two blocks (the one in hand and the one arriving) and one carry.
     """
 
-    def __init__(self, sizes: list, group=None):
+    def __init__(self, sizes: list, group=None, offsets: Optional[list] = None):
         self.group, self.sizes = group, list(sizes)
         self.world, self.rank = world_size(group), rank(group)
-        self.offsets = [sum(self.sizes[:r]) for r in range(self.world)]
+        # global index of each rank's first row (of its piece, for the rings of split())
+        self.offsets = list(offsets) if offsets is not None else [sum(self.sizes[:r]) for r in range(self.world)]
         peer = (lambda r: r) if group is None else (lambda r: dist.get_global_rank(group, r))
         self.next, self.prev = peer((self.rank + 1) % self.world), peer((self.rank - 1) % self.world)
+
+    def split(self, parts: int) -> list:
+        """[(ring, this rank's rows)] over ``parts`` consecutive row pieces of every rank's block.
+
+        Circulating the pieces one after another holds a piece in hand, a piece arriving and a piece's carry
+        instead of whole blocks: the ring's memory on top of the rank's own rows shrinks by ``parts``."""
+        out = []
+        for p in range(parts):
+            sizes = [m // parts + (1 if p < m % parts else 0) for m in self.sizes]
+            starts = [m // parts * p + min(p, m % parts) for m in self.sizes]
+            ring = Ring(sizes, self.group, [o + s for o, s in zip(self.offsets, starts)])
+            out.append((ring, slice(starts[self.rank], starts[self.rank] + sizes[self.rank])))
+        return out
 
     def _rows_like(self, x: torch.Tensor, owner: int) -> torch.Tensor:
         return torch.empty((self.sizes[owner],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)

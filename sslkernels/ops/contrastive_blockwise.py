@@ -21,6 +21,7 @@ whose column is left out.
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -173,6 +174,20 @@ def _block_grads(spec: Spec, qs, blk: _Block, bias, targets, row_ids, labels, ls
     return dk, dbias
 
 
+RING_PIECES = 8  # each rank's block travels in up to this many pieces (memory: see distributed.Ring.split)
+
+
+def _over_blocks(ring, payload, step):
+    """step(ring, owner, carry, *block) over every block: the whole ``payload`` when ``ring`` is None, else
+    every rank's, piece by piece around the ring. Returns the carry of this rank's rows (None if none)."""
+    if ring is None:
+        return step(None, 0, None, *payload)
+    parts = max(1, min(RING_PIECES, min(ring.sizes)))
+    carries = [sub.circulate([t[rows] for t in payload], functools.partial(step, sub))
+               for sub, rows in ring.split(parts)]
+    return None if carries[0] is None else torch.cat(carries)
+
+
 class BlockwiseLoss(torch.autograd.Function):
     """Per-anchor losses of ``qs`` (n × D, compute dtype) against keys met block by block.
 
@@ -185,13 +200,12 @@ class BlockwiseLoss(torch.autograd.Function):
     def forward(ctx, spec: Spec, ring, qs, keys, bias, targets, row_ids, labels, key_labels):
         st = _State(spec, qs.shape[0], qs.dtype, qs.device)
         with torch.no_grad():
-            def step(owner, col, k, *lab):
-                off = 0 if ring is None else ring.offsets[owner]
+            def step(rg, owner, col, k, *lab):
+                off = 0 if rg is None else rg.offsets[owner]
                 return st.consume(qs, _Block(k.to(qs.dtype), off, lab[0] if lab else None), bias, targets,
                                   row_ids, labels, col)
 
-            payload = [keys] + ([key_labels] if spec.supcon else [])
-            col_lse = step(0, None, *payload) if ring is None else ring.circulate(payload, step)
+            col_lse = _over_blocks(ring, [keys] + ([key_labels] if spec.supcon else []), step)
             rows = st.rows(col_lse)
         count = st.count if spec.supcon else torch.empty(0, dtype=torch.long, device=qs.device)
         ctx.mark_non_differentiable(count)
@@ -211,12 +225,12 @@ class BlockwiseLoss(torch.autograd.Function):
         dq = torch.zeros_like(qs)
         dbias = torch.zeros((), dtype=qs.dtype, device=qs.device)
 
-        def step(owner, dk, k, *meta):
+        def step(rg, owner, dk, k, *meta):
             nonlocal dbias
             meta = list(meta)
             blk_labels = meta.pop(0) if spec.supcon else None
             c_lse, c_g = (meta[0][:, 0], meta[0][:, 1]) if spec.symmetric else (None, None)
-            off = 0 if ring is None else ring.offsets[owner]
+            off = 0 if rg is None else rg.offsets[owner]
             dk, db = _block_grads(spec, qs, _Block(k.to(qs.dtype), off, blk_labels), bias, targets, row_ids,
                                   labels, lse, count, g_rows, c_lse, c_g, dq, dk)
             dbias = dbias + db
@@ -225,7 +239,7 @@ class BlockwiseLoss(torch.autograd.Function):
         payload = [keys] + ([key_labels] if spec.supcon else [])
         if spec.symmetric:  # a key's column statistics travel with it: its LSE and its loss's gradient weight
             payload.append(torch.stack([_finite(col_lse), g_cols], dim=1))
-        dk = step(0, None, *payload) if ring is None else ring.circulate(payload, step)
+        dk = _over_blocks(ring, payload, step)
         dk = dk.to(keys.dtype) if ctx.needs_input_grad[3] else None
         dq = dq if ctx.needs_input_grad[2] else None
         db = dbias.to(bias.dtype) if spec.sigmoid and ctx.needs_input_grad[4] else None

@@ -179,6 +179,28 @@ def _symmetric_ce_chunk(decoupled: bool) -> ChunkFn:
     return chunk
 
 
+def _two_sided_chunk(n: int, decoupled: bool) -> ChunkFn:
+    """Rows [0, n): query i's CE over the keys; rows [n, 2n): key j's CE over the queries (the column side).
+
+    One _run over both sides when the N×N logits do not fit one chunk: both sides' gradients then add into
+    one buffer per input (two row passes would hold four, and scale four in the backward).
+    """
+    side = _softmax_ce_chunk(torch.arange(n), decoupled, False)
+
+    def chunk(start, stop, w, want_grads, qs, k):
+        losses, pieces = [], []
+        for lo, a, b, swap in ((0, qs, k, False), (n, k, qs, True)):
+            s, e = max(start, lo), min(stop, lo + n)
+            if s >= e:
+                continue
+            loss, ps = side(s - lo, e - lo, None if w is None else w[s - start:e - start], want_grads, a, b)
+            losses.append(loss)
+            pieces += [(1 - idx if swap else idx, rows, v) for idx, rows, v in ps]
+        return torch.cat(losses) if len(losses) > 1 else losses[0], tuple(pieces)
+
+    return chunk
+
+
 def _softmax_ce(qs, k, targets, decoupled, exclude_self, reduction):
     if targets is None:
         targets = torch.arange(qs.shape[0])
@@ -192,11 +214,13 @@ def info_nce(query, key, temperature, targets, symmetric, decoupled, reduction):
     n = qs.shape[0]
     if symmetric and n * n <= CHUNK_ELEMENTS:
         return _run(_symmetric_ce_chunk(decoupled), n, n, reduction, (qs, k))
-    out = _softmax_ce(qs, k, targets, decoupled, False, reduction)
-    if symmetric:
-        # Column j's logits are k_j·(q_i/τ_i): the same row computation with the roles swapped.
-        out = 0.5 * (out + _softmax_ce(k, qs, None, decoupled, False, reduction))
-    return out
+    if not symmetric:
+        return _softmax_ce(qs, k, targets, decoupled, False, reduction)
+    # Column j's logits are k_j·(q_i/τ_i): the same row computation with the roles swapped, in the same pass.
+    weights = None if reduction == "none" else torch.full((2 * n,), 0.5 / n if reduction == "mean" else 0.5,
+                                                           dtype=qs.dtype)
+    out = _run(_two_sided_chunk(n, decoupled), 2 * n, n, reduction, (qs, k), weights)
+    return 0.5 * (out[:n] + out[n:]) if reduction == "none" else out
 
 
 @register("clip_loss", "cpu")
