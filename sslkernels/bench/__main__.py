@@ -157,7 +157,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     t0 = time.perf_counter()
     doc = run(cfg)
     out_dir = Path(args.out) if args.out else default_out_dir(device)
-    written = report.write_all(doc, out_dir)
+    return _print_written(report.write_all(doc, out_dir), t0)
+
+
+def _print_written(written: dict, t0: float) -> int:
+    """The table, what was written where, and the wall time: the end of every run."""
     sys.stdout.write(written["text"])
     if written["plots_note"]:
         print(written["plots_note"])
@@ -200,13 +204,7 @@ def _distributed(args: argparse.Namespace, device: torch.device) -> int:
     doc = distributed.run(cfg)
     stamped = default_out_dir(device)
     out_dir = Path(args.out) if args.out else stamped.with_name(stamped.name + "-distributed")
-    written = distributed.write_all(doc, out_dir)
-    sys.stdout.write(written["text"])
-    if written["plots_note"]:
-        print(written["plots_note"])
-    print(f"wrote {', '.join(str(f) for f in written['files'])}")
-    print(f"total wall time {time.perf_counter() - t0:.1f} s")
-    return 0
+    return _print_written(distributed.write_all(doc, out_dir), t0)
 
 
 if __name__ == "__main__":
