@@ -45,25 +45,27 @@ def rank(group=None) -> int:
     return dist.get_rank(group) if is_distributed(group) else 0
 
 
+def _gather_ints(values: list, device: torch.device, group) -> list:
+    """Every rank's list of ints (same length everywhere), rank order: one small all-gather and a host read."""
+    mine = torch.tensor(values, dtype=torch.int64, device=device)
+    parts = [torch.empty_like(mine) for _ in range(world_size(group))]
+    dist.all_gather(parts, mine, group=group)
+    return [[int(v) for v in row] for row in torch.stack(parts).tolist()]
+
+
 def gather_sizes(n: int, device: torch.device, group=None) -> list:
     """Every rank's row count, rank order (one small all-gather and a host read)."""
     if not is_distributed(group):
         return [n]
-    mine = torch.tensor([n], dtype=torch.int64, device=device)
-    parts = [torch.empty_like(mine) for _ in range(world_size(group))]
-    dist.all_gather(parts, mine, group=group)
-    return [int(p) for p in torch.cat(parts).tolist()]
+    return [row[0] for row in _gather_ints([n], device, group)]
 
 
 def gather_sizes_and_dims(x: torch.Tensor, group=None):
     """(every rank's row count, every rank's feature dim) of a 2-d ``x``, rank order (one small all-gather)."""
     if not is_distributed(group):
         return [x.shape[0]], [x.shape[1]]
-    mine = torch.tensor([x.shape[0], x.shape[1]], dtype=torch.int64, device=x.device)
-    parts = [torch.empty_like(mine) for _ in range(world_size(group))]
-    dist.all_gather(parts, mine, group=group)
-    both = torch.stack(parts).tolist()
-    return [int(r[0]) for r in both], [int(r[1]) for r in both]
+    rows = _gather_ints([x.shape[0], x.shape[1]], x.device, group)
+    return [r[0] for r in rows], [r[1] for r in rows]
 
 
 def _gather_padded(x: torch.Tensor, sizes: list, group) -> torch.Tensor:

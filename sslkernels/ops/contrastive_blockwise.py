@@ -210,13 +210,13 @@ class BlockwiseLoss(torch.autograd.Function):
         count = st.count if spec.supcon else torch.empty(0, dtype=torch.long, device=qs.device)
         ctx.mark_non_differentiable(count)
         ctx.spec, ctx.ring = spec, ring
-        ctx.save_for_backward(qs, keys, bias, targets, row_ids, labels, key_labels, st.lse, st.pos, col_lse, count)
+        ctx.save_for_backward(qs, keys, bias, targets, row_ids, labels, key_labels, st.lse, col_lse, count)
         return rows, count
 
     @staticmethod
     def backward(ctx, g, _g_count):
         spec, ring = ctx.spec, ctx.ring
-        qs, keys, bias, targets, row_ids, labels, key_labels, lse, pos, col_lse, count = ctx.saved_tensors
+        qs, keys, bias, targets, row_ids, labels, key_labels, lse, col_lse, count = ctx.saved_tensors
         g = g.to(qs.dtype)
         if spec.supcon:
             g = g * (count > 0)  # anchors without a positive have loss 0

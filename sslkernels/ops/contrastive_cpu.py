@@ -64,8 +64,9 @@ class _GradInForward(torch.autograd.Function):
                 for idx, rows, value in pieces:
                     if not want[idx]:
                         continue
-                    if grads[idx] is None and rows is None:
-                        # the first whole-shaped piece becomes the gradient: no zeros, no copy
+                    shape = (value.a.shape[0], value.b.shape[1]) if isinstance(value, Product) else value.shape
+                    if grads[idx] is None and shape == tensors[idx].shape:
+                        # a whole gradient (one chunk, or a piece over all rows) becomes it: no zeros, no copy
                         grads[idx] = value.a @ value.b if isinstance(value, Product) else value
                         continue
                     if grads[idx] is None:

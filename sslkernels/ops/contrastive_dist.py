@@ -35,7 +35,7 @@ def info_nce(query, key, temperature, targets, symmetric, decoupled, reduction, 
     impl = dispatch("info_nce", backend, query.device)
     n = query.shape[0]
     keys, _, sizes = blockwise.keys_across_ranks(key, False, group)
-    local = torch.arange(n, device=query.device) + _offset(sizes, group)
+    local = _row_ids(n, sizes, group, query.device)
     if targets is None:
         targets = local  # paired rows: local row i's positive is this rank's key i
     else:
