@@ -3,7 +3,9 @@
 # at N=32768 D=256 bf16 (winners printed as "[sslkernels autotune] ..."), and the target-size benchmarks
 # (contrastive at N=32768 D=256 bf16, moco/ema/dino paper presets) with eager, torch.compile and peers.
 # Everything lands in $OUT/tune.tgz plus $OUT/tune.log (the device tool returns at most 8 files).
-#   bash scripts/gpu_tune.sh [OUT_DIR]        (TUNE_STEPS="tests autotune bench" selects stages)
+#   bash scripts/gpu_tune.sh [OUT_DIR]        (TUNE_STEPS="tests autotune bench" selects stages; also: engines,
+#   contrastive, moco, dino (DINO + Sinkhorn at the paper / target sizes), profile (host vs kernel time of a
+#   DINO and a MoCo step), targets (every issue target's case, pass/fail))
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out="${1:-${OUT:-gpu_tune_out}}"; w="$(mktemp -d)"; mkdir -p "$out"
@@ -22,5 +24,10 @@ run() { local lim="$1"; shift; echo "### $* (limit ${lim}s)"; local t0=$SECONDS;
 [[ $steps == *bench* || $steps == *contrastive* ]] && run 150 "$py" -m sslkernels.bench info_nce clip_loss nt_xent --sizes N=32768:M=32768:D=256 --dtype bf16 --impl ours,eager,compile,peers --out "$w/contrastive"
 [[ $steps == *bench* || $steps == *moco* ]] && run 90 "$py" -m sslkernels.bench moco_loss --sizes paper --dtype bf16 --impl ours,eager,compile --out "$w/moco"
 [[ $steps == *bench* ]] && run 120 "$py" -m sslkernels.bench ema_update_ dino_loss --sizes paper --impl ours,eager,compile,peers --out "$w/paper"
+[[ $steps == *dino* ]] && run 90 "$py" -m sslkernels.bench dino_loss --sizes dino --impl ours,eager,compile --out "$w/dino"
+[[ $steps == *dino* ]] && run 90 "$py" -m sslkernels.bench sinkhorn_knopp --sizes B=1024:P=65536 --dtype bf16 --impl ours,eager,compile --out "$w/sinkhorn"
+[[ $steps == *profile* ]] && run 120 "$py" benchmarks/profile_step.py dino_loss --sizes dino --dtype fp32 --out "$w/profile-dino"
+[[ $steps == *profile* ]] && run 60 "$py" benchmarks/profile_step.py moco_loss --sizes mocov2 --dtype bf16 --out "$w/profile-moco"
+[[ $steps == *targets* ]] && run 300 "$py" -m sslkernels.bench --sizes targets --out "$w/targets"
 } 2>&1 | tee "$out/tune.log"
 tar czf "$out/tune.tgz" -C "$w" .

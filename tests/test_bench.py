@@ -249,3 +249,17 @@ def test_sweep_writes_time_and_memory_plots(tmp_path):
     for png in ("sweep_time.png", "sweep_memory.png"):
         assert (out / png).stat().st_size > 10_000, png
     assert "![sweep_time](sweep_time.png)" in (out / "results.md").read_text()
+
+
+def test_profile_step_reports_host_and_kernel_time(tmp_path, capsys):
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "profile_step.py"
+    spec = importlib.util.spec_from_file_location("profile_step", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["dino_loss", "--sizes", "quick", "--steps", "2", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    (rec,) = json.loads((tmp_path / "profile.json").read_text())
+    assert rec["op"] == "dino_loss" and rec["mode"] == "fwd+bwd" and rec["host_bound"] is None
+    assert rec["step_ms"] > 0 and rec["host_ms"] > 0 and rec["kernel_ms"] > 0 and rec["top"]
+    assert "dino_loss [" in capsys.readouterr().out

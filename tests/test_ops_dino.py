@@ -260,3 +260,13 @@ def test_dino_loss_teacher_temp_gets_no_gradient(backend):
     grads = torch.autograd.grad(loss, [student, temp], allow_unused=True)
     assert grads[1] is None or not grads[1].any()
     assert torch.isfinite(grads[0]).all()
+
+
+def test_stream_split_fills_the_gpu_at_the_paper_size():
+    from sslkernels.ops._common import MAX_SPLITS, STREAM_PROGRAMS, stream_split
+    # DINO B = 64, P = 65536 in 256-wide tiles: 64 splits of 4 tiles, 4096 programs (~31 per H100 SM).
+    assert stream_split(256, 64, STREAM_PROGRAMS) == (4, 64)
+    assert stream_split(1000, 1, STREAM_PROGRAMS)[1] <= MAX_SPLITS
+    assert stream_split(3, 10_000, STREAM_PROGRAMS) == (3, 1)  # enough programs already: no split
+    per, n = stream_split(9, 2, 8)
+    assert per * n >= 9 and per * (n - 1) < 9  # every tile covered, no empty split

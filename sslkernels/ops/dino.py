@@ -22,13 +22,14 @@ import triton.language as tl
 from ..backends import register
 from ..distributed import is_distributed
 from ..reference import center_update, compute_dtype, reduce
-from ._common import empty as _empty, scalar_args as _scalar_args, unit_stride_rows as _rows
+from ._common import STREAM_PROGRAMS, empty as _empty, scalar_args as _scalar_args, stream_split
+from ._common import unit_stride_rows as _rows
 
 # Elements of the largest per-tile [rows × BLOCK_P] block (the student one). Tests lower these to make
 # tiny inputs span several tiles and P-splits.
 TILE_ELEMENTS = 4096
-# Programs the forward aims for: a small batch still fills the GPU by splitting P among programs.
-TARGET_PROGRAMS = 4 * 132
+# Programs the forward aims for: P is split among programs until the GPU has plenty queued per SM.
+TARGET_PROGRAMS = STREAM_PROGRAMS
 _NEG_BIG = tl.constexpr(-1.0e30)  # finite "−inf" for running maxima: exp(m_old − m_new) stays 1, never NaN
 
 
@@ -198,10 +199,7 @@ class _DinoLoss(torch.autograd.Function):
         S = student.shape[0] // B
         P = student.shape[1]
         gp, sp, block_p, warps = _tiling(G, S, P)
-        n_tiles = triton.cdiv(P, block_p)
-        want = max(1, min(n_tiles, triton.cdiv(TARGET_PROGRAMS, B)))
-        per_split = triton.cdiv(n_tiles, want)
-        n_split = triton.cdiv(n_tiles, per_split)
+        per_split, n_split = stream_split(triton.cdiv(P, block_p), B, TARGET_PROGRAMS)
         part = _empty((B, n_split, 3 * gp + 2 * sp), torch.float32, student.device)
         inv_ts = 1.0 / float(student_temp)
         _dino_fwd_kernel[(B, n_split)](
@@ -213,8 +211,9 @@ class _DinoLoss(torch.autograd.Function):
         lse_t = _empty((B, gp), torch.float32, student.device)
         lse_s = _empty((B, sp), torch.float32, student.device)
         rows = _empty((B,), torch.float32, student.device)
+        kp = triton.next_power_of_2(n_split)
         _dino_merge_kernel[(B,)](part, lse_t, lse_s, rows, n_split, inv_ts, 1.0 / _n_terms(G, S), G=G, S=S,
-                                 GP=gp, SP=sp, KP=triton.next_power_of_2(n_split), num_warps=1)
+                                 GP=gp, SP=sp, KP=kp, num_warps=4 if kp * max(gp, sp) >= 512 else 1)
 
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(student, teacher, center, tt_ptr, lse_t, lse_s)

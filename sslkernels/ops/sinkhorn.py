@@ -24,24 +24,27 @@ import triton.language as tl
 from ..backends import register
 from ..distributed import gather_sizes
 from ..reference import compute_dtype, logsumexp_across_ranks
-from ._common import empty as _empty, unit_stride_rows as _rows
+from ._common import STREAM_PROGRAMS, empty as _empty, stream_split, unit_stride_rows as _rows
 
 # Tile shapes [rows × columns]; tests shrink them so tiny inputs cover several tiles and splits.
 BLOCK_B = 32
 BLOCK_P = 128
-TARGET_PROGRAMS = 4 * 132
+TARGET_PROGRAMS = STREAM_PROGRAMS  # programs the LSE passes aim for, splitting their streamed dimension
 _NEG_BIG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
-def _column_lse_kernel(s_ptr, w_ptr, out_ptr, B, P, stride, inv_eps, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr):
-    # LSE_b(s[b, p]/ε + w[b]) for one block of columns, streaming over the rows.
+def _column_lse_kernel(s_ptr, w_ptr, part_ptr, B, P, stride, inv_eps, tiles_per_split,
+                       BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr):
+    # Partial LSE_b(s[b, p]/ε + w[b]) of a block of columns over the k-th range of rows: (max, sum).
     cols = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    k = tl.program_id(1)
     c_ok = cols < P
     m = tl.full([BLOCK_P], _NEG_BIG, tl.float32)
     z = tl.zeros([BLOCK_P], tl.float32)
-    for start in range(0, B, BLOCK_B):
-        rows = start + tl.arange(0, BLOCK_B)
+    first = k * tiles_per_split * BLOCK_B
+    for j in range(0, tiles_per_split):
+        rows = first + j * BLOCK_B + tl.arange(0, BLOCK_B)
         r_ok = rows < B
         mask = r_ok[:, None] & c_ok[None, :]
         s = tl.load(s_ptr + rows.to(tl.int64)[:, None] * stride + cols[None, :], mask=mask, other=0.0)
@@ -50,8 +53,9 @@ def _column_lse_kernel(s_ptr, w_ptr, out_ptr, B, P, stride, inv_eps, BLOCK_B: tl
         m_new = tl.maximum(m, tl.max(x, axis=0))
         z = z * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[None, :]), axis=0)
         m = m_new
-    z = tl.where(c_ok, z, 1.0)  # padding columns have no mass; keep log() off zero there
-    tl.store(out_ptr + cols, m + tl.log(z), mask=c_ok)
+    out = part_ptr + k * 2 * P + cols
+    tl.store(out, m, mask=c_ok)
+    tl.store(out + P, z, mask=c_ok)
 
 
 @triton.jit
@@ -97,20 +101,32 @@ def _assign_kernel(s_ptr, u_ptr, w_ptr, q_ptr, B, P, stride_s, stride_q, inv_eps
     tl.store(q_ptr + rows.to(tl.int64)[:, None] * stride_q + cols[None, :], q, mask=mask)
 
 
-def _row_lse(scores, u, inv_eps):
-    """LSE over each row of scores/ε + u (a B-vector), P split among programs when B is small."""
+def _merge(m: torch.Tensor, z: torch.Tensor, dim: int) -> torch.Tensor:
+    """log Σ_k z_k·exp(m_k) over the splits (every split saw at least one entry: z ≥ 1 at its maximum)."""
+    top = m.amax(dim=dim, keepdim=True)
+    return top.squeeze(dim) + torch.log((z * torch.exp(m - top)).sum(dim=dim))
+
+
+def _column_lse(scores, w, inv_eps):
+    """LSE over each column of scores/ε + w (a P-vector), B split among programs."""
     b, p = scores.shape
-    n_tiles = triton.cdiv(p, BLOCK_P)
+    col_blocks = triton.cdiv(p, BLOCK_P)
+    per_split, n_split = stream_split(triton.cdiv(b, BLOCK_B), col_blocks, TARGET_PROGRAMS)
+    part = _empty((n_split, 2, p), torch.float32, scores.device)
+    _column_lse_kernel[(col_blocks, n_split)](scores, w, part, b, p, scores.stride(0), inv_eps, per_split,
+                                              BLOCK_B=BLOCK_B, BLOCK_P=BLOCK_P)
+    return _merge(part[:, 0], part[:, 1], 0)
+
+
+def _row_lse(scores, u, inv_eps):
+    """LSE over each row of scores/ε + u (a B-vector), P split among programs."""
+    b, p = scores.shape
     row_blocks = triton.cdiv(b, BLOCK_B)
-    want = max(1, min(n_tiles, triton.cdiv(TARGET_PROGRAMS, row_blocks)))
-    per_split = triton.cdiv(n_tiles, want)
-    n_split = triton.cdiv(n_tiles, per_split)
+    per_split, n_split = stream_split(triton.cdiv(p, BLOCK_P), row_blocks, TARGET_PROGRAMS)
     part = _empty((b, n_split, 2), torch.float32, scores.device)
     _row_lse_kernel[(row_blocks, n_split)](scores, u, part, b, p, scores.stride(0), inv_eps, per_split,
                                            BLOCK_B=BLOCK_B, BLOCK_P=BLOCK_P)
-    m, z = part[..., 0], part[..., 1]
-    top = m.amax(dim=1, keepdim=True)
-    return top.squeeze(1) + torch.log((z * torch.exp(m - top)).sum(dim=1))
+    return _merge(part[..., 0], part[..., 1], 1)
 
 
 @torch.no_grad()
@@ -130,10 +146,7 @@ def sinkhorn_potentials(scores, epsilon, iterations, distributed=False, group=No
         return u, (math.log(b_all) - total).expand(b).contiguous()
     w = torch.zeros(b, dtype=torch.float32, device=scores.device)  # a constant: cancels out of the first u
     for _ in range(iterations):
-        lse_cols = _empty((p,), torch.float32, scores.device)
-        _column_lse_kernel[(triton.cdiv(p, BLOCK_P),)](scores, w, lse_cols, b, p, scores.stride(0), inv_eps,
-                                                       BLOCK_B=BLOCK_B, BLOCK_P=BLOCK_P)
-        u = logsumexp_across_ranks(lse_cols, distributed, group).neg_()
+        u = logsumexp_across_ranks(_column_lse(scores, w, inv_eps), distributed, group).neg_()
         w = _row_lse(scores, u, inv_eps).neg_()
     return u, w
 
