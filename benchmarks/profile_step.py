@@ -25,7 +25,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from sslkernels.bench import cases, impls, run  # noqa: E402
+from sslkernels.bench import cases, impls, memory, run  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -82,7 +82,7 @@ def profile(op: str, size_item: str, dtype: str, impl_name: str, mode: str, step
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
+    with memory._quiet_stderr_fd(), torch.profiler.profile(activities=activities) as prof:
         for _ in range(steps):
             fn()
         _sync(device)
