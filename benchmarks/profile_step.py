@@ -101,7 +101,8 @@ def _print(r: dict) -> None:
     verdict = "" if r["host_bound"] is None else (
         f"   -> {'host-bound' if r['host_bound'] else 'device-bound'}"
         f" (GPU idle {max(0.0, r['step_ms'] - r['kernel_ms']):.3f} ms/step)")
-    print(f"  step {r['step_ms']:.3f} ms   host issue {r['host_ms']:.3f} ms   kernels {r['kernel_ms']:.3f} ms{verdict}")
+    what = "kernels" if r["host_bound"] is not None else "ops under the profiler (slowed by it)"
+    print(f"  step {r['step_ms']:.3f} ms   host issue {r['host_ms']:.3f} ms   {what} {r['kernel_ms']:.3f} ms{verdict}")
     for t in r["top"]:
         print(f"  {t['us_per_step']:9.1f} us  x{t['calls_per_step']:<4.3g} {t['name']}")
 
