@@ -133,17 +133,17 @@ def _finite(lse: torch.Tensor) -> torch.Tensor:
 RING_PIECES = 8  # each rank's block travels in up to this many pieces (memory: see distributed.Ring.split)
 
 
-def _over_blocks(ring, payload, step, block_rows: Optional[int] = None):
+def _over_blocks(ring, payload, step, block_rows: Optional[int] = None, min_piece: int = 1):
     """step(offset, carry, *block) over every block: the whole ``payload`` (or its slices of ``block_rows``)
-    when ``ring`` is None, else every rank's, piece by piece around the ring. Returns the carry of this
-    rank's rows (None if none)."""
+    when ``ring`` is None, else every rank's, piece by piece around the ring (pieces of at least ``min_piece``
+    rows where the blocks allow). Returns the carry of this rank's rows (None if none)."""
     if ring is None:
         m = payload[0].shape[0]
         if block_rows is None or block_rows >= m:
             return step(0, None, *payload)
         carries = [step(o, None, *[t[o:o + block_rows] for t in payload]) for o in range(0, m, block_rows)]
     else:
-        parts = max(1, min(RING_PIECES, min(ring.sizes)))
+        parts = max(1, min(RING_PIECES, min(ring.sizes) // min_piece))
         carries = [sub.circulate([t[rows] for t in payload],
                                  functools.partial(lambda rg, owner, *rest: step(rg.offsets[owner], *rest), sub))
                    for sub, rows in ring.split(parts)]
@@ -169,7 +169,8 @@ class BlockwiseLoss(torch.autograd.Function):
             def step(offset, col, k, *lab):
                 return st.merge(blocks.forward(Block(k, offset, lab[0] if lab else None)), col)
 
-            col_lse = _over_blocks(ring, [keys] + ([key_labels] if spec.supcon else []), step, block_rows)
+            col_lse = _over_blocks(ring, [keys] + ([key_labels] if spec.supcon else []), step, block_rows,
+                                   blocks.min_piece)
             rows = st.rows(col_lse)
         count = st.count if spec.supcon else torch.empty(0, device=a.device)
         ctx.mark_non_differentiable(count)
@@ -197,7 +198,7 @@ class BlockwiseLoss(torch.autograd.Function):
         payload = [keys] + ([key_labels] if spec.supcon else [])
         if spec.symmetric:  # a key's column statistics travel with it: its LSE and its loss's gradient weight
             payload.append(torch.stack([_finite(col_lse), g_cols], dim=1))
-        dk = _over_blocks(ring, payload, step, ctx.block_rows)
+        dk = _over_blocks(ring, payload, step, ctx.block_rows, blocks.min_piece)
         da, gs, dbias = blocks.grads()
         need = ctx.needs_input_grad  # (spec, ring, kernels, block_rows, a, s, keys, bias, ...)
         da = da if need[4] else None

@@ -41,6 +41,7 @@ class Blocks:
     """The torch path: ``forward(block)`` -> BlockStats, ``backward(block, ...)`` -> the block's dK,
     ``grads()`` -> (dA, per-row ∂s, d bias) over every block the backward met."""
     base2 = False
+    min_piece = 1  # ring pieces: as small as RING_PIECES allows (chunks cost the same however they come)
 
     def __init__(self, spec: Spec, a, s, bias, targets, row_base: int, labels):
         self.spec, self.a, self.targets, self.labels = spec, a, targets, labels

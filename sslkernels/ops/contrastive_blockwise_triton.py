@@ -32,6 +32,10 @@ class Blocks:
     """The Triton path, with the torch path's interface (contrastive_blockwise_torch.Blocks)."""
     base2 = True
     dtype = F32
+    # Ring pieces of at least this many keys: the dK pass runs one program per 64 keys of a block and does
+    # not split the anchors it streams, so 8192 keys make 128 programs, about one per SM of an H100 (132).
+    # Untuned (no multi-GPU run yet); smaller blocks only cost occupancy, the ring's memory is small here.
+    min_piece = 8192
 
     def __init__(self, spec: Spec, a, s, bias, targets, row_base: int, labels):
         self.spec, self.row_base, self.out_dtype = spec, row_base, a.dtype
