@@ -28,7 +28,6 @@ out and whose own pair is SigLIP's positive.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple, Optional
 
@@ -143,10 +142,11 @@ def _over_blocks(ring, payload, step, block_rows: Optional[int] = None, min_piec
             return step(0, None, *payload)
         carries = [step(o, None, *[t[o:o + block_rows] for t in payload]) for o in range(0, m, block_rows)]
     else:
+        def on(sub):  # circulate names a block by its owner; step takes its global offset
+            return lambda owner, *rest: step(sub.offsets[owner], *rest)
+
         parts = max(1, min(RING_PIECES, min(ring.sizes) // min_piece))
-        carries = [sub.circulate([t[rows] for t in payload],
-                                 functools.partial(lambda rg, owner, *rest: step(rg.offsets[owner], *rest), sub))
-                   for sub, rows in ring.split(parts)]
+        carries = [sub.circulate([t[rows] for t in payload], on(sub)) for sub, rows in ring.split(parts)]
     return None if carries[0] is None else torch.cat(carries)
 
 
