@@ -127,7 +127,7 @@ def nt_xent(z1, z2, temperature: Scalar = 0.5, *, decoupled: bool = False, reduc
     if decoupled and z1.shape[0] < 2 and not across:  # across ranks the other ranks' pairs are negatives
         raise ValueError("decoupled=True needs a batch of at least 2 pairs: with 1 pair there is no negative")
     if across:
-        return _contrastive_dist.nt_xent(z1, z2, temperature, bool(decoupled), reduction, process_group,
+        return _contrastive_dist.nt_xent(z1, z2, temperature, bool(decoupled), reduction, process_group, backend,
                                          across == "ring")
     if torch.compiler.is_compiling():
         return _compiled_loss("nt_xent", backend, z1, z2, temperature, bool(decoupled), reduction)
@@ -172,7 +172,7 @@ def siglip_loss(image_features, text_features, logit_scale: Scalar, logit_bias: 
     across = _across_ranks(gather_distributed, distributed, process_group)
     if across:
         return _contrastive_dist.siglip_loss(image_features, text_features, logit_scale, logit_bias, reduction,
-                                             process_group, across == "ring")
+                                             process_group, backend, across == "ring")
     if torch.compiler.is_compiling():
         return _compiled_loss("siglip_loss", backend, image_features, text_features, logit_scale, logit_bias,
                               reduction)
@@ -220,7 +220,7 @@ def supcon_loss(features, labels, temperature: Scalar = 0.1, *, reduction: str =
     check.reduction(reduction)
     across = _across_ranks(gather_distributed, distributed, process_group)
     if across:
-        return _contrastive_dist.supcon_loss(features, labels, temperature, reduction, process_group,
+        return _contrastive_dist.supcon_loss(features, labels, temperature, reduction, process_group, backend,
                                              across == "ring")
     if torch.compiler.is_compiling():
         return _compiled_loss("supcon_loss", backend, features, labels, temperature, reduction)

@@ -10,7 +10,13 @@ single-process float64 oracle (backend="torch") over the whole batch:
   single-process step). With unequal batches (world 3) "mean over local rows" is not a global mean, so the
   test weights each rank's mean by n_rank / N before backward: then every row gets exactly the global-mean
   gradient and the ranks' scalar (temperature / logit_scale) gradients sum to the oracle's.
+
+With SSLKERNELS_TEST_DIST_BACKEND=triton in the ranks' environment the same checks run the losses with
+backend="triton": the block engine's Triton path (in Triton's interpreter on these CPU tensors) for the ring
+and the gathered NT-Xent / SupCon / SigLIP, the single-process kernels for the gathered info_nce / clip_loss;
+fp16 then stands in for bf16 (the interpreter's tl.dot is wrong on bf16 operands).
 """
+import os
 
 import pytest
 import torch
@@ -18,6 +24,7 @@ import torch
 from gloo_ranks import run_rank, skip_without_gloo, spawn_ranks
 
 WORLDS = {2: [5, 5], 3: [4, 6, 1]}  # rows per rank: even, then uneven with a lone row
+BACKEND_ENV = "SSLKERNELS_TEST_DIST_BACKEND"
 
 
 def _close(actual, expected, what):
@@ -33,6 +40,10 @@ def _worker(rank: int, world: int, init_file: str) -> None:  # noqa: C901 (one p
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=__import__("datetime").timedelta(seconds=60))
+    backend = os.environ.get(BACKEND_ENV) or None
+    kernels = backend == "triton"
+    from sslkernels.ops import contrastive_blockwise
+    assert contrastive_blockwise.use_kernels(backend, torch.zeros(1, 4), "nt_xent") == kernels
     sizes = WORLDS[world]
     even = len(set(sizes)) == 1
     total, off, n = sum(sizes), sum(sizes[:rank]), sizes[rank]
@@ -57,7 +68,8 @@ def _worker(rank: int, world: int, init_file: str) -> None:  # noqa: C901 (one p
         mine = local_fn("none")
         assert torch.isfinite(mine).all(), f"{name}: non-finite rows"
         _close(mine, rows[row_index].detach(), f"{name} rows")
-        _close(local_fn("sum"), rows[row_index].sum().detach(), f"{name} sum")
+        if not kernels:  # the reductions are the same host code on every path
+            _close(local_fn("sum"), rows[row_index].sum().detach(), f"{name} sum")
         loss = local_fn("mean")
         _close(loss, rows[row_index].mean().detach(), f"{name} mean")
         global_fn("mean").backward()
@@ -122,11 +134,12 @@ def _worker(rank: int, world: int, init_file: str) -> None:  # noqa: C901 (one p
                   lambda red: SF.nt_xent(m1, m2, 0.5, decoupled=decoupled, reduction=red, **gd),
                   lambda red: SF.nt_xent(z1, z2, 0.5, decoupled=decoupled, reduction=red, backend="torch"),
                   idx, [z1, z2], [m1, m2])
-        # moco_loss: per-rank (own key positive, the shared queue as negatives)
-        (q, k), (mq, mk) = leaves(feats(total), feats(total))
-        queue = feats(7)
-        check(f"{how} moco_loss", lambda red: SF.moco_loss(mq, mk, queue.float(), 0.2, reduction=red, **gd),
-              lambda red: SF.moco_loss(q, k, queue, 0.2, reduction=red, backend="torch"), sl, [q, k], [mq, mk])
+        # moco_loss: per-rank (own key positive, the shared queue as negatives); no block engine
+        if not kernels:
+            (q, k), (mq, mk) = leaves(feats(total), feats(total))
+            queue = feats(7)
+            check(f"{how} moco_loss", lambda red: SF.moco_loss(mq, mk, queue.float(), 0.2, reduction=red, **gd),
+                  lambda red: SF.moco_loss(q, k, queue, 0.2, reduction=red, backend="torch"), sl, [q, k], [mq, mk])
         # supcon_loss: every label twice or more globally, positives spread over ranks
         labels = torch.arange(total) % (total // 2)
         labels = labels[torch.randperm(total, generator=g)]
@@ -142,26 +155,29 @@ def _worker(rank: int, world: int, init_file: str) -> None:  # noqa: C901 (one p
               lambda red: SF.siglip_loss(i, tx, s, b, reduction=red, backend="torch"), sl, [i, tx], [mi, mtx],
               [(s, ms), (b, mb)])
 
+    half, half_tol = (torch.float16, 1e-3) if kernels else (torch.bfloat16, 1e-2)
     for gd, how in ((dict(gather_distributed=True), "gather"), (dict(distributed="ring"), "ring")):
+        if backend is not None:
+            gd = dict(gd, backend=backend)
         cases(gd, how)
         # bf16 features (what CLIP trains in): fp32 accumulation, bf16 gradients, against the oracle on the
-        # same bf16 values
+        # same bf16 values (fp16 under the interpreter)
         for name, fn in (("clip_loss", lambda a, b, **kw: SF.clip_loss(a, b, 14.0, **kw)),
                          ("nt_xent", lambda a, b, **kw: SF.nt_xent(a, b, 0.5, **kw)),
                          ("siglip_loss", lambda a, b, **kw: SF.siglip_loss(a, b, 10.0, -5.0, **kw))):
-            xa, xb = feats(total).bfloat16().double(), feats(total).bfloat16().double()
+            xa, xb = feats(total).to(half).double(), feats(total).to(half).double()
             ra, rb = xa.clone().requires_grad_(), xb.clone().requires_grad_()
-            ma, mb = xa[sl].bfloat16().requires_grad_(), xb[sl].bfloat16().requires_grad_()
+            ma, mb = xa[sl].to(half).requires_grad_(), xb[sl].to(half).requires_grad_()
             rows = fn(ra, rb, reduction="none", backend="torch")
             idx = sl if name != "nt_xent" else torch.cat([torch.arange(off, off + n), total + torch.arange(off, off + n)])
-            _close(fn(ma, mb, reduction="none", **gd), rows[idx].detach(), f"{how} {name} bf16 rows")
+            _close(fn(ma, mb, reduction="none", **gd), rows[idx].detach(), f"{how} {name} {half} rows")
             rows.mean().backward()
             (fn(ma, mb, **gd) * weight).backward()
             for r, m in ((ra, ma), (rb, mb)):
-                assert m.grad.dtype == torch.bfloat16, f"{how} {name}: gradient dtype {m.grad.dtype}"
+                assert m.grad.dtype == half, f"{how} {name}: gradient dtype {m.grad.dtype}"
                 exp = factor * r.grad[sl].double()
-                torch.testing.assert_close(m.grad.double(), exp, rtol=1e-2, atol=1e-2 * float(exp.abs().max()),
-                                           msg=lambda msg: f"{how} {name} bf16 grad: {msg}")
+                torch.testing.assert_close(m.grad.double(), exp, rtol=half_tol, atol=half_tol * float(exp.abs().max()),
+                                           msg=lambda msg: f"{how} {name} {half} grad: {msg}")
 
     # process_group=: a subgroup of the first and last ranks spans only their rows (the rest stay out)
     members = [0, world - 1]
@@ -175,6 +191,7 @@ def _worker(rank: int, world: int, init_file: str) -> None:  # noqa: C901 (one p
         ref_rows = SF.info_nce(q, k, 0.1, symmetric=True, reduction="none", backend="torch")
         ref_rows.sum().backward()
         for gd, how in ((dict(gather_distributed=True), "gather"), (dict(distributed="ring"), "ring")):
+            gd = dict(gd, backend=backend)
             mq.grad = mk.grad = None
             _close(SF.info_nce(mq, mk, 0.1, symmetric=True, reduction="none", process_group=sub, **gd),
                    ref_rows[mine].detach(), f"{how} process_group rows")
@@ -182,6 +199,9 @@ def _worker(rank: int, world: int, init_file: str) -> None:  # noqa: C901 (one p
             _close(mq.grad, q.grad[mine], f"{how} process_group query grad (sums: no factor)")
             _close(mk.grad, k.grad[mine], f"{how} process_group key grad (sums: no factor)")
 
+    if kernels:
+        dist.destroy_process_group()  # the rest checks the argument checks, which no backend changes
+        return
     # bad input across ranks: every rank raises the same ValueError (no rank left waiting in a collective)
     x = torch.randn(n, d)
     for gd in (dict(gather_distributed=True), dict(distributed="ring")):
@@ -205,6 +225,15 @@ def _worker(rank: int, world: int, init_file: str) -> None:  # noqa: C901 (one p
 def test_gathered_losses_match_single_process(world, tmp_path):
     skip_without_gloo()
     spawn_ranks(__file__, world, tmp_path)
+
+
+def test_triton_block_engine_matches_single_process(tmp_path, monkeypatch):
+    """The same checks with backend="triton" on the uneven world (a rank with one row: blocks of one key)."""
+    skip_without_gloo()
+    pytest.importorskip("triton")
+    monkeypatch.setenv(BACKEND_ENV, "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the ranks' CPU tensors, on a GPU machine too
+    spawn_ranks(__file__, 3, tmp_path, timeout=240)
 
 
 if __name__ == "__main__":

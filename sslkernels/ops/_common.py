@@ -33,6 +33,15 @@ def unit_stride_rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def row_scale(value, invert: bool, device, dtype=torch.float32) -> torch.Tensor:
+    """[1] or [N] tensor of the logit scale s (1/value when ``invert``: s = 1/τ) in ``dtype``, kept
+    differentiable w.r.t. a tensor ``value`` so that τ / logit_scale get their gradient through it."""
+    if isinstance(value, torch.Tensor):
+        v = value.to(dtype)
+        return (1.0 / v if invert else v).reshape(-1)
+    return torch.full((1,), 1.0 / value if invert else float(value), dtype=dtype, device=device)
+
+
 def scaled_rows(x: torch.Tensor, factor) -> torch.Tensor:
     """x · factor row-wise in the compute dtype (fp32 for half inputs); factor a float, a 0-d tensor or a
     per-row vector. Folding 1/τ into the queries this way lets autograd give τ's gradient."""

@@ -63,6 +63,7 @@ from ..backends import register, triton_interpreted
 from ..reference import reduce
 from . import launch_config
 from ._common import empty as _empty
+from ._common import row_scale as _scale  # fp32 [1] or [N] s, differentiable
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -160,7 +161,8 @@ def _needs_repair(lse, shift, n_terms):
 @triton.jit
 def _masks(r, c, ok, t_r, lab_r, lab_c, EXCL_DIAG: tl.constexpr, EXCL_TGT: tl.constexpr, POS: tl.constexpr):
     # (entries inside the LSE, positive entries) for broadcastable row indices r and column indices c;
-    # the same code serves a tile and its transpose (the cols pass passes r as a row vector).
+    # the same code serves a tile and its transpose (the cols pass passes r as a row vector). r is the
+    # row's own column (its index minus the diagonal offset of a key block), so c == r is "the same sample".
     keep = ok
     if EXCL_DIAG:
         keep = keep & (c != r)
@@ -187,9 +189,9 @@ def _sigmoid(x):
 
 
 @triton.jit
-def _fwd_kernel(a_ptr, b_ptr, bpos_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr, val_ptr, pos_ptr, cnt_ptr,
+def _fwd_kernel(a_ptr, b_ptr, bpos_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr, klab_ptr, val_ptr, pos_ptr, cnt_ptr,
                 shift_ptr, colsum_ptr,
-                N, M, D, stride_a, stride_b, stride_bpos, s_stride, cols_per_split,
+                N, M, D, stride_a, stride_b, stride_bpos, s_stride, cols_per_split, diag_off,
                 SCALE_ON_COLS: tl.constexpr, EXCL_DIAG: tl.constexpr, EXCL_TGT: tl.constexpr, POS: tl.constexpr,
                 SIGMOID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 DOT_PREC: tl.constexpr, RESIDENT: tl.constexpr, FIXED: tl.constexpr, COL_SUMS: tl.constexpr,
@@ -205,6 +207,8 @@ def _fwd_kernel(a_ptr, b_ptr, bpos_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr, val_p
     # Key split (grid axis 1): program (i, p) covers keys [p·cols_per_split, (p+1)·cols_per_split) and
     #   writes its partial statistics to row p of [splits, N] buffers, combined on the host (O(splits·N)).
     #   It fills the GPU when the rows are few and the keys many (MoCo: 256 queries, 65536 queue keys).
+    # diag_off (runtime: one compiled kernel for any value): b is a block of keys whose column c is the
+    #   same sample as row c + diag_off of a (0 for a single process); klab_ptr: the keys' labels (SupCon).
     pid_s = tl.program_id(1)
     first = pid_s == 0
     lo = pid_s * cols_per_split
@@ -212,6 +216,7 @@ def _fwd_kernel(a_ptr, b_ptr, bpos_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr, val_p
     out_off = pid_s * N
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     r_ok = rows < N
+    own = rows - diag_off  # each row's own column (a row vector op, not one per logit)
     s_r = tl.load(s_ptr + rows * s_stride, mask=r_ok, other=1.0).to(tl.float32)
     t_r, lab_r = _row_meta(tgt_ptr, lab_ptr, rows, r_ok, EXCL_TGT, POS)
     hi = c_end
@@ -247,7 +252,7 @@ def _fwd_kernel(a_ptr, b_ptr, bpos_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr, val_p
                         DOT_PREC)
         if SIGMOID:
             x = acc * s_r[:, None] + bias
-            y = tl.where(cols[None, :] == rows[:, None], -x, x)  # label +1 on the diagonal, −1 elsewhere
+            y = tl.where(cols[None, :] == own[:, None], -x, x)  # label +1 on the diagonal, −1 elsewhere
             l += tl.sum(tl.where(ok, _softplus(y), 0.0), axis=1)
         else:
             if SCALE_ON_COLS:
@@ -256,10 +261,10 @@ def _fwd_kernel(a_ptr, b_ptr, bpos_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr, val_p
             else:
                 z = acc * (s_r * LOG2E)[:, None]
             if POS == 2:
-                lab_c = tl.load(lab_ptr + cols, mask=c_ok, other=0)
+                lab_c = tl.load(klab_ptr + cols, mask=c_ok, other=0)
             else:
                 lab_c = cols
-            keep, pos = _masks(rows[:, None], cols[None, :], ok, t_r[:, None], lab_r[:, None], lab_c[None, :],
+            keep, pos = _masks(own[:, None], cols[None, :], ok, t_r[:, None], lab_r[:, None], lab_c[None, :],
                                EXCL_DIAG, EXCL_TGT, POS)
             zk = tl.where(keep, z, float("-inf"))
             if FIXED:
@@ -393,11 +398,11 @@ def _guard(flag_ptr, GUARD: tl.constexpr):
 
 
 @triton.jit
-def _bwd_rows_kernel(a_ptr, b_ptr, bpos_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr,
+def _bwd_rows_kernel(a_ptr, b_ptr, bpos_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr, klab_ptr,
                      rlse_ptr, rg_ptr, rgw_ptr, clse_ptr, cg_ptr, cgw_ptr, pos_ptr,
                      da_ptr, dbpos_ptr, gs_ptr, gsum_ptr, shift_ptr, flag_ptr,
                      N, M, D, stride_a, stride_b, stride_bpos, stride_da, stride_dbpos, s_stride,
-                     cols_per_split, da_split_stride,
+                     cols_per_split, da_split_stride, diag_off,
                      HAS_COL: tl.constexpr, EXCL_DIAG: tl.constexpr, EXCL_TGT: tl.constexpr, POS: tl.constexpr,
                      SIGMOID: tl.constexpr, WANT_DBPOS: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DOUT: tl.constexpr,
@@ -408,6 +413,7 @@ def _bwd_rows_kernel(a_ptr, b_ptr, bpos_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr,
     # RESIDENT (BLOCK_D = BLOCK_DOUT ≥ D, one feature chunk): a's tile is loaded once and each key tile
     # once, serving both S = a·bᵀ and dA += dS·b (v1 recomputes S for every output chunk).
     # Key split (grid axis 2, as in _fwd_kernel): partial dA (fp32), G and Σ dS per split, summed on the host.
+    # diag_off, klab_ptr: a block of keys, as in _fwd_kernel.
     pid_d = tl.program_id(1)
     pid_s = tl.program_id(2)
     first = pid_s == 0
@@ -416,6 +422,7 @@ def _bwd_rows_kernel(a_ptr, b_ptr, bpos_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr,
     out_off = pid_s * N
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     r_ok = rows < N
+    own = rows - diag_off
     r64 = rows.to(tl.int64)
     dcols = pid_d * BLOCK_DOUT + tl.arange(0, BLOCK_DOUT)
     dc_ok = dcols < D
@@ -458,7 +465,7 @@ def _bwd_rows_kernel(a_ptr, b_ptr, bpos_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr,
         z = S * (s_r * LOG2E)[:, None]
         x = S * s_r[:, None] + bias
         if POS == 2:
-            lab_c = tl.load(lab_ptr + cols, mask=c_ok, other=0)
+            lab_c = tl.load(klab_ptr + cols, mask=c_ok, other=0)
         else:
             lab_c = cols
         if HAS_COL:
@@ -469,9 +476,9 @@ def _bwd_rows_kernel(a_ptr, b_ptr, bpos_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr,
             c_lse = 0.0
             gc = 0.0
             gcw = 0.0
-        keep, pos = _masks(rows[:, None], cols[None, :], ok, t_r[:, None], lab_r[:, None], lab_c[None, :],
+        keep, pos = _masks(own[:, None], cols[None, :], ok, t_r[:, None], lab_r[:, None], lab_c[None, :],
                            EXCL_DIAG, EXCL_TGT, POS)
-        ds = _dlogits(z, x, rows[:, None], cols[None, :], ok, keep, pos, r_lse[:, None], gr[:, None], gw[:, None],
+        ds = _dlogits(z, x, own[:, None], cols[None, :], ok, keep, pos, r_lse[:, None], gr[:, None], gw[:, None],
                       c_lse, gc, gcw, shift, HAS_COL, SIGMOID, ONE_EXP)
         gsv += tl.sum(ds * S, axis=1)
         if SIGMOID:
@@ -498,15 +505,16 @@ def _bwd_rows_kernel(a_ptr, b_ptr, bpos_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr,
 
 
 @triton.jit
-def _bwd_cols_kernel(a_ptr, b_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr,
+def _bwd_cols_kernel(a_ptr, b_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr, klab_ptr,
                      rlse_ptr, rg_ptr, rgw_ptr, clse_ptr, cg_ptr, cgw_ptr, db_ptr, shift_ptr, flag_ptr,
-                     N, M, D, stride_a, stride_b, stride_db, s_stride,
+                     N, M, D, stride_a, stride_b, stride_db, s_stride, diag_off,
                      HAS_COL: tl.constexpr, EXCL_DIAG: tl.constexpr, EXCL_TGT: tl.constexpr, POS: tl.constexpr,
                      SIGMOID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_DOUT: tl.constexpr, DOT_PREC: tl.constexpr, RESIDENT: tl.constexpr,
                      ONE_EXP: tl.constexpr, GUARD: tl.constexpr):
     # Program (tile of BLOCK_M rows of b, feature chunk): dB_j = Σ_i dS_ij s_i a_i, streaming rows of a.
-    # Tiles are transposed: [rows of b, rows of a]. RESIDENT / ONE_EXP / GUARD as in the rows pass.
+    # Tiles are transposed: [rows of b, rows of a]. RESIDENT / ONE_EXP / GUARD / diag_off / klab_ptr as in
+    # the rows pass (row r of a is still the same sample as column r − diag_off of b).
     pid_d = tl.program_id(1)
     cols = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     c_ok = cols < M
@@ -523,7 +531,7 @@ def _bwd_cols_kernel(a_ptr, b_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr,
     else:
         shift = 0.0
     if POS == 2:
-        lab_c = tl.load(lab_ptr + cols, mask=c_ok, other=0)
+        lab_c = tl.load(klab_ptr + cols, mask=c_ok, other=0)
     else:
         lab_c = cols
     if HAS_COL:
@@ -560,9 +568,10 @@ def _bwd_cols_kernel(a_ptr, b_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr,
                         mask=r_ok[:, None] & dc_ok[None, :], other=0.0)
         z = St * (s_r * LOG2E)[None, :]
         x = St * s_r[None, :] + bias
-        keep, pos = _masks(rows[None, :], cols[:, None], ok, t_r[None, :], lab_r[None, :], lab_c[:, None],
+        own = rows - diag_off
+        keep, pos = _masks(own[None, :], cols[:, None], ok, t_r[None, :], lab_r[None, :], lab_c[:, None],
                            EXCL_DIAG, EXCL_TGT, POS)
-        dst = _dlogits(z, x, rows[None, :], cols[:, None], ok, keep, pos, r_lse[None, :], gr[None, :],
+        dst = _dlogits(z, x, own[None, :], cols[:, None], ok, keep, pos, r_lse[None, :], gr[None, :],
                        gw[None, :], c_lse, gc, gcw, shift, HAS_COL, SIGMOID, ONE_EXP)
         acc = tl.dot((dst * s_r[None, :]).to(a.dtype), a, acc, input_precision=DOT_PREC)
     tl.store(db_ptr + cols.to(tl.int64)[:, None] * stride_db + dcols[None, :], acc.to(db_ptr.dtype.element_ty),
@@ -608,6 +617,11 @@ def _resident(cfg, d: int, version: str) -> bool:
     return version == "v2" and launch_config.is_resident(cfg, d)
 
 
+def _first(*tensors):
+    """The first tensor that is not None (pointer arguments: the keys' labels default to the rows')."""
+    return next(t for t in tensors if t is not None)
+
+
 def _norm_bound(x: torch.Tensor, s: Optional[torch.Tensor]) -> torch.Tensor:
     """max_i |s_i|·‖x_i‖ (fp32 [1], on the device: no host sync)."""
     n, d = x.shape
@@ -629,14 +643,17 @@ def _shift(a, b, bpos, s) -> torch.Tensor:
 
 
 def _launch_fwd(mode: _Mode, a, b, bpos, s, bias, targets, labels, *, columns: bool, version: str = "v1",
-                fixed: bool = False, shift=None, repair=None, cfg=None):
+                fixed: bool = False, shift=None, repair=None, cfg=None, diag_off: int = 0, key_labels=None):
     """Rows pass over a (``columns``: over b, i.e. the column LSE of a symmetric loss).
 
     ``fixed``: the fixed-shift sums (+ the column sums of a two-sided loss, returned 4th). ``repair``: the
     LSE buffer of an earlier fixed-shift pass (over the same rows), rewritten in place where it failed.
+    ``diag_off`` / ``key_labels``: b is a block of keys (contrastive_blockwise): row i of a is the same
+    sample as column i − diag_off of b; key_labels are b's labels (SupCon; default ``labels``).
     """
     if columns:
         a, b = b, a
+        diag_off = -diag_off  # the same pairs, seen from b's rows
     n, d = a.shape
     m = b.shape[0]
     col_sums = fixed and mode.two_sided and not columns
@@ -645,7 +662,8 @@ def _launch_fwd(mode: _Mode, a, b, bpos, s, bias, targets, labels, *, columns: b
         cfg = _config("fwd", a, d, version, key, lambda c: _launch_fwd(
             mode, *((b, a) if columns else (a, b)), bpos, s, bias, targets, labels, columns=columns,
             version=version, fixed=fixed, shift=shift,
-            repair=None if repair is None else repair.clone(), cfg=c))
+            repair=None if repair is None else repair.clone(), cfg=c,
+            diag_off=-diag_off if columns else diag_off, key_labels=key_labels))
     if mode.pos == POS_EXTRA and not columns and _resident(cfg, d, version):
         cfg = cfg._replace(block_m=min(cfg.block_m, 64))  # MoCo's extra row dot: 128 rows spill at D = 256
     f32 = dict(dtype=torch.float32, device=a.device)
@@ -659,10 +677,10 @@ def _launch_fwd(mode: _Mode, a, b, bpos, s, bias, targets, labels, *, columns: b
     # Unused pointer arguments get any tensor: constexpr flags keep them from being read.
     _fwd_kernel[(row_tiles, splits)](
         a, b, bpos if bpos is not None else a, s, bias if bias is not None else s,
-        targets if targets is not None else val, labels if labels is not None else val, val, pos, cnt,
-        shift if shift is not None else val, colsum,
+        targets if targets is not None else val, labels if labels is not None else val,
+        _first(key_labels, labels, val), val, pos, cnt, shift if shift is not None else val, colsum,
         n, m, d, a.stride(0), b.stride(0), bpos.stride(0) if bpos is not None else 0, 1 if s.numel() > 1 else 0,
-        per_split, SCALE_ON_COLS=columns, EXCL_DIAG=mode.excl_diag or (columns and mode.excl_tgt),
+        per_split, diag_off, SCALE_ON_COLS=columns, EXCL_DIAG=mode.excl_diag or (columns and mode.excl_tgt),
         EXCL_TGT=mode.excl_tgt and not columns, POS=pos_kind, SIGMOID=mode.sigmoid,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, DOT_PREC=_dot_precision(a.dtype),
         RESIDENT=_resident(cfg, d, version), FIXED=fixed and repair is None, COL_SUMS=col_sums,
@@ -906,8 +924,12 @@ def _guarded(launch, one_exp, version, *args):
 
 
 def _launch_bwd_rows(mode, a, b, bpos, s, bias, targets, labels, st: _BwdStats, want_dbpos, *, version,
-                     one_exp=None, fallback=None, out=None, cfg=None):
-    """dA (+ MoCo's dK), and the per-row partials of ∂loss/∂s and ∂loss/∂bias."""
+                     one_exp=None, fallback=None, out=None, cfg=None, diag_off: int = 0, key_labels=None,
+                     da_dtype=None):
+    """dA (+ MoCo's dK), and the per-row partials of ∂loss/∂s and ∂loss/∂bias.
+
+    ``diag_off`` / ``key_labels`` as in _launch_fwd; ``da_dtype``: dA's dtype (default a's; the block
+    engine asks for fp32 to add the blocks' parts without rounding each)."""
     n, d = a.shape
     has_col = st.gc is not None
     placeholder = st.r_lse  # any tensor for pointer arguments a constexpr flag leaves unread
@@ -915,7 +937,7 @@ def _launch_bwd_rows(mode, a, b, bpos, s, bias, targets, labels, st: _BwdStats, 
         key = (mode, want_dbpos, one_exp is not None, fallback is not None)
         cfg = _config("bwd_rows", a, d, version, key, lambda c: _launch_bwd_rows(
             mode, a, b, bpos, s, bias, targets, labels, st, want_dbpos, version=version, one_exp=one_exp,
-            fallback=fallback, cfg=c))
+            fallback=fallback, cfg=c, diag_off=diag_off, key_labels=key_labels, da_dtype=da_dtype))
     if mode.pos == POS_EXTRA and _resident(cfg, d, version):
         # MoCo's epilogue holds two more [BLOCK_M, D] fp32 tiles (k_i, q_i): 32+ rows at D = 256 spill on sm_90.
         cfg = cfg._replace(block_m=min(cfg.block_m, 16))
@@ -928,7 +950,8 @@ def _launch_bwd_rows(mode, a, b, bpos, s, bias, targets, labels, st: _BwdStats, 
         cap = (m * b.element_size()) // (4 * max(n, 1))
         splits, per_split = _key_split(row_tiles * n_chunks, m, cfg.block_n, a.device, cap)
         # Split partials of dA are fp32 [splits, N, D], summed (and cast) by _combine_bwd_rows.
-        da = _empty(a.shape, a.dtype, a.device) if splits == 1 else _empty((splits, n, d), torch.float32, a.device)
+        da = _empty(a.shape, da_dtype or a.dtype, a.device) if splits == 1 else \
+            _empty((splits, n, d), torch.float32, a.device)
         dbpos = _empty(bpos.shape, bpos.dtype, bpos.device) if want_dbpos else None
         gs = _empty((splits, n), torch.float32, a.device)
         gsum = _empty((splits, n), torch.float32, a.device) if mode.sigmoid else placeholder
@@ -941,12 +964,13 @@ def _launch_bwd_rows(mode, a, b, bpos, s, bias, targets, labels, st: _BwdStats, 
     _bwd_rows_kernel[(row_tiles, n_chunks, splits)](
         a, b, bpos if bpos is not None else a, s, bias if bias is not None else s,
         targets if targets is not None else placeholder, labels if labels is not None else placeholder,
+        _first(key_labels, labels, placeholder),
         st.r_lse, st.gr, st.gw, st.c_lse if has_col else placeholder, st.gc if has_col else placeholder,
         st.gcw if has_col else placeholder, st.pos, da, dbpos if want_dbpos else da, gs, gsum,
         shift, flag if flag is not None else placeholder,
         n, m, d, a.stride(0), b.stride(0), bpos.stride(0) if bpos is not None else 0, da_rows.stride(0),
         dbpos.stride(0) if want_dbpos else 0, 1 if s.numel() > 1 else 0,
-        per_split, da.stride(0) if da.dim() == 3 else 0,
+        per_split, da.stride(0) if da.dim() == 3 else 0, diag_off,
         HAS_COL=has_col, EXCL_DIAG=mode.excl_diag, EXCL_TGT=mode.excl_tgt, POS=mode.pos, SIGMOID=mode.sigmoid,
         WANT_DBPOS=want_dbpos, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
         BLOCK_DOUT=cfg.block_dout, DOT_PREC=_dot_precision(a.dtype), RESIDENT=_resident(cfg, d, version),
@@ -963,8 +987,9 @@ def _combine_bwd_rows(da, dbpos, gs, gsum, dtype: torch.dtype):
 
 
 def _launch_bwd_cols(mode, a, b, s, bias, targets, labels, st: _BwdStats, *, version, one_exp=None,
-                     fallback=None, out=None, cfg=None):
-    """dB = dSᵀ·(s ⊙ A)."""
+                     fallback=None, out=None, cfg=None, diag_off: int = 0, key_labels=None):
+    """dB = dSᵀ·(s ⊙ A), written into ``out`` when given (any float dtype). ``diag_off`` / ``key_labels``
+    as in _launch_fwd."""
     n, d = a.shape
     m = b.shape[0]
     has_col = st.gc is not None
@@ -973,15 +998,16 @@ def _launch_bwd_cols(mode, a, b, s, bias, targets, labels, st: _BwdStats, *, ver
         key = (mode, one_exp is not None, fallback is not None)
         cfg = _config("bwd_cols", a, d, version, key, lambda c: _launch_bwd_cols(
             mode, a, b, s, bias, targets, labels, st, version=version, one_exp=one_exp, fallback=fallback,
-            cfg=c))
+            cfg=c, diag_off=diag_off, key_labels=key_labels))
     db = _empty(b.shape, b.dtype, b.device) if out is None else out
     shift, flag = one_exp if one_exp is not None else (placeholder, fallback)
     _bwd_cols_kernel[(triton.cdiv(m, cfg.block_m), triton.cdiv(d, cfg.block_dout))](
         a, b, s, bias if bias is not None else s,
         targets if targets is not None else placeholder, labels if labels is not None else placeholder,
+        _first(key_labels, labels, placeholder),
         st.r_lse, st.gr, st.gw, st.c_lse if has_col else placeholder, st.gc if has_col else placeholder,
         st.gcw if has_col else placeholder, db, shift, flag if flag is not None else placeholder,
-        n, m, d, a.stride(0), b.stride(0), db.stride(0), 1 if s.numel() > 1 else 0,
+        n, m, d, a.stride(0), b.stride(0), db.stride(0), 1 if s.numel() > 1 else 0, diag_off,
         HAS_COL=has_col, EXCL_DIAG=mode.excl_diag, EXCL_TGT=mode.excl_tgt, POS=mode.pos,
         SIGMOID=mode.sigmoid, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
         BLOCK_DOUT=cfg.block_dout, DOT_PREC=_dot_precision(a.dtype), RESIDENT=_resident(cfg, d, version),
@@ -1002,14 +1028,6 @@ def _features(x: torch.Tensor) -> torch.Tensor:
     if x.dtype == torch.bfloat16 and triton_interpreted():
         x = x.float()  # the interpreter's tl.dot is wrong on bf16 operands; the GPU path keeps bf16
     return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
-
-
-def _scale(value, invert: bool, device) -> torch.Tensor:
-    """fp32 [1] or [N] tensor of s (1/τ when ``invert``), differentiable w.r.t. a tensor ``value``."""
-    if isinstance(value, torch.Tensor):
-        v = value.to(torch.float32)
-        return (1.0 / v if invert else v).reshape(-1)
-    return torch.full((1,), 1.0 / value if invert else float(value), dtype=torch.float32, device=device)
 
 
 def _run(mode, a, b, bpos, s, bias=None, targets=None, labels=None):

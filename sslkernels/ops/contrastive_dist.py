@@ -10,8 +10,10 @@ of parameter gradients gives back the single-process step.
 
 All-gather: info_nce and clip_loss run the single-process implementation (fused kernels included) on the
 gathered keys with global targets; nt_xent, supcon_loss and siglip_loss leave each anchor's own column at a
-global offset (or pair it there), which the block engine (contrastive_blockwise.py) takes, chunk by chunk.
+global offset (or pair it there), which the block engine (contrastive_blockwise.py) takes.
 Ring: every loss runs the block engine on one rank's block at a time (memory flat in the world size).
+The engine gets the raw features and the logit scale s (1/τ or logit_scale, [1] or per anchor), so the
+scale's gradient comes from it, and runs Triton per block where ``backend`` says so (on CUDA by default).
 """
 from __future__ import annotations
 
@@ -22,7 +24,12 @@ from .. import distributed as _dist
 from .. import reference as ref
 from ..backends import dispatch
 from . import contrastive_blockwise as blockwise
-from ._common import scaled_rows
+from ._common import row_scale
+
+
+def _scale(value, invert: bool, x: torch.Tensor) -> torch.Tensor:
+    """s as the block engine takes it: [1] or [n], fp32 (fp64 for fp64 features), with τ's gradient."""
+    return row_scale(value, invert, x.device, torch.promote_types(x.dtype, torch.float32))
 
 
 def _offset(sizes, group) -> int:
@@ -31,7 +38,8 @@ def _offset(sizes, group) -> int:
 
 def info_nce(query, key, temperature, targets, symmetric, decoupled, reduction, group, backend, ring=False):
     if ring:
-        return _ring_info_nce(query, key, temperature, targets, symmetric, decoupled, reduction, group)
+        return _ring_info_nce(query, key, _scale(temperature, True, query), targets, symmetric, decoupled,
+                              reduction, group, backend, "info_nce")
     impl = dispatch("info_nce", backend, query.device)
     n = query.shape[0]
     keys, _, sizes = blockwise.keys_across_ranks(key, False, group)
@@ -55,9 +63,11 @@ def info_nce(query, key, temperature, targets, symmetric, decoupled, reduction, 
 
 
 def clip_loss(image_features, text_features, logit_scale, reduction, group, backend, ring=False):
+    if ring:
+        return _ring_info_nce(image_features, text_features, _scale(logit_scale, False, image_features), None,
+                              True, False, reduction, group, backend, "clip_loss")
     # logits = s · image @ text.T is InfoNCE at τ = 1/s (a 0-d tensor scale keeps its gradient through 1/s).
-    return info_nce(image_features, text_features, 1.0 / logit_scale, None, True, False, reduction, group, backend,
-                    ring)
+    return info_nce(image_features, text_features, 1.0 / logit_scale, None, True, False, reduction, group, backend)
 
 
 def _row_ids(n: int, sizes, group, device) -> torch.Tensor:
@@ -65,38 +75,36 @@ def _row_ids(n: int, sizes, group, device) -> torch.Tensor:
     return _offset(sizes, group) + torch.arange(n, device=device)
 
 
-def _ring_info_nce(query, key, temperature, targets, symmetric, decoupled, reduction, group):
+def _ring_info_nce(query, key, s, targets, symmetric, decoupled, reduction, group, backend, op):
     keys, ring, sizes = blockwise.keys_across_ranks(key, True, group)
     if targets is None:
         targets = _row_ids(query.shape[0], sizes, group, query.device)  # local row i's positive: this rank's key i
     else:
         check.index_range(targets, "targets", sum(sizes))
-    # logits = (q_i / τ_i)·k_j: a per-anchor τ stays with its row in the column view of symmetric losses.
-    qs = scaled_rows(query, 1.0 / temperature)
-    rows, _ = blockwise.loss(blockwise.Spec(symmetric=symmetric, decoupled=decoupled), qs, keys, ring,
-                             targets=targets)
+    # logits = s_i·(q_i·k_j): a per-anchor scale stays with its row in the column view of symmetric losses.
+    rows, _ = blockwise.loss(blockwise.Spec(symmetric=symmetric, decoupled=decoupled), query, s, keys, ring,
+                             targets=targets, row_base=_offset(sizes, group), backend=backend, op=op)
     return ref.reduce(rows, reduction)
 
 
-def nt_xent(z1, z2, temperature, decoupled, reduction, group, ring=False):
+def nt_xent(z1, z2, temperature, decoupled, reduction, group, backend=None, ring=False):
     n = z1.shape[0]
     z = torch.cat([z1, z2])
     # Rank-major (z1_r, z2_r) blocks: another order of the single-process Z, same per-row losses.
     keys, rg, sizes = blockwise.keys_across_ranks(z, ring, group)
-    ids = _row_ids(2 * n, sizes, group, z.device)
-    targets = ids[0] + (torch.arange(2 * n, device=z.device) + n) % (2 * n)
-    rows, _ = blockwise.loss(blockwise.Spec(decoupled=decoupled, exclude_self=True),
-                             scaled_rows(z, 1.0 / temperature), keys, rg, targets=targets, row_ids=ids)
+    base = _offset(sizes, group)
+    targets = base + (torch.arange(2 * n, device=z.device) + n) % (2 * n)
+    rows, _ = blockwise.loss(blockwise.Spec(decoupled=decoupled, exclude_self=True), z, _scale(temperature, True, z),
+                             keys, rg, targets=targets, row_base=base, backend=backend, op="nt_xent")
     return ref.reduce(rows, reduction)
 
 
-def supcon_loss(features, labels, temperature, reduction, group, ring=False):
+def supcon_loss(features, labels, temperature, reduction, group, backend=None, ring=False):
     keys, rg, sizes = blockwise.keys_across_ranks(features, ring, group)
     key_labels = labels if ring else _dist.all_gather_uneven(labels, sizes, group)
-    rows, count = blockwise.loss(blockwise.Spec(exclude_self=True, supcon=True),
-                                 scaled_rows(features, 1.0 / temperature), keys, rg,
-                                 row_ids=_row_ids(features.shape[0], sizes, group, features.device),
-                                 labels=labels, key_labels=key_labels)
+    rows, count = blockwise.loss(blockwise.Spec(exclude_self=True, supcon=True), features,
+                                 _scale(temperature, True, features), keys, rg, row_base=_offset(sizes, group),
+                                 labels=labels, key_labels=key_labels, backend=backend, op="supcon_loss")
     if reduction == "mean":
         # Mean over this rank's anchors that have a positive on some rank (0, graph kept, if none has).
         has_pos = count > 0
@@ -104,13 +112,12 @@ def supcon_loss(features, labels, temperature, reduction, group, ring=False):
     return ref.reduce(rows, reduction)
 
 
-def siglip_loss(image_features, text_features, logit_scale, logit_bias, reduction, group, ring=False):
-    # Image i's positive is its own text (global index = its own); every other rank's texts are negatives,
-    # as OpenCLIP's SigLipLoss over ranks, whose per-rank loss is also the sum over pairs / local rows.
+def siglip_loss(image_features, text_features, logit_scale, logit_bias, reduction, group, backend=None,
+                ring=False):
+    # Image i's positive is its own text (global index = its own: row_base + i); every other rank's texts are
+    # negatives, as OpenCLIP's SigLipLoss over ranks, whose per-rank loss is also the sum over pairs / local rows.
     keys, rg, sizes = blockwise.keys_across_ranks(text_features, ring, group)
-    ims = scaled_rows(image_features, logit_scale)
-    bias = logit_bias.to(ims.dtype) if isinstance(logit_bias, torch.Tensor) else torch.tensor(
-        float(logit_bias), dtype=ims.dtype, device=ims.device)
-    rows, _ = blockwise.loss(blockwise.Spec(sigmoid=True), ims, keys, rg, bias=bias,
-                             targets=_row_ids(ims.shape[0], sizes, group, ims.device))
+    rows, _ = blockwise.loss(blockwise.Spec(sigmoid=True), image_features, _scale(logit_scale, False, image_features),
+                             keys, rg, bias=_scale(logit_bias, False, image_features),
+                             row_base=_offset(sizes, group), backend=backend, op="siglip_loss")
     return ref.reduce(rows, reduction)
