@@ -8,6 +8,17 @@ import torch
 from ..backends import triton_interpreted
 
 
+def cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉ for host-side grid math: plain Python (triton.cdiv is a constexpr function whose host call
+    costs microseconds, and a loss makes a dozen such calls per step)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two ≥ n, host side, as triton.next_power_of_2 (0 for 0)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def poison_outputs() -> bool:
     """True when kernel outputs are pre-filled with NaN: always under the interpreter (the CPU tests),
     and on the GPU when ``SSLKERNELS_POISON=1`` (``scripts/gpu_check.sh`` sets it for the test run)."""
@@ -62,6 +73,6 @@ MAX_SPLITS = 64  # the partials of a split range are merged per row: keep that m
 def stream_split(n_tiles: int, programs: int, target: int = STREAM_PROGRAMS) -> tuple:
     """(tiles per split, splits): cut a range of ``n_tiles`` tiles into splits so that ``programs``
     programs per split reach ``target`` programs in all, at most MAX_SPLITS splits."""
-    want = max(1, min(n_tiles, MAX_SPLITS, -(-target // max(programs, 1))))
-    per_split = -(-n_tiles // want)
-    return per_split, -(-n_tiles // per_split)
+    want = max(1, min(n_tiles, MAX_SPLITS, cdiv(target, max(programs, 1))))
+    per_split = cdiv(n_tiles, want)
+    return per_split, cdiv(n_tiles, per_split)

@@ -62,7 +62,7 @@ from .. import reference
 from ..backends import register, triton_interpreted
 from ..reference import reduce
 from . import launch_config
-from ._common import empty as _empty
+from ._common import cdiv, empty as _empty
 from ._common import row_scale as _scale  # fp32 [1] or [N] s, differentiable
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -626,7 +626,7 @@ def _norm_bound(x: torch.Tensor, s: Optional[torch.Tensor]) -> torch.Tensor:
     """max_i |s_i|·‖x_i‖ (fp32 [1], on the device: no host sync)."""
     n, d = x.shape
     block_r, block_d = 32, min(128, launch_config._pad(d))
-    parts = torch.empty((triton.cdiv(n, block_r),), dtype=torch.float32, device=x.device)
+    parts = torch.empty((cdiv(n, block_r),), dtype=torch.float32, device=x.device)
     _norm_bound_kernel[(parts.numel(),)](x, s if s is not None else parts, parts, n, d, x.stride(0),
                                          1 if s is not None and s.numel() > 1 else 0, HAS_S=s is not None,
                                          BLOCK_R=block_r, BLOCK_D=block_d)
@@ -667,7 +667,7 @@ def _launch_fwd(mode: _Mode, a, b, bpos, s, bias, targets, labels, *, columns: b
     if mode.pos == POS_EXTRA and not columns and _resident(cfg, d, version):
         cfg = cfg._replace(block_m=min(cfg.block_m, 64))  # MoCo's extra row dot: 128 rows spill at D = 256
     f32 = dict(dtype=torch.float32, device=a.device)
-    row_tiles = triton.cdiv(n, cfg.block_m)
+    row_tiles = cdiv(n, cfg.block_m)
     splits, per_split = (1, m) if repair is not None else _key_split(row_tiles, m, cfg.block_n, a.device)
     val = _empty((splits, n), **f32) if repair is None else repair
     pos_kind = POS_NONE if columns else mode.pos
@@ -708,13 +708,13 @@ def _key_split(programs: int, m: int, block_n: int, device: torch.device, max_sp
     if target is None:
         target = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
             if device.type == "cuda" else 1
-    splits = max(1, min(target // max(programs, 1), triton.cdiv(m, 4 * block_n)))
+    splits = max(1, min(target // max(programs, 1), cdiv(m, 4 * block_n)))
     if max_splits is not None:
         splits = max(1, min(splits, max_splits))
     if splits == 1:
         return 1, max(m, 1)
-    per_split = triton.cdiv(triton.cdiv(m, splits), block_n) * block_n
-    return triton.cdiv(m, per_split), per_split
+    per_split = cdiv(cdiv(m, splits), block_n) * block_n
+    return cdiv(m, per_split), per_split
 
 
 def _combine_splits(val, pos, cnt, pos_kind: int, sigmoid: bool):
@@ -741,7 +741,7 @@ def _launch_self_fwd(mode: _Mode, z, s, targets, labels, shift, cfg=None):
     block = cfg.block_m
     stats = torch.zeros((3, n), dtype=torch.float32, device=z.device)
     l, pos, cnt = stats[0], stats[1], stats[2]
-    _self_fwd_kernel[(triton.cdiv(triton.cdiv(n, block), 2),)](
+    _self_fwd_kernel[(cdiv(cdiv(n, block), 2),)](
         z, s, targets if targets is not None else l, labels if labels is not None else l, shift, l, pos, cnt,
         n, d, z.stride(0), EXCL_TGT=mode.excl_tgt, POS=mode.pos, RESIDENT=_resident(cfg, d, "v2"),
         BLOCK=block, BLOCK_D=cfg.block_d, DOT_PREC=_dot_precision(z.dtype), num_warps=cfg.num_warps,
@@ -789,7 +789,7 @@ def _splits_keys(mode: _Mode, a, b) -> bool:
     if mode.self_sim:
         return False
     cfg = launch_config.get("fwd", a.dtype, a.shape[1], "v2")
-    return _key_split(triton.cdiv(a.shape[0], cfg.block_m), b.shape[0], cfg.block_n, a.device)[0] > 1
+    return _key_split(cdiv(a.shape[0], cfg.block_m), b.shape[0], cfg.block_n, a.device)[0] > 1
 
 
 # Tests switch the repair pass off to check the fixed-shift sums alone (normalized inputs need none).
@@ -807,16 +807,15 @@ def _one_exp_factors(r_lse, gr, c_lse, gc):
     row's LSE is more than _ONE_EXP_RANGE below it; then the guarded two-exp kernels do the work.
     Rows without any entry (LSE −1e30 or −inf) get a factor 0: their P is 0 either way.
     """
-    shift = torch.maximum(r_lse.max(), c_lse.max()).reshape(1)
-
-    def factors(lse, g):
-        valid = lse > -1e29
-        fac = torch.where(valid, g * torch.exp2(torch.clamp(shift - lse, max=126.0)), torch.zeros_like(g))
-        return fac, (valid & (lse < shift - _ONE_EXP_RANGE)).any()
-
-    fr, bad_r = factors(r_lse, gr)
-    fc, bad_c = factors(c_lse, gc)
-    return shift, (bad_r | bad_c).to(torch.int32).reshape(1), fr, fc
+    # Rows and columns in one vector: half the small ops, each a kernel launch (host time is what a small
+    # batch's step is made of).
+    n = r_lse.shape[0]
+    lse, g = torch.cat([r_lse, c_lse]), torch.cat([gr, gc])
+    shift = lse.amax().reshape(1)
+    valid = lse > -1e29
+    fac = (shift - lse).clamp_(max=126.0).exp2_().mul_(g).masked_fill_(~valid, 0.0)
+    flag = ((lse < shift - _ONE_EXP_RANGE) & valid).any().to(torch.int32).reshape(1)
+    return shift, flag, fac[:n], fac[n:]
 
 
 class _ContrastiveLoss(torch.autograd.Function):
@@ -837,9 +836,10 @@ class _ContrastiveLoss(torch.autograd.Function):
             # L_out: LSE − mean positive logit; anchors with no positive give 0 (and leave the mean).
             rows = torch.where(cnt > 0, (val - pos / cnt.clamp(min=1)) * math.log(2), torch.zeros_like(val))
         else:
-            rows = (val - pos) * math.log(2)
-            if mode.two_sided:
-                rows = 0.5 * (rows + (c_lse - pos) * math.log(2))
+            if mode.two_sided:  # ½·((lse − pos) + (lseᶜ − pos)), base 2 → nats: three ops, not six
+                rows = torch.sub(val + c_lse, pos, alpha=2).mul_(0.5 * math.log(2))
+            else:
+                rows = (val - pos).mul_(math.log(2))
         ctx.mode = mode
         ctx.save_for_backward(a, b, bpos, s, bias, targets, labels, val, pos, cnt, c_lse)
         aux = cnt if mode.pos == POS_LABEL else torch.empty(0, device=a.device)
@@ -941,8 +941,8 @@ def _launch_bwd_rows(mode, a, b, bpos, s, bias, targets, labels, st: _BwdStats, 
     if mode.pos == POS_EXTRA and _resident(cfg, d, version):
         # MoCo's epilogue holds two more [BLOCK_M, D] fp32 tiles (k_i, q_i): 32+ rows at D = 256 spill on sm_90.
         cfg = cfg._replace(block_m=min(cfg.block_m, 16))
-    n_chunks = triton.cdiv(d, cfg.block_dout)
-    row_tiles = triton.cdiv(n, cfg.block_m)
+    n_chunks = cdiv(d, cfg.block_dout)
+    row_tiles = cdiv(n, cfg.block_m)
     m = b.shape[0]
     if out is None:
         # The fp32 partials of dA ([splits, N, D]) may take at most the memory of the keys themselves: MoCo's
@@ -958,7 +958,7 @@ def _launch_bwd_rows(mode, a, b, bpos, s, bias, targets, labels, st: _BwdStats, 
     else:
         da, dbpos, gs, gsum = out  # the fallback pass writes the same buffers: same split
         splits = gs.shape[0]
-        per_split = triton.cdiv(m, splits) if splits > 1 else max(m, 1)
+        per_split = cdiv(m, splits) if splits > 1 else max(m, 1)
     shift, flag = one_exp if one_exp is not None else (placeholder, fallback)
     da_rows = da if da.dim() == 2 else da[0]
     _bwd_rows_kernel[(row_tiles, n_chunks, splits)](
@@ -1001,7 +1001,7 @@ def _launch_bwd_cols(mode, a, b, s, bias, targets, labels, st: _BwdStats, *, ver
             cfg=c, diag_off=diag_off, key_labels=key_labels))
     db = _empty(b.shape, b.dtype, b.device) if out is None else out
     shift, flag = one_exp if one_exp is not None else (placeholder, fallback)
-    _bwd_cols_kernel[(triton.cdiv(m, cfg.block_m), triton.cdiv(d, cfg.block_dout))](
+    _bwd_cols_kernel[(cdiv(m, cfg.block_m), cdiv(d, cfg.block_dout))](
         a, b, s, bias if bias is not None else s,
         targets if targets is not None else placeholder, labels if labels is not None else placeholder,
         _first(key_labels, labels, placeholder),

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from ..backends import register
 from ..reference import compute_dtype, reduce
-from ._common import empty as _empty, unit_stride_rows as _rows
+from ._common import cdiv, empty as _empty, next_pow2, unit_stride_rows as _rows
 
 EPS = 1e-8
 TILE_ELEMENTS = 4096  # tests shrink it so small rows span several column tiles
@@ -65,8 +65,8 @@ def _axpby_rows_kernel(p_ptr, z_ptr, coef_ptr, g_ptr, N, D, stride_p, stride_z, 
 
 
 def _tiling(n: int, d: int):
-    block_d = max(16, min(triton.next_power_of_2(d), TILE_ELEMENTS))
-    block_n = max(1, min(triton.next_power_of_2(n), TILE_ELEMENTS // block_d))
+    block_d = max(16, min(next_pow2(d), TILE_ELEMENTS))
+    block_n = max(1, min(next_pow2(n), TILE_ELEMENTS // block_d))
     return block_n, block_d, (8 if block_n * block_d >= 4096 else 4)
 
 
@@ -80,7 +80,7 @@ def _grad_rows(x, y, g, cos, n_x, n_y, norm_x):
     coef = torch.stack([alpha, beta], dim=1).contiguous()
     grad = _empty(x.shape, x.dtype, x.device)
     block_n, block_d, warps = _tiling(n, d)
-    _axpby_rows_kernel[(triton.cdiv(n, block_n),)](x, y, coef, grad, n, d, x.stride(0), y.stride(0),
+    _axpby_rows_kernel[(cdiv(n, block_n),)](x, y, coef, grad, n, d, x.stride(0), y.stride(0),
                                                    grad.stride(0), BLOCK_N=block_n, BLOCK_D=block_d,
                                                    num_warps=warps)
     return grad
@@ -93,7 +93,7 @@ class _NegativeCosine(torch.autograd.Function):
         p, z = _rows(p.detach()), _rows(z.detach())
         n, d = p.shape
         block_n, block_d, warps = _tiling(n, d)
-        grid = (triton.cdiv(n, block_n),)
+        grid = (cdiv(n, block_n),)
         sums = _empty((n, 3), torch.float32, p.device)
         _row_dots_kernel[grid](p, z, sums, n, d, p.stride(0), z.stride(0), BLOCK_N=block_n, BLOCK_D=block_d,
                                num_warps=warps)

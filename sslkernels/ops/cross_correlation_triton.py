@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ..backends import register
 from ..reference import compute_dtype
-from ._common import empty as _empty
+from ._common import cdiv, empty as _empty
 from .cross_correlation import TorchProducts, _barlow_twins, _GradInForward, _vicreg
 
 # Tile of the product and step over the shared dimension; tests shrink them so tiny inputs span several
@@ -82,7 +82,7 @@ def _dot_precision() -> str:
 def _launch(xs, ys, k: int, m: int, n: int, keep: bool, device):
     """Σ over tiles of P₁∘P₂ (P₁² for one product) and, with ``keep``, the products. xs/ys: [(ptr, sk, sm)]."""
     two = len(xs) == 2
-    grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N))
+    grid = (cdiv(m, BLOCK_M), cdiv(n, BLOCK_N))
     part = _empty(grid, torch.float32, device)
     outs = [_empty((m, n), torch.float32, device) if keep else part for _ in xs]
     (x1, sx1k, sx1m), (y1, sy1k, sy1n) = xs[0], ys[0]

@@ -22,8 +22,8 @@ import triton.language as tl
 from ..backends import register
 from ..distributed import is_distributed
 from ..reference import center_update, compute_dtype, reduce
-from ._common import STREAM_PROGRAMS, empty as _empty, scalar_args as _scalar_args, stream_split
-from ._common import unit_stride_rows as _rows
+from ._common import STREAM_PROGRAMS, cdiv, empty as _empty, next_pow2, scalar_args as _scalar_args
+from ._common import stream_split, unit_stride_rows as _rows
 
 # Elements of the largest per-tile [rows × BLOCK_P] block (the student one). Tests lower these to make
 # tiny inputs span several tiles and P-splits.
@@ -177,8 +177,8 @@ def _dino_bwd_kernel(s_ptr, t_ptr, c_ptr, tt_ptr, lse_t_ptr, lse_s_ptr, coef_ptr
 
 
 def _tiling(G: int, S: int, P: int):
-    gp, sp = triton.next_power_of_2(G), triton.next_power_of_2(S)
-    block_p = max(16, min(triton.next_power_of_2(P), TILE_ELEMENTS // max(gp, sp)))
+    gp, sp = next_pow2(G), next_pow2(S)
+    block_p = max(16, min(next_pow2(P), TILE_ELEMENTS // max(gp, sp)))
     warps = 8 if max(gp, sp) * block_p >= 4096 else 4
     return gp, sp, block_p, warps
 
@@ -199,7 +199,7 @@ class _DinoLoss(torch.autograd.Function):
         S = student.shape[0] // B
         P = student.shape[1]
         gp, sp, block_p, warps = _tiling(G, S, P)
-        per_split, n_split = stream_split(triton.cdiv(P, block_p), B, TARGET_PROGRAMS)
+        per_split, n_split = stream_split(cdiv(P, block_p), B, TARGET_PROGRAMS)
         part = _empty((B, n_split, 3 * gp + 2 * sp), torch.float32, student.device)
         inv_ts = 1.0 / float(student_temp)
         _dino_fwd_kernel[(B, n_split)](
@@ -211,7 +211,7 @@ class _DinoLoss(torch.autograd.Function):
         lse_t = _empty((B, gp), torch.float32, student.device)
         lse_s = _empty((B, sp), torch.float32, student.device)
         rows = _empty((B,), torch.float32, student.device)
-        kp = triton.next_power_of_2(n_split)
+        kp = next_pow2(n_split)
         _dino_merge_kernel[(B,)](part, lse_t, lse_s, rows, n_split, inv_ts, 1.0 / _n_terms(G, S), G=G, S=S,
                                  GP=gp, SP=sp, KP=kp, num_warps=4 if kp * max(gp, sp) >= 512 else 1)
 
@@ -229,7 +229,7 @@ class _DinoLoss(torch.autograd.Function):
         coef = (grad_out.to(torch.float32) * scale).expand(B).contiguous()
         grad = _empty(student.shape, student.dtype, student.device)
         P = student.shape[1]
-        _dino_bwd_kernel[(B, triton.cdiv(P, block_p))](
+        _dino_bwd_kernel[(B, cdiv(P, block_p))](
             student, teacher, center, tt if ctx.tt_from_ptr else center, lse_t, lse_s, coef, grad, B, P,
             student.stride(0), teacher.stride(0), grad.stride(0), inv_ts, tt_val, G=G, S=S, GP=gp, SP=sp,
             TT_FROM_PTR=ctx.tt_from_ptr, BLOCK_P=block_p, num_warps=warps)
@@ -292,9 +292,9 @@ def update_center_(center, teacher_output, momentum, async_op=False, group=None)
         return exact(center, teacher_output, momentum, async_op, group)
     t = _rows(teacher_output)
     n, p = t.shape
-    block_p = min(128, triton.next_power_of_2(p))
+    block_p = min(128, next_pow2(p))
     block_n = 32
-    grid = (triton.cdiv(p, block_p),)
+    grid = (cdiv(p, block_p),)
     if async_op or is_distributed(group):
         # The mean spans all ranks (as official DINO): column sums here; the all-reduce (asynchronous with
         # async_op, as DINOv2) and the EMA in torch.

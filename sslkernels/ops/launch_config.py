@@ -31,6 +31,8 @@ from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 import torch
 import triton
 
+from ._common import next_pow2
+
 
 class Config(NamedTuple):
     block_m: int  # rows of the program's tile (queries; keys in the dK pass)
@@ -125,8 +127,17 @@ def _env_flag(name: str, default: bool) -> bool:
     return default if v is None or v == "" else v not in ("0", "false", "False", "no")
 
 
+_ENGINE_VARS = ("SSLKERNELS_CONTRASTIVE_ENGINE", "SSLKERNELS_CONTRASTIVE_SHIFT", "SSLKERNELS_CONTRASTIVE_SELF_REUSE",
+                "SSLKERNELS_CONTRASTIVE_ONE_EXP_BWD")
+_engines: Dict[tuple, Engine] = {}  # a loss asks a few times per step: host time is what small batches pay
+
+
 def engine() -> Engine:
     """The engine settings in force: defaults, then environment variables, then ``use_engine``."""
+    key = (tuple(os.environ.get(v) for v in _ENGINE_VARS), tuple(sorted(_engine_override.items())))
+    e = _engines.get(key)
+    if e is not None:
+        return e
     e = Engine(version=os.environ.get("SSLKERNELS_CONTRASTIVE_ENGINE", "v2") or "v2",
                shift=os.environ.get("SSLKERNELS_CONTRASTIVE_SHIFT", "fixed") or "fixed",
                self_reuse=_env_flag("SSLKERNELS_CONTRASTIVE_SELF_REUSE", True),
@@ -134,6 +145,7 @@ def engine() -> Engine:
     e = e._replace(**_engine_override)
     if e.version not in ("v1", "v2") or e.shift not in ("fixed", "online"):
         raise ValueError(f"unknown contrastive engine setting {e}: version v1|v2, shift fixed|online")
+    _engines[key] = e
     return e
 
 
@@ -162,7 +174,7 @@ def _dtype_class(dtype: torch.dtype) -> str:
 
 
 def _pad(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))  # tl.dot's minimum
+    return max(16, next_pow2(d))  # tl.dot's minimum
 
 
 def resolve(cfg: Config, d: int) -> Config:
@@ -173,13 +185,19 @@ def resolve(cfg: Config, d: int) -> Config:
     return cfg._replace(block_d=block_d, block_dout=dout)
 
 
+_configs: Dict[tuple, Config] = {}
+
+
 def get(kernel: str, dtype: torch.dtype, d: int, version: Optional[str] = None) -> Config:
     """The config of ``kernel`` ("fwd", "self_fwd", "bwd_rows", "bwd_cols") for ``dtype`` and dimension ``d``."""
-    table = TABLES[version or engine().version][kernel][_dtype_class(dtype)]
-    for bound, cfg in table:
-        if bound is None or d <= bound:
-            break
-    return resolve(cfg._replace(**_override), d)
+    key = (kernel, _dtype_class(dtype), d, version or engine().version, tuple(sorted(_override.items())))
+    cfg = _configs.get(key)
+    if cfg is None:
+        for bound, cfg in TABLES[key[3]][kernel][key[1]]:
+            if bound is None or d <= bound:
+                break
+        cfg = _configs[key] = resolve(cfg._replace(**_override), d)
+    return cfg
 
 
 def is_resident(cfg: Config, d: int) -> bool:

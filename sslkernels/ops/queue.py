@@ -21,6 +21,7 @@ import triton.language as tl
 
 from ..backends import register
 from ..reference import compute_dtype
+from ._common import next_pow2
 from .ema import _C_CODE, _device_guard, csrc_call, csrc_module
 
 
@@ -50,7 +51,7 @@ def queue_enqueue_(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor, n
     keys = keys if keys.stride(1) == 1 else keys.contiguous()
     if queue.stride(1) != 1:
         raise ValueError("MemoryQueue.queue must have unit stride along its feature dimension")
-    block_d = triton.next_power_of_2(dim)
+    block_d = next_pow2(dim)
     compute = tl.float64 if compute_dtype(keys.dtype) == torch.float64 else tl.float32
     _enqueue_kernel[(keep,)](keys, queue, ptr, b, size, dim, b - keep, keys.stride(0), queue.stride(0),
                              NORMALIZE=bool(normalize), COMPUTE=compute, BLOCK_D=block_d,

@@ -44,7 +44,7 @@ from torch.autograd.function import once_differentiable
 from .. import reference
 from ..backends import register
 from . import knn_cpu, launch_config
-from ._common import empty as _empty, poison_outputs
+from ._common import cdiv, empty as _empty, next_pow2, poison_outputs
 from .contrastive import _dot_precision, _features, _on
 
 EPS = 1e-12  # F.normalize's default
@@ -160,7 +160,7 @@ def _knn_kernel(q_ptr, b_ptr, keys_ptr, N, M, D, k, stride_q, stride_b, tiles_pe
 def _config(table, dtype: torch.dtype, d: int) -> Config:
     cfg = table["fp32" if dtype == torch.float32 else "half"]
     # The feature chunk never exceeds D rounded up to a power of two (and tl.dot's minimum of 16).
-    return cfg._replace(block_d=min(cfg.block_d, max(16, triton.next_power_of_2(d))))
+    return cfg._replace(block_d=min(cfg.block_d, max(16, next_pow2(d))))
 
 
 def _launch_similarity(a: torch.Tensor, b: torch.Tensor, normalize: bool) -> torch.Tensor:
@@ -168,7 +168,7 @@ def _launch_similarity(a: torch.Tensor, b: torch.Tensor, normalize: bool) -> tor
     m = b.shape[0]
     cfg = _config(SIMILARITY, a.dtype, d)
     out = _empty((n, m), reference.compute_dtype(a.dtype), a.device)
-    _similarity_kernel[(triton.cdiv(n, cfg.block_m), triton.cdiv(m, cfg.block_n))](
+    _similarity_kernel[(cdiv(n, cfg.block_m), cdiv(m, cfg.block_n))](
         a, b, out, n, m, d, a.stride(0), b.stride(0), out.stride(0),
         NORMALIZE=normalize, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
         DOT_PREC=_dot_precision(a.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -232,7 +232,7 @@ def similarity(a, b, normalize):
 def _knn_tiles(dtype: torch.dtype, d: int, k: int):
     """(config, tile width W, query rows per program)."""
     cfg = _config(KNN, dtype, d)
-    width = max(cfg.block_n, triton.next_power_of_2(k))
+    width = max(cfg.block_n, next_pow2(k))
     block_m = cfg.block_m
     if width > cfg.block_n:
         block_m = max(16, min(block_m, _KNN_TILE_ELEMENTS // width))
@@ -265,11 +265,11 @@ def knn_topk(query, bank, k, normalize, splits=None):
     n, d = q.shape
     m = b.shape[0]
     cfg, width, block_m = _knn_tiles(q.dtype, d, k)
-    row_tiles, bank_tiles = triton.cdiv(n, block_m), triton.cdiv(m, width)
+    row_tiles, bank_tiles = cdiv(n, block_m), cdiv(m, width)
     if splits is None:
         splits = _auto_splits(q.device, row_tiles, bank_tiles)
-    tiles_per_split = triton.cdiv(bank_tiles, max(1, min(splits, bank_tiles)))
-    splits = triton.cdiv(bank_tiles, tiles_per_split)  # no empty split
+    tiles_per_split = cdiv(bank_tiles, max(1, min(splits, bank_tiles)))
+    splits = cdiv(bank_tiles, tiles_per_split)  # no empty split
     if poison_outputs():
         keys = torch.full((n, splits, width), _POISON_KEY, dtype=torch.int64, device=q.device)
     else:

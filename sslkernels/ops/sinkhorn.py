@@ -24,7 +24,7 @@ import triton.language as tl
 from ..backends import register
 from ..distributed import gather_sizes
 from ..reference import compute_dtype, logsumexp_across_ranks
-from ._common import STREAM_PROGRAMS, empty as _empty, stream_split, unit_stride_rows as _rows
+from ._common import STREAM_PROGRAMS, cdiv, empty as _empty, stream_split, unit_stride_rows as _rows
 
 # Tile shapes [rows × columns]; tests shrink them so tiny inputs cover several tiles and splits.
 BLOCK_B = 32
@@ -110,8 +110,8 @@ def _merge(m: torch.Tensor, z: torch.Tensor, dim: int) -> torch.Tensor:
 def _column_lse(scores, w, inv_eps):
     """LSE over each column of scores/ε + w (a P-vector), B split among programs."""
     b, p = scores.shape
-    col_blocks = triton.cdiv(p, BLOCK_P)
-    per_split, n_split = stream_split(triton.cdiv(b, BLOCK_B), col_blocks, TARGET_PROGRAMS)
+    col_blocks = cdiv(p, BLOCK_P)
+    per_split, n_split = stream_split(cdiv(b, BLOCK_B), col_blocks, TARGET_PROGRAMS)
     part = _empty((n_split, 2, p), torch.float32, scores.device)
     _column_lse_kernel[(col_blocks, n_split)](scores, w, part, b, p, scores.stride(0), inv_eps, per_split,
                                               BLOCK_B=BLOCK_B, BLOCK_P=BLOCK_P)
@@ -121,8 +121,8 @@ def _column_lse(scores, w, inv_eps):
 def _row_lse(scores, u, inv_eps):
     """LSE over each row of scores/ε + u (a B-vector), P split among programs."""
     b, p = scores.shape
-    row_blocks = triton.cdiv(b, BLOCK_B)
-    per_split, n_split = stream_split(triton.cdiv(p, BLOCK_P), row_blocks, TARGET_PROGRAMS)
+    row_blocks = cdiv(b, BLOCK_B)
+    per_split, n_split = stream_split(cdiv(p, BLOCK_P), row_blocks, TARGET_PROGRAMS)
     part = _empty((b, n_split, 2), torch.float32, scores.device)
     _row_lse_kernel[(row_blocks, n_split)](scores, u, part, b, p, scores.stride(0), inv_eps, per_split,
                                            BLOCK_B=BLOCK_B, BLOCK_P=BLOCK_P)
@@ -162,6 +162,6 @@ def sinkhorn_knopp(scores, epsilon, iterations, distributed=False, group=None):
     b, p = scores.shape
     u, w = sinkhorn_potentials(scores, epsilon, iterations, distributed, group)
     q = _empty((b, p), torch.float32, scores.device)
-    _assign_kernel[(triton.cdiv(b, BLOCK_B), triton.cdiv(p, BLOCK_P))](
+    _assign_kernel[(cdiv(b, BLOCK_B), cdiv(p, BLOCK_P))](
         scores, u, w, q, b, p, scores.stride(0), q.stride(0), 1.0 / float(epsilon), BLOCK_B=BLOCK_B, BLOCK_P=BLOCK_P)
     return q
