@@ -8,10 +8,12 @@ callables) and reports per step:
   step_ms    CUDA events around back-to-back steps (no L2 flush: the host may run ahead)
   host_ms    the host's time to issue a step (perf_counter, no synchronization)
   kernel_ms  the sum of the step's kernel times (torch.profiler), plus the top kernels
+  graph_ms   (--graph, CUDA) the same step captured once in a CUDA graph and replayed: no host work at
+             all, what torch.compile(mode="reduce-overhead") or a captured training step can reach
 A step is host-bound when host_ms ≥ kernel_ms: the GPU then idles step_ms − kernel_ms per step.
 
     PYTHONPATH=. python benchmarks/profile_step.py dino_loss --sizes dino --dtype fp32 [--impl ours] [--mode fwd+bwd]
-        [--steps 20] [--out DIR]
+        [--steps 20] [--graph] [--out DIR]
 On CPU tensors it runs too (kernel_ms is then the profiler's total of CPU op self times).
 """
 from __future__ import annotations
@@ -42,10 +44,35 @@ def _self_time_us(evt, device: torch.device) -> float:
     return float(evt.self_cpu_time_total)
 
 
+def _graph_ms(fn, steps: int, device: torch.device):
+    """(ms per replay of one captured step, None) or (None, why it could not be captured)."""
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        graph.replay()
+        _sync(device)
+    except Exception as err:  # a host sync or an uncapturable op inside the step
+        return None, f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"[:200]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        graph.replay()
+    end.record()
+    _sync(device)
+    return start.elapsed_time(end) / steps, None
+
+
 def profile(op: str, size_item: str, dtype: str, impl_name: str, mode: str, steps: int,
-            device: torch.device) -> dict:
+            device: torch.device, graph: bool = False) -> dict:
     spec = cases.resolve_op(op)
-    sizes = run.sizes_for(spec, [size_item], device)
+    sizes = run.sizes_for(spec, size_item.split(","), device)  # the first item that names a size of this op
     if not sizes:
         raise SystemExit(f"no size {size_item!r} for {op}")
     size, dt = sizes[0], cases.DTYPES[dtype]
@@ -86,6 +113,7 @@ def profile(op: str, size_item: str, dtype: str, impl_name: str, mode: str, step
         for _ in range(steps):
             fn()
         _sync(device)
+    graph_ms, graph_error = _graph_ms(fn, steps, device) if graph and device.type == "cuda" else (None, None)
     rows = [(e.key, e.count / steps, _self_time_us(e, device) / steps) for e in prof.key_averages()]
     rows = sorted((r for r in rows if r[2] > 0), key=lambda r: -r[2])
     kernel_ms = sum(r[2] for r in rows) / 1e3
@@ -93,6 +121,7 @@ def profile(op: str, size_item: str, dtype: str, impl_name: str, mode: str, step
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "steps": steps,
             "step_ms": step_ms, "host_ms": host_ms, "kernel_ms": kernel_ms,
             "host_bound": host_ms >= kernel_ms if device.type == "cuda" else None,
+            "graph_ms": graph_ms, "graph_error": graph_error,
             "top": [{"name": k[:90], "calls_per_step": c, "us_per_step": t} for k, c, t in rows[:15]]}
 
 
@@ -103,6 +132,10 @@ def _print(r: dict) -> None:
         f" (GPU idle {max(0.0, r['step_ms'] - r['kernel_ms']):.3f} ms/step)")
     what = "kernels" if r["host_bound"] is not None else "ops under the profiler (slowed by it)"
     print(f"  step {r['step_ms']:.3f} ms   host issue {r['host_ms']:.3f} ms   {what} {r['kernel_ms']:.3f} ms{verdict}")
+    if r["graph_ms"] is not None:
+        print(f"  captured in a CUDA graph: {r['graph_ms']:.3f} ms per replay")
+    elif r["graph_error"]:
+        print(f"  not capturable: {r['graph_error']}")
     for t in r["top"]:
         print(f"  {t['us_per_step']:9.1f} us  x{t['calls_per_step']:<4.3g} {t['name']}")
 
@@ -110,12 +143,14 @@ def _print(r: dict) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("ops", nargs="+")
-    p.add_argument("--sizes", default=None, help="a preset, a size label or dims (B=64:P=65536); default: first "
-                   "size of the device's default preset")
+    p.add_argument("--sizes", default=None, help="presets, size labels or dims (B=64:P=65536), comma-separated: "
+                   "each op takes the first that names one of its sizes; default: the first size of the "
+                   "device's default preset")
     p.add_argument("--dtype", default="fp32", choices=sorted(cases.DTYPES))
     p.add_argument("--impl", default="ours")
     p.add_argument("--mode", default="fwd+bwd", choices=("fwd", "bwd", "fwd+bwd"))
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--graph", action="store_true", help="also time the step captured in a CUDA graph (CUDA only)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="folder for profile.json")
     args = p.parse_args(argv)
@@ -124,7 +159,7 @@ def main(argv=None) -> int:
     for op in args.ops:
         spec = cases.resolve_op(op)
         item = args.sizes or spec.sizes[cases.default_preset(device)][0].label
-        r = profile(op, item, args.dtype, args.impl, args.mode, args.steps, device)
+        r = profile(op, item, args.dtype, args.impl, args.mode, args.steps, device, args.graph)
         _print(r)
         results.append(r)
     if args.out:

@@ -26,8 +26,8 @@ run() { local lim="$1"; shift; echo "### $* (limit ${lim}s)"; local t0=$SECONDS;
 [[ $steps == *bench* ]] && run 120 "$py" -m sslkernels.bench ema_update_ dino_loss --sizes paper --impl ours,eager,compile,peers --out "$w/paper"
 [[ $steps == *dino* ]] && run 90 "$py" -m sslkernels.bench dino_loss --sizes dino --impl ours,eager,compile --out "$w/dino"
 [[ $steps == *dino* ]] && run 90 "$py" -m sslkernels.bench sinkhorn_knopp --sizes B=1024:P=65536 --dtype bf16 --impl ours,eager,compile --out "$w/sinkhorn"
-[[ $steps == *profile* ]] && run 120 "$py" benchmarks/profile_step.py dino_loss --sizes dino --dtype fp32 --out "$w/profile-dino"
-[[ $steps == *profile* ]] && run 60 "$py" benchmarks/profile_step.py moco_loss --sizes mocov2 --dtype bf16 --out "$w/profile-moco"
+[[ $steps == *profile* ]] && run 120 "$py" benchmarks/profile_step.py dino_loss --sizes dino --dtype fp32 --graph --out "$w/profile-dino"
+[[ $steps == *profile* ]] && run 60 "$py" benchmarks/profile_step.py moco_loss clip_loss --sizes mocov2,N=4096:D=256 --dtype bf16 --graph --out "$w/profile-moco"
 [[ $steps == *targets* ]] && run 300 "$py" -m sslkernels.bench --sizes targets --out "$w/targets"
 } 2>&1 | tee "$out/tune.log"
 tar czf "$out/tune.tgz" -C "$w" .
