@@ -25,6 +25,7 @@ from gloo_ranks import run_rank, skip_without_gloo, spawn_ranks
 
 WORLDS = {2: [5, 5], 3: [4, 6, 1]}  # rows per rank: even, then uneven with a lone row
 BACKEND_ENV = "SSLKERNELS_TEST_DIST_BACKEND"
+MIN_PIECE_ENV = "SSLKERNELS_TEST_MIN_PIECE"
 
 
 def _close(actual, expected, what):
@@ -44,6 +45,10 @@ def _worker(rank: int, world: int, init_file: str) -> None:  # noqa: C901 (one p
     kernels = backend == "triton"
     from sslkernels.ops import contrastive_blockwise
     assert contrastive_blockwise.use_kernels(backend, torch.zeros(1, 4), "nt_xent") == kernels
+    if os.environ.get(MIN_PIECE_ENV):
+        # Ring pieces as small as the torch path's: every rank's block travels in several pieces here too.
+        from sslkernels.ops import contrastive_blockwise_triton
+        contrastive_blockwise_triton.Blocks.min_piece = int(os.environ[MIN_PIECE_ENV])
     sizes = WORLDS[world]
     even = len(set(sizes)) == 1
     total, off, n = sum(sizes), sum(sizes[:rank]), sizes[rank]
@@ -234,6 +239,17 @@ def test_triton_block_engine_matches_single_process(tmp_path, monkeypatch):
     monkeypatch.setenv(BACKEND_ENV, "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the ranks' CPU tensors, on a GPU machine too
     spawn_ranks(__file__, 3, tmp_path, timeout=240)
+
+
+def test_triton_ring_in_several_pieces(tmp_path, monkeypatch):
+    """backend="triton" on the even world with one-row ring pieces: 5 pieces per rank's block, each carrying
+    its own column statistics and key gradients (the default 8192-key pieces leave tiny batches whole)."""
+    skip_without_gloo()
+    pytest.importorskip("triton")
+    monkeypatch.setenv(BACKEND_ENV, "triton")
+    monkeypatch.setenv(MIN_PIECE_ENV, "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    spawn_ranks(__file__, 2, tmp_path, timeout=240)
 
 
 if __name__ == "__main__":
