@@ -5,7 +5,8 @@
 # Everything lands in $OUT/tune.tgz plus $OUT/tune.log (the device tool returns at most 8 files).
 #   bash scripts/gpu_tune.sh [OUT_DIR]        (TUNE_STEPS="tests autotune bench" selects stages; also: engines,
 #   contrastive, moco, dino (DINO + Sinkhorn at the paper / target sizes), profile (host vs kernel time of a
-#   DINO and a MoCo step), targets (every issue target's case, pass/fail))
+#   DINO and a MoCo step), targets (every issue target's case, pass/fail), full-a / full-b / full-c (issue 8's
+#   full paper preset in three parts; `python -m sslkernels.bench --merge` joins them))
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out="${1:-${OUT:-gpu_tune_out}}"; w="$(mktemp -d)"; mkdir -p "$out"
@@ -29,5 +30,10 @@ run() { local lim="$1"; shift; echo "### $* (limit ${lim}s)"; local t0=$SECONDS;
 [[ $steps == *profile* ]] && run 120 "$py" benchmarks/profile_step.py dino_loss --sizes dino --dtype fp32 --graph --out "$w/profile-dino"
 [[ $steps == *profile* ]] && run 60 "$py" benchmarks/profile_step.py moco_loss clip_loss --sizes mocov2,N=4096:D=256 --dtype bf16 --graph --out "$w/profile-moco"
 [[ $steps == *targets* ]] && run 300 "$py" -m sslkernels.bench --sizes targets --out "$w/targets"
+# Issue 8's full paper preset, in three parts of under 10 minutes each (one device call per part); merge them
+# afterwards on any machine: python -m sslkernels.bench --merge A/results.json B/... --out benchmarks/results/h100/full
+[[ $steps == *full-a* ]] && run 560 "$py" -m sslkernels.bench info_nce clip_loss siglip_loss --sizes paper --dtype bf16 --out "$w/full-a"
+[[ $steps == *full-b* ]] && run 560 "$py" -m sslkernels.bench nt_xent supcon_loss moco_loss negative_cosine_similarity dino_loss update_center_ sinkhorn_knopp MemoryQueue.enqueue_ ema_update_ --sizes paper --out "$w/full-b"
+[[ $steps == *full-c* ]] && run 560 "$py" -m sslkernels.bench barlow_twins_loss vicreg_loss similarity knn_topk rankme --sizes paper --out "$w/full-c"
 } 2>&1 | tee "$out/tune.log"
 tar czf "$out/tune.tgz" -C "$w" .

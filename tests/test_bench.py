@@ -286,3 +286,57 @@ def test_host_ops_per_step_within_budget():
         r = mod.count(op, steps[op], repeats=1)
         assert 0 < r["torch_ops"] <= ops_max and 0 < r["triton_launches"] <= launches_max, r
     assert all(getattr(contrastive, n) is k for n, k in kernels.items())  # the stubs are gone again
+
+
+def test_merge_runs_into_one_report(tmp_path, capsys):
+    """A preset run in parts (as on a GPU with a per-command limit) becomes one report; the targets are read
+    off the merged records, and one whose sides come from different parts says so."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["--quick", "--device", "cpu", "--no-progress", "--no-memory", "--impl", "ours,eager"]
+    assert main(["info_nce", "--sizes", "N=64:M=64:D=16", *common, "--out", str(a)]) == 0
+    assert main(["nt_xent", "ema_update_", "--sizes", "quick", *common, "--out", str(b)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "merged"
+    assert main(["--merge", str(a / "results.json"), str(b / "results.json"), "--out", str(out)]) == 0
+    assert "Summary" in capsys.readouterr().out
+    doc = json.loads((out / "results.json").read_text())
+    parts = [json.loads((d / "results.json").read_text()) for d in (a, b)]
+    assert {r["op"] for r in doc["results"]} == {"info_nce", "nt_xent", "ema_update_"}
+    assert len(doc["results"]) == sum(len(p["results"]) for p in parts)
+    assert [m["file"] for m in doc["merged_from"]] == [str(a / "results.json"), str(b / "results.json")]
+    assert {r["run"] for r in doc["results"] if r["op"] == "info_nce"} == {0}
+    assert doc["config"]["ops"] == ["info_nce", "nt_xent", "ema_update_"]
+    assert (out / "table.txt").exists() and (out / "results.md").exists()
+
+    # The same part twice: a case measured twice keeps the later record, nothing doubles.
+    assert main(["--merge", str(a / "results.json"), str(a / "results.json"), "--out", str(tmp_path / "m2")]) == 0
+    twice = json.loads((tmp_path / "m2" / "results.json").read_text())
+    assert len(twice["results"]) == len(parts[0]["results"]) and {r["run"] for r in twice["results"]} == {1}
+
+    # Runs from different devices do not merge.
+    other = dict(parts[1], environment=dict(parts[1]["environment"], device_name="another CPU"))
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert main(["--merge", str(a / "results.json"), str(tmp_path / "other.json"), "--out", str(tmp_path / "m3")]) == 2
+    assert "different devices" in capsys.readouterr().err
+    assert main(["--merge", str(a / "results.json")]) == 2  # no --out
+
+
+def test_merge_marks_targets_across_parts():
+    from sslkernels.bench import merge as bench_merge
+    t = targets.targets_for("cuda")
+    ntx = next(x for x in t if x.op == "nt_xent" and x.metric == "time_ratio")
+    env = {"device_name": "GPU", "device": "cuda"}
+    roof = {"matmul_tflops": 1.0, "copy_gbps": 1.0}
+
+    def rec(op, size, impl, ms):
+        return {"op": op, "size": size.label, "dims": dict(size.dims), "dtype": "bf16", "impl": impl,
+                "mode": "fwd+bwd", "status": "ok", "median_ms": ms, "peak_mem_bytes": 0}
+
+    info_size = next(x for x in t if x.op == "info_nce" and x.metric == "matmul_frac").size
+    docs = [{"environment": env, "roofline": roof, "config": {"device": "cuda", "ops": [op]}, "results": [r]}
+            for op, r in (("nt_xent", rec("nt_xent", ntx.size, "ours", 5.0)),
+                          ("info_nce", rec("info_nce", info_size, "ours", 10.0)))]
+    doc = bench_merge.merge(docs, ["a", "b"])
+    (row,) = [x for x in doc["targets"] if x["op"] == "nt_xent"]
+    assert row["value"] == pytest.approx(0.5) and row["verdict"] == "pass"
+    assert "different runs" in row["why"]

@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import torch
 
-from . import distributed, report, targets
+from . import distributed, merge, report, targets
 from .cases import DTYPES, PRESETS, SPECS, default_preset, resolve_op
 from .env import default_out_dir
 from .impls import FUSED_KINDS, GROUPS, discover
@@ -84,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--timeout-s", type=float, default=distributed.IDLE_TIMEOUT_S,
                    help="stop a world whose ranks finish no case for this long (also the process group's "
                         "collective timeout); its cases left are recorded as errors (default %(default)g)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="RESULTS_JSON",
+                   help="one report from several runs on the same device (a preset run in parts): merged "
+                        "results.json, tables, Markdown and plots in --out (required)")
     p.add_argument("--report", default=None, metavar="RESULTS_JSON",
                    help="re-print the table of a results.json (with --out: rewrite its tables, Markdown and plots there)")
     return p
@@ -106,6 +109,19 @@ def _list(device: torch.device) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    if args.merge:
+        if not args.out:
+            print("--merge needs --out DIR for the merged report", file=sys.stderr)
+            return 2
+        try:
+            doc = merge.load_and_merge(args.merge)
+        except ValueError as err:
+            print(err, file=sys.stderr)
+            return 2
+        written = report.write_all(doc, Path(args.out))
+        print(f"wrote {', '.join(str(f) for f in written['files'])}", file=sys.stderr)
+        sys.stdout.write(written["text"])
+        return 0
     if args.report:
         doc = json.loads(Path(args.report).read_text())
         reporter = distributed if doc.get("benchmark") == "distributed" else report
