@@ -29,7 +29,7 @@ run() { local lim="$1"; shift; echo "### $* (limit ${lim}s)"; local t0=$SECONDS;
 [[ $steps == *dino* ]] && run 90 "$py" -m sslkernels.bench sinkhorn_knopp --sizes B=1024:P=65536 --dtype bf16 --impl ours,eager,compile --out "$w/sinkhorn"
 [[ $steps == *profile* ]] && run 120 "$py" benchmarks/profile_step.py dino_loss --sizes dino --dtype fp32 --graph --out "$w/profile-dino"
 [[ $steps == *profile* ]] && run 60 "$py" benchmarks/profile_step.py moco_loss clip_loss --sizes mocov2,N=4096:D=256 --dtype bf16 --graph --out "$w/profile-moco"
-[[ $steps == *targets* ]] && run 300 "$py" -m sslkernels.bench --sizes targets --out "$w/targets"
+[[ $steps == *targets* ]] && run 540 "$py" -m sslkernels.bench --sizes targets --out "$w/targets"
 # Issue 8's full paper preset, in three parts of under 10 minutes each (one device call per part); merge them
 # afterwards on any machine: python -m sslkernels.bench --merge A/results.json B/... --out benchmarks/results/h100/full
 [[ $steps == *full-a* ]] && run 560 "$py" -m sslkernels.bench info_nce clip_loss siglip_loss --sizes paper --dtype bf16 --out "$w/full-a"
