@@ -74,10 +74,12 @@ def _case(name):
 CASES = ["info_nce", "decoupled", "nt_xent", "supcon", "siglip", "clip", "clip_decoupled"]
 
 
-def _run(name, dtype, path, block_rows):
+def _run(name, dtype, path, block_rows, s_values=None):
     spec, a64, k64, per_anchor, kw = _case(name)
     a64, k64 = a64.to(dtype).to(F64), k64.to(dtype).to(F64)  # the low-precision values, exactly
     s64 = (torch.linspace(8.0, 14.0, N, dtype=F64) if per_anchor else torch.tensor([10.0], dtype=F64))
+    if s_values is not None:
+        s64 = torch.tensor(s_values, dtype=F64)
     b64 = torch.tensor([-4.0], dtype=F64)
     leaves64 = [x.clone().requires_grad_() for x in (a64, k64, s64, b64)]
     leaves = [x.to(DEVICE, dt).requires_grad_() for x, dt in zip((a64, k64, s64, b64),
@@ -122,6 +124,16 @@ def test_triton_path_matches_float64(name, dtype, block_rows, tiles):
 @pytest.mark.parametrize("name", CASES)
 def test_torch_path_matches_float64(name, dtype, block_rows):
     _run(name, dtype, "torch", block_rows)
+
+
+@pytest.mark.parametrize("block_rows", [None, 3])
+@pytest.mark.parametrize("name", ["clip", "info_nce", "nt_xent"])
+def test_triton_path_extreme_scales(name, block_rows):
+    """One anchor at scale 400, the others at 1: the fixed shift (≈ 400·log2 e) leaves the rows' sums under
+    the trusted range, so the device-side repair pass recomputes them; the small rows' LSEs lie ~300 (base 2)
+    under the largest, past what even the interpreter's unflushed subnormals hold, so the symmetric backward
+    is right only if its guard hands the pass to the two-exp kernels."""
+    _run(name, torch.float32, "triton", block_rows, s_values=[400.0, 1.0, 1.0, 1.0, 1.0])
 
 
 def test_triton_path_key_split(monkeypatch):

@@ -749,36 +749,39 @@ def _launch_self_fwd(mode: _Mode, z, s, targets, labels, shift, cfg=None):
     return l, pos, cnt
 
 
-def _forward_stats(mode: _Mode, a, b, bpos, s, bias, targets, labels):
-    """(row LSE, positive, count, column LSE or None) in base 2, by the engine in force."""
+def _forward_stats(mode: _Mode, a, b, bpos, s, bias, targets, labels, **block):
+    """(row LSE, positive, count, column LSE or None) in base 2, by the engine in force. ``block``: the
+    key-block arguments of _launch_fwd (``diag_off``, ``key_labels``; the block engine's Triton path)."""
     eng = launch_config.engine()
     # SupCon's label-mask forward is faster online: on an H100 (N = 32768, D = 256, bf16) the fixed-shift
     # upper-triangle pass made the step 9.7 ms against 5.9 ms (benchmarks/results/h100/tune3).
     if (eng.version == "v1" or eng.shift == "online" or mode.sigmoid or mode.pos == POS_LABEL
             or _splits_keys(mode, a, b)):
         val, pos, cnt, _ = _launch_fwd(mode, a, b, bpos, s, bias, targets, labels, columns=False,
-                                       version=eng.version)
+                                       version=eng.version, **block)
         c_lse = None
         if mode.two_sided:
-            c_lse = _launch_fwd(mode, a, b, bpos, s, bias, targets, labels, columns=True, version=eng.version)[0]
+            c_lse = _launch_fwd(mode, a, b, bpos, s, bias, targets, labels, columns=True, version=eng.version,
+                                **block)[0]
         return val, pos, cnt, c_lse
     shift = _shift(a, b, bpos, s)
-    if mode.self_sim and eng.self_reuse:
+    if mode.self_sim and eng.self_reuse and not block:
         l, pos, cnt = _launch_self_fwd(mode, a, s, targets, labels, shift)
         val = shift + torch.log2(l)
         colsum = None
     else:
         val, pos, cnt, colsum = _launch_fwd(mode, a, b, bpos, s, bias, targets, labels, columns=False,
-                                            version="v2", fixed=True, shift=shift)
+                                            version="v2", fixed=True, shift=shift, **block)
     if not _REPAIR:
         return val, pos, cnt, None if colsum is None else shift + torch.log2(colsum)
     # Rows whose sum the shift pushed under the trusted range take the online path, decided on the device.
-    _launch_fwd(mode, a, b, bpos, s, bias, targets, labels, columns=False, version="v2", shift=shift, repair=val)
+    _launch_fwd(mode, a, b, bpos, s, bias, targets, labels, columns=False, version="v2", shift=shift, repair=val,
+                **block)
     c_lse = None
     if colsum is not None:
         c_lse = shift + torch.log2(colsum)
         _launch_fwd(mode, a, b, bpos, s, bias, targets, labels, columns=True, version="v2", shift=shift,
-                    repair=c_lse)
+                    repair=c_lse, **block)
     return val, pos, cnt, c_lse
 
 
@@ -910,16 +913,17 @@ class _BwdStats(NamedTuple):
     pos: torch.Tensor
 
 
-def _guarded(launch, one_exp, version, *args):
+def _guarded(launch, one_exp, version, *args, **kw):
     """One backward pass: plain; or (one-exp engine) the one-exp kernel and the two-exp fallback, each
-    running only when the device flag says so, both writing the same outputs."""
+    running only when the device flag says so, both writing the same outputs. ``kw``: the launcher's
+    keyword arguments (a key block's, an ``out`` buffer)."""
     if one_exp is None:
-        return launch(*args, version=version)
+        return launch(*args, version=version, **kw)
     shift, flag, fast_stats = one_exp
     fast_args = list(args)
     fast_args[-2 if launch is _launch_bwd_rows else -1] = fast_stats
-    out = launch(*fast_args, version=version, one_exp=(shift, flag))
-    launch(*args, version=version, fallback=flag, out=out)
+    out = launch(*fast_args, version=version, one_exp=(shift, flag), **kw)
+    launch(*args, version=version, fallback=flag, **{**kw, "out": out})
     return out
 
 

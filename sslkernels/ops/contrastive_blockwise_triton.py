@@ -10,8 +10,10 @@ callers pass their neutral values):
 Forward: the rows pass gives the block's row LSE (base 2), positive logit and SupCon count; a symmetric
 loss adds the columns pass, the block keys' LSE over these anchors. Backward: the rows pass with the GLOBAL
 row LSE (and the keys' global column LSE) gives dA, ∂s per row and SigLIP's Σ dS; the cols pass gives dK.
-The plain (online-max, two-exp) kernels run: a block's keys are not the anchors, so neither the self-
-similarity reuse nor a fixed shift over the whole key set applies. Partial gradients stay fp32 across blocks.
+The kernels are chosen as for one process (_forward_stats: a fixed shift bounding this block's logits, the
+column sums of a symmetric loss from the same exps, a repair pass decided on the device; the one-exp
+backward for symmetric losses, guarded by its device flag); only the self-similarity reuse does not apply,
+a block's keys not being the anchors. Partial gradients stay fp32 across blocks.
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ import torch
 from . import launch_config
 from ._common import empty
 from .contrastive import (POS_LABEL, POS_NONE, POS_TARGET, _BwdStats, _combine_bwd_rows, _features,
-                          _launch_bwd_cols, _launch_bwd_rows, _launch_fwd, _Mode, _on)
+                          _forward_stats, _guarded, _launch_bwd_cols, _launch_bwd_rows, _Mode, _on,
+                          _one_exp_factors)
 from .contrastive_blockwise import Block, BlockStats, RowGrads, Spec
 
 F32 = torch.float32
@@ -54,10 +57,10 @@ class Blocks:
         self.gsum = torch.zeros(n, dtype=F32, device=a.device) if spec.sigmoid else None
 
     def _args(self, blk: Block):
-        """(keys as the kernels take them, block-local targets, kernel keyword arguments)."""
+        """(keys as the kernels take them, block-local targets, the launchers' key-block arguments)."""
         keys = _features(blk.keys.to(self.out_dtype))
         targets = None if self.targets is None else self.targets - blk.offset
-        kw = dict(version=self.version, diag_off=blk.offset - self.row_base,
+        kw = dict(diag_off=blk.offset - self.row_base,
                   key_labels=None if blk.labels is None else blk.labels.contiguous())
         return keys, targets, kw
 
@@ -70,12 +73,10 @@ class Blocks:
             return BlockStats(val, z, z if self.spec.supcon else None, col)
         keys, targets, kw = self._args(blk)
         with _on(keys.device):
-            val, pos, cnt, _ = _launch_fwd(self.mode, self.a, keys, None, self.s, self.bias, targets, self.labels,
-                                           columns=False, **kw)
-            col = None
-            if self.spec.symmetric:
-                col = _launch_fwd(self.mode, self.a, keys, None, self.s, self.bias, targets, self.labels,
-                                  columns=True, **kw)[0]
+            # The single-process forward's choice of kernels (fixed shift with the column sums of a symmetric
+            # loss in the same pass, repaired on the device; online for SupCon, SigLIP and key splits).
+            val, pos, cnt, col = _forward_stats(self.mode, self.a, keys, None, self.s, self.bias, targets,
+                                                self.labels, **kw)
         return BlockStats(val, pos, cnt if self.spec.supcon else None, col)
 
     def backward(self, blk: Block, rg: RowGrads, col, dk: Optional[torch.Tensor]) -> torch.Tensor:
@@ -90,11 +91,17 @@ class Blocks:
         # r_lse stands in for the positive logits: only MoCo's kernels read them.
         st = _BwdStats(r_lse, g, w, c_lse, c_g, c_g, r_lse)
         with _on(keys.device):
+            # A symmetric loss takes the one-exp kernels as the single-process backward does: the shift (the
+            # largest global row / column LSE of this block) bounds every logit of the block.
+            one_exp = None
+            if col is not None and self.version == "v2" and launch_config.engine().one_exp_bwd:
+                shift, flag, fr, fc = _one_exp_factors(r_lse, g, c_lse, c_g)
+                one_exp = (shift, flag, st._replace(gr=fr, gc=fc))
             da, _, gs, gsum = _combine_bwd_rows(
-                *_launch_bwd_rows(self.mode, self.a, keys, None, self.s, self.bias, targets, self.labels, st,
-                                  False, da_dtype=F32, **kw), F32)
-            db = _launch_bwd_cols(self.mode, self.a, keys, self.s, self.bias, targets, self.labels, st,
-                                  out=empty((m, d), F32, keys.device), **kw)
+                *_guarded(_launch_bwd_rows, one_exp, self.version, self.mode, self.a, keys, None, self.s,
+                          self.bias, targets, self.labels, st, False, da_dtype=F32, **kw), F32)
+            db = _guarded(_launch_bwd_cols, one_exp, self.version, self.mode, self.a, keys, self.s, self.bias,
+                          targets, self.labels, st, out=empty((m, d), F32, keys.device), **kw)
         self.da = da if self.da is None else self.da.add_(da)
         self.gs += gs
         if self.gsum is not None:
