@@ -564,12 +564,17 @@ def test_key_split_sizes():
             contrastive._SPLIT_PROGRAMS = old
         assert splits >= 1 and (splits - 1) * per < m <= splits * per
         assert splits == 1 or per % bn == 0
-        assert splits * programs <= max(target, programs)
+        assert splits * programs <= max(target * contrastive._UNDERFILLED_WAVES, programs)
     assert contrastive._key_split(4, 65536, 64, torch.device("cpu")) == (1, 65536)  # interpreter: no split
     old = contrastive._SPLIT_PROGRAMS
     contrastive._SPLIT_PROGRAMS = 132
     try:  # the backward's memory cap wins over the device's wish
         assert contrastive._key_split(4, 65536, 64, torch.device("cpu"), 3)[0] == 3
         assert contrastive._key_split(4, 65536, 64, torch.device("cpu"), 0)[0] == 1
+        # MoCo v2's 4 row tiles on 132 SMs: ~4 programs per SM (128 splits of 512 keys), not one (32 of
+        # 2048); 128 row tiles (N = 16384) nearly fill the device once: no split.
+        assert contrastive._key_split(4, 65536, 64, torch.device("cpu")) == (128, 512)
+        assert contrastive._key_split(128, 16384, 32, torch.device("cpu"))[0] == 1
+        assert contrastive._key_split(33, 4096, 32, torch.device("cpu"))[0] == 4 * 132 // 33
     finally:
         contrastive._SPLIT_PROGRAMS = old

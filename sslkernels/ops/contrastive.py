@@ -700,14 +700,24 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+# A row grid of at most a quarter of the device (MoCo's 4 or 16 row tiles, SimCLR-size batches) aims for
+# this many programs per SM: one program per SM streaming thousands of keys in small tiles is latency-bound
+# (tune3: MoCo v2's rows backward took 0.80 ms for ~20 µs of work). Grids nearer one wave keep one program
+# per SM (info_nce at N = 16384 keeps its unsplit fixed-shift forward).
+_UNDERFILLED_WAVES = 4
+
+
 def _key_split(programs: int, m: int, block_n: int, device: torch.device, max_splits: Optional[int] = None):
     """(splits, keys per split): enough splits over the keys for ``programs`` row programs to fill the
-    device once, each split keeping at least 4 key tiles so the partials stay a small fraction of the work,
-    and at most ``max_splits`` (a memory cap set by the caller)."""
+    device once (4 times when they would fill under a quarter of it), each split keeping at least 4 key
+    tiles so the partials stay a small fraction of the work, and at most ``max_splits`` (a memory cap set
+    by the caller)."""
     target = _SPLIT_PROGRAMS
     if target is None:
         target = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
             if device.type == "cuda" else 1
+    if programs * _UNDERFILLED_WAVES <= target:
+        target *= _UNDERFILLED_WAVES
     splits = max(1, min(target // max(programs, 1), cdiv(m, 4 * block_n)))
     if max_splits is not None:
         splits = max(1, min(splits, max_splits))
