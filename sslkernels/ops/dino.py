@@ -129,8 +129,8 @@ def _dino_merge_kernel(part_ptr, lse_t_ptr, lse_s_ptr, rows_ptr, n_split, inv_ts
 
 
 @triton.jit
-def _dino_bwd_kernel(s_ptr, t_ptr, c_ptr, tt_ptr, lse_t_ptr, lse_s_ptr, coef_ptr, g_ptr, B, P,
-                     stride_s, stride_t, stride_g, inv_ts, tt_val, G: tl.constexpr, S: tl.constexpr,
+def _dino_bwd_kernel(s_ptr, t_ptr, c_ptr, tt_ptr, lse_t_ptr, lse_s_ptr, go_ptr, g_ptr, B, P,
+                     stride_s, stride_t, stride_g, stride_go, scale, inv_ts, tt_val, G: tl.constexpr, S: tl.constexpr,
                      GP: tl.constexpr, SP: tl.constexpr, TT_FROM_PTR: tl.constexpr, BLOCK_P: tl.constexpr):
     # Program (i, k): sample i, tile k of P; writes the gradient of all S student crops there.
     i = tl.program_id(0)
@@ -145,7 +145,9 @@ def _dino_bwd_kernel(s_ptr, t_ptr, c_ptr, tt_ptr, lse_t_ptr, lse_s_ptr, coef_ptr
     sb = tl.arange(0, SP)
     t_ok = ga < G
     s_ok = sb < S
-    coef = tl.load(coef_ptr + i)  # upstream gradient · 1/(τs·n_terms) (· 1/B for "mean")
+    # The upstream gradient (one value: stride 0; "none": per sample) · 1/(τs·n_terms) (· 1/B for "mean"),
+    # read here rather than prepared by torch ops: each would be a launch the host pays for.
+    coef = tl.load(go_ptr + i * stride_go).to(tl.float32) * scale
 
     tmask = t_ok[:, None] & c_ok[None, :]
     t = tl.load(t_ptr + (ga * B + i).to(tl.int64)[:, None] * stride_t + cols[None, :], mask=tmask,
@@ -226,12 +228,13 @@ class _DinoLoss(torch.autograd.Function):
         student, teacher, center, tt, lse_t, lse_s = ctx.saved_tensors
         B, S, G, gp, sp, block_p, warps, inv_ts, tt_val, reduction = ctx.dims
         scale = inv_ts / _n_terms(G, S) / (B if reduction == "mean" else 1)
-        coef = (grad_out.to(torch.float32) * scale).expand(B).contiguous()
+        go = grad_out.reshape(-1)  # [1] ("mean" / "sum") or [B] ("none", any stride)
         grad = _empty(student.shape, student.dtype, student.device)
         P = student.shape[1]
         _dino_bwd_kernel[(B, cdiv(P, block_p))](
-            student, teacher, center, tt if ctx.tt_from_ptr else center, lse_t, lse_s, coef, grad, B, P,
-            student.stride(0), teacher.stride(0), grad.stride(0), inv_ts, tt_val, G=G, S=S, GP=gp, SP=sp,
+            student, teacher, center, tt if ctx.tt_from_ptr else center, lse_t, lse_s, go, grad, B, P,
+            student.stride(0), teacher.stride(0), grad.stride(0), go.stride(0) if go.numel() > 1 else 0, scale,
+            inv_ts, tt_val, G=G, S=S, GP=gp, SP=sp,
             TT_FROM_PTR=ctx.tt_from_ptr, BLOCK_P=block_p, num_warps=warps)
         return grad, None, None, None, None, None, None
 
