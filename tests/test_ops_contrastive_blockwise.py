@@ -5,7 +5,8 @@ Odd sizes (N = 5 anchors, M = 7 keys, D = 24: no multiple of any tile) and ancho
 offset among the keys (row_base), met at once or in blocks of 3 keys ([0, 3), [3, 6), [6, 7)), so targets
 fall outside most blocks, the excluded own column and SigLIP's positive pair move from block to block, and
 one block holds a single key. Values and the gradient of every input: features, keys, the logit scale
-(scalar or per anchor) and SigLIP's bias. fp32 and fp16 (the interpreter's tl.dot is wrong on bf16).
+(scalar or per anchor) and SigLIP's bias. fp32 and fp16; bf16 on a GPU only (the interpreter's tl.dot is
+wrong on bf16).
 """
 import pytest
 import torch
@@ -113,7 +114,7 @@ def tiles(request):
 
 
 @pytest.mark.parametrize("block_rows", [None, 3])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else []))
 @pytest.mark.parametrize("name", CASES)
 def test_triton_path_matches_float64(name, dtype, block_rows, tiles):
     _run(name, dtype, "triton", block_rows)
