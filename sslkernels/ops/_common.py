@@ -1,6 +1,7 @@
 """Small host-side helpers shared by the kernel families (Triton and chunked PyTorch)."""
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -17,6 +18,16 @@ def cdiv(a: int, b: int) -> int:
 def next_pow2(n: int) -> int:
     """The smallest power of two ≥ n, host side, as triton.next_power_of_2 (0 for 0)."""
     return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """The device's SM count (cached: the property read costs host time on every launch that sizes a grid)."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def poison_outputs() -> bool:

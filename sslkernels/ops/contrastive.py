@@ -49,7 +49,6 @@ Loss families are flags of the same kernels:
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from typing import NamedTuple, Optional
 
@@ -62,7 +61,7 @@ from .. import reference
 from ..backends import register, triton_interpreted
 from ..reference import reduce
 from . import launch_config
-from ._common import cdiv, empty as _empty
+from ._common import cdiv, empty as _empty, sm_count
 from ._common import row_scale as _scale  # fp32 [1] or [N] s, differentiable
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -695,11 +694,6 @@ def _launch_fwd(mode: _Mode, a, b, bpos, s, bias, targets, labels, *, columns: b
 _SPLIT_PROGRAMS: Optional[int] = None
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 # A row grid of at most a quarter of the device (MoCo's 4 or 16 row tiles, SimCLR-size batches) aims for
 # this many programs per SM: one program per SM streaming thousands of keys in small tiles is latency-bound
 # (tune3: MoCo v2's rows backward took 0.80 ms for ~20 µs of work). Grids nearer one wave keep one program
@@ -714,8 +708,7 @@ def _key_split(programs: int, m: int, block_n: int, device: torch.device, max_sp
     by the caller)."""
     target = _SPLIT_PROGRAMS
     if target is None:
-        target = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-            if device.type == "cuda" else 1
+        target = sm_count(device) if device.type == "cuda" else 1
     if programs * _UNDERFILLED_WAVES <= target:
         target *= _UNDERFILLED_WAVES
     splits = max(1, min(target // max(programs, 1), cdiv(m, 4 * block_n)))

@@ -34,8 +34,6 @@ knn_topk: one program per (tile of query rows, contiguous split of the bank). It
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -44,7 +42,7 @@ from torch.autograd.function import once_differentiable
 from .. import reference
 from ..backends import register
 from . import knn_cpu, launch_config
-from ._common import cdiv, empty as _empty, next_pow2, poison_outputs
+from ._common import cdiv, empty as _empty, next_pow2, poison_outputs, sm_count
 from .contrastive import _dot_precision, _features, _on
 
 EPS = 1e-12  # F.normalize's default
@@ -244,8 +242,7 @@ def _auto_splits(device: torch.device, row_tiles: int, bank_tiles: int) -> int:
     # Enough programs for two waves on the GPU; the interpreter runs programs one by one, so one split.
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(bank_tiles, math.ceil(2 * sms / row_tiles)))
+    return max(1, min(bank_tiles, cdiv(2 * sm_count(device), row_tiles)))
 
 
 def _unpack(keys: torch.Tensor):
