@@ -211,8 +211,11 @@ def drive_dino(rec: Recorder, quick: bool):
             student = torch.randn(s_crops * b, p).to(dtype).requires_grad_()
             teacher = torch.randn(g * b, p).to(dtype)
             center = torch.zeros(1, p)
-            for tt in (0.04, torch.tensor(0.04)):
-                ops["triton"](student, teacher, center, 0.1, tt, g, "mean").backward()
+            for fused in ("0", "1"):  # the two-pass kernels, and the gradient in the forward (ops/dino_fused.py)
+                os.environ["SSLKERNELS_DINO_FUSED"] = fused
+                for tt in (0.04, torch.tensor(0.04)):
+                    ops["triton"](student, teacher, center, 0.1, tt, g, "mean").backward()
+            os.environ.pop("SSLKERNELS_DINO_FUSED")
             for m in (0.9, torch.tensor(0.9)):
                 available("update_center_")["triton"](center.clone(), teacher, m, False, None)
             if "swav_loss" in available("swav_loss") or True:

@@ -1,5 +1,7 @@
 """DINO's loss and centre update (the Triton kernels under the interpreter, and the memory-efficient CPU
 path) against float64 math written here: the official pair loop over (teacher crop, student crop)."""
+import os
+
 import pytest
 import torch
 
@@ -7,18 +9,38 @@ import sslkernels
 from conftest import HAS_CUDA, assert_close
 
 pytest.importorskip("triton")
-from sslkernels.ops import dino, dino_cpu  # noqa: E402
+from sslkernels.ops import dino, dino_cpu, dino_fused  # noqa: E402
 
-KINDS = {"triton": dino.dino_loss, "cpu": dino_cpu.dino_loss}
+
+def fused_dino_loss(*args):
+    """The Triton loss with the gradient formed in the forward (ops/dino_fused.py)."""
+    old = os.environ.get("SSLKERNELS_DINO_FUSED")
+    os.environ["SSLKERNELS_DINO_FUSED"] = "1"
+    try:
+        return dino.dino_loss(*args)
+    finally:
+        if old is None:
+            del os.environ["SSLKERNELS_DINO_FUSED"]
+        else:
+            os.environ["SSLKERNELS_DINO_FUSED"] = old
+
+
+KINDS = {"triton": dino.dino_loss, "fused": fused_dino_loss, "cpu": dino_cpu.dino_loss}
 # Triton runs on the GPU where there is one, else on CPU tensors under the interpreter.
-DEVICE = {"triton": "cuda" if HAS_CUDA else "cpu", "cpu": "cpu"}
+_TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
+DEVICE = {"triton": _TRITON_DEVICE, "fused": _TRITON_DEVICE, "cpu": "cpu"}
+ALL_KINDS = ["triton", "fused", "cpu"]
 
 
 @pytest.fixture(autouse=True)
 def _small_tiles(monkeypatch):
-    # Tiny inputs must still cross several P-tiles and P-splits, with a ragged last tile.
+    # Tiny inputs must still cross several P-tiles and P-splits, with a ragged last tile, and the fused
+    # kernel's persistent programs must take several rows each, some one more than others.
     monkeypatch.setattr(dino, "TILE_ELEMENTS", 64)
     monkeypatch.setattr(dino, "TARGET_PROGRAMS", 8)
+    monkeypatch.setattr(dino_fused, "BLOCK_P", 16)
+    monkeypatch.setattr(dino_fused, "TEACHER_BLOCK", 16)
+    monkeypatch.setattr(dino_fused, "INTERPRETER_PROGRAMS", 3)
 
 
 def dino64(student, teacher, center, student_temp, teacher_temp, n_global, reduction):
@@ -54,14 +76,14 @@ def check(kind, G, S, B, P, dtype, reduction, teacher_temp=0.04, scale=1.0, stud
     assert_close(grad, want_grad, dtype, rtol=grad_rtol, atol=0.0, name="student grad")
 
 
-@pytest.mark.parametrize("kind", ["triton", "cpu"])
+@pytest.mark.parametrize("kind", ALL_KINDS)
 @pytest.mark.parametrize("G,S,B,P", [(2, 4, 3, 131), (2, 2, 1, 64), (1, 3, 2, 100), (3, 2, 2, 77), (2, 1, 3, 33)])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_dino_loss_matches_float64(kind, G, S, B, P, reduction):
     check(kind, G, S, B, P, torch.float32, reduction)
 
 
-@pytest.mark.parametrize("kind", ["triton", "cpu"])
+@pytest.mark.parametrize("kind", ALL_KINDS)
 # bf16 runs under the interpreter too: these kernels use no tl.dot.
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_dino_loss_dtypes(kind, dtype):
@@ -69,12 +91,13 @@ def test_dino_loss_dtypes(kind, dtype):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="a GPU-sized bf16 case (the small ones run under the interpreter)")
-def test_dino_loss_bf16_cuda():
+@pytest.mark.parametrize("kind", ["triton", "fused"])
+def test_dino_loss_bf16_cuda(kind):
     G, S, B, P = 2, 6, 5, 4099
     student = torch.randn(S * B, P, device="cuda").bfloat16().requires_grad_()
     teacher = torch.randn(G * B, P, device="cuda").bfloat16()
     center = torch.randn(1, P, device="cuda") * 0.1
-    got = dino.dino_loss(student, teacher, center, 0.1, 0.04, G, "mean")
+    got = KINDS[kind](student, teacher, center, 0.1, 0.04, G, "mean")
     (grad,) = torch.autograd.grad(got, student)
     s64 = student.detach().cpu().double().requires_grad_()
     want = dino64(s64, teacher.cpu(), center.cpu(), 0.1, 0.04, G, "mean")
@@ -83,12 +106,12 @@ def test_dino_loss_bf16_cuda():
     assert_close(grad, want_grad, torch.bfloat16, atol=0.0)
 
 
-@pytest.mark.parametrize("kind", ["triton", "cpu"])
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_dino_loss_tensor_teacher_temp(kind):
     check(kind, 2, 3, 2, 90, torch.float32, "none", teacher_temp=torch.tensor(0.07))
 
 
-@pytest.mark.parametrize("kind", ["triton", "cpu"])
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_dino_loss_extreme_logits(kind):
     # Logits ×1000 over temperatures 0.1 / 0.04: exponents of ±10⁵, far past float32's exp range.
     # Nothing may overflow, and the loss keeps fp32's tolerance. The gradient cannot: rounding the
@@ -98,7 +121,7 @@ def test_dino_loss_extreme_logits(kind):
     check(kind, 2, 4, 3, 97, torch.float32, "mean", scale=1000.0, grad_rtol=2.0 ** -24 * 4 * 1000.0 / 0.04)
 
 
-@pytest.mark.parametrize("kind", ["triton", "cpu"])
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_dino_loss_center_updated_before_backward(kind):
     # Official DINO calls update_center() inside forward, i.e. between the loss and its backward.
     G, S, B, P = 2, 3, 2, 50
@@ -237,13 +260,13 @@ def test_update_center_async_distributed_path(monkeypatch):
 # ------------------------------------------------------------------------------- edge cases, numerics
 
 
-@pytest.mark.parametrize("kind", ["triton", "cpu"])
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_dino_loss_fp16_extreme_logits(kind):
     # fp16 logits near its range (±3·10⁴) at τt = 0.04, τs = 0.1: exponents of ~10⁶, finite result.
     check(kind, 2, 3, 2, 67, torch.float16, "none", scale=1e4)
 
 
-@pytest.mark.parametrize("kind", ["triton", "cpu"])
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_dino_loss_one_sample_one_prototype_column_ragged(kind):
     # B = 1, P = 1 (every softmax is exactly 1: loss and gradient 0) and P = 17 (ragged last tile).
     check(kind, 2, 3, 1, 1, torch.float32, "mean")
@@ -270,3 +293,51 @@ def test_stream_split_fills_the_gpu_at_the_paper_size():
     assert stream_split(3, 10_000, STREAM_PROGRAMS) == (3, 1)  # enough programs already: no split
     per, n = stream_split(9, 2, 8)
     assert per * n >= 9 and per * (n - 1) < 9  # every tile covered, no empty split
+
+
+# --------------------------------------------------------------------------- gradient in the forward
+
+
+def test_dino_fused_backward_only_scales_and_recomputes_on_a_second_backward(monkeypatch):
+    # The first backward hands out the forward's gradient (no recomputing kernel); a retain_graph backward
+    # after it recomputes with the two-pass kernel and must agree.
+    G, S, B, P = 2, 3, 3, 45
+    student, teacher, center = torch.randn(S * B, P), torch.randn(G * B, P), torch.randn(1, P)
+    s64 = student.double().requires_grad_()
+    (want,) = torch.autograd.grad(dino64(s64, teacher, center, 0.1, 0.04, G, "sum") * 2.5, s64)
+    dev = DEVICE["fused"]
+    leaf = student.to(dev).requires_grad_()
+    loss = fused_dino_loss(leaf, teacher.to(dev), center.to(dev), 0.1, 0.04, G, "sum")
+    recompute = dino._dino_bwd_kernel
+
+    class _Refused:
+        def __getitem__(self, grid):
+            raise AssertionError("the fused path recomputed its gradient in the first backward")
+
+    monkeypatch.setattr(dino, "_dino_bwd_kernel", _Refused())
+    (first,) = torch.autograd.grad(loss * 2.5, leaf, retain_graph=True)
+    monkeypatch.setattr(dino, "_dino_bwd_kernel", recompute)
+    (second,) = torch.autograd.grad(loss * 2.5, leaf)
+    assert_close(first, want, torch.float32, atol=0.0, name="first backward")
+    assert_close(second, want, torch.float32, atol=0.0, name="second backward")
+
+
+def test_dino_fused_skips_the_gradient_when_nothing_needs_it(monkeypatch):
+    monkeypatch.setenv("SSLKERNELS_DINO_FUSED", "1")
+    monkeypatch.setattr(dino_fused, "forward_with_grad", None)  # calling it would raise
+    student, teacher, center = torch.randn(6, 40), torch.randn(4, 40), torch.zeros(1, 40)
+    dev = DEVICE["fused"]
+    got = dino.dino_loss(student.to(dev), teacher.to(dev), center.to(dev), 0.1, 0.04, 2, "mean")
+    assert_close(got, dino64(student, teacher, center, 0.1, 0.04, 2, "mean"), torch.float32)
+
+
+def test_dino_fused_program_count():
+    # Off the GPU: the interpreter's grid. On it: at least one program per SM, and an override for sweeps.
+    assert dino_fused._programs(2, 1 << 18, torch.device("cpu")) == 2
+    assert dino_fused._programs(100, 1 << 18, torch.device("cpu")) == dino_fused.INTERPRETER_PROGRAMS
+    os.environ["SSLKERNELS_DINO_FUSED_PROGRAMS"] = "7"
+    try:
+        assert dino_fused._programs(100, 1 << 18, torch.device("cpu")) == 7
+        assert dino_fused._programs(5, 1 << 18, torch.device("cpu")) == 5
+    finally:
+        del os.environ["SSLKERNELS_DINO_FUSED_PROGRAMS"]

@@ -24,6 +24,7 @@ from ..distributed import is_distributed
 from ..reference import center_update, compute_dtype, reduce
 from ._common import STREAM_PROGRAMS, cdiv, empty as _empty, next_pow2, scalar_args as _scalar_args
 from ._common import stream_split, unit_stride_rows as _rows
+from . import dino_fused
 
 # Elements of the largest per-tile [rows × BLOCK_P] block (the student one). Tests lower these to make
 # tiny inputs span several tiles and P-splits.
@@ -189,6 +190,26 @@ def _n_terms(G: int, S: int) -> int:
     return G * S - min(G, S)
 
 
+def _forward_stats(student, teacher, center, tt_ptr, tt_val, G, S, B, gp, sp, block_p, warps, inv_ts):
+    """(teacher LSEs [B, gp], student LSEs [B, sp], per-sample loss rows [B]) by the split streaming pass."""
+    P = student.shape[1]
+    per_split, n_split = stream_split(cdiv(P, block_p), B, TARGET_PROGRAMS)
+    part = _empty((B, n_split, 3 * gp + 2 * sp), torch.float32, student.device)
+    _dino_fwd_kernel[(B, n_split)](
+        student, teacher, center, tt_ptr if tt_ptr is not None else center, part, B, P,
+        student.stride(0), teacher.stride(0), inv_ts, tt_val, per_split, G=G, S=S, GP=gp, SP=sp,
+        TT_FROM_PTR=tt_ptr is not None, BLOCK_P=block_p, num_warps=warps)
+
+    # Merge the P-splits: rescale every partial sum to the global row maximum (one launch).
+    lse_t = _empty((B, gp), torch.float32, student.device)
+    lse_s = _empty((B, sp), torch.float32, student.device)
+    rows = _empty((B,), torch.float32, student.device)
+    kp = next_pow2(n_split)
+    _dino_merge_kernel[(B,)](part, lse_t, lse_s, rows, n_split, inv_ts, 1.0 / _n_terms(G, S), G=G, S=S,
+                             GP=gp, SP=sp, KP=kp, num_warps=4 if kp * max(gp, sp) >= 512 else 1)
+    return lse_t, lse_s, rows
+
+
 class _DinoLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, center, student_temp, teacher_temp, G, reduction):
@@ -201,22 +222,16 @@ class _DinoLoss(torch.autograd.Function):
         S = student.shape[0] // B
         P = student.shape[1]
         gp, sp, block_p, warps = _tiling(G, S, P)
-        per_split, n_split = stream_split(cdiv(P, block_p), B, TARGET_PROGRAMS)
-        part = _empty((B, n_split, 3 * gp + 2 * sp), torch.float32, student.device)
         inv_ts = 1.0 / float(student_temp)
-        _dino_fwd_kernel[(B, n_split)](
-            student, teacher, center, tt_ptr if tt_ptr is not None else center, part, B, P,
-            student.stride(0), teacher.stride(0), inv_ts, tt_val, per_split, G=G, S=S, GP=gp, SP=sp,
-            TT_FROM_PTR=tt_ptr is not None, BLOCK_P=block_p, num_warps=warps)
-
-        # Merge the P-splits: rescale every partial sum to the global row maximum (one launch).
-        lse_t = _empty((B, gp), torch.float32, student.device)
-        lse_s = _empty((B, sp), torch.float32, student.device)
-        rows = _empty((B,), torch.float32, student.device)
-        kp = next_pow2(n_split)
-        _dino_merge_kernel[(B,)](part, lse_t, lse_s, rows, n_split, inv_ts, 1.0 / _n_terms(G, S), G=G, S=S,
-                                 GP=gp, SP=sp, KP=kp, num_warps=4 if kp * max(gp, sp) >= 512 else 1)
-
+        ctx.fused_grad = None
+        if ctx.needs_input_grad[0] and dino_fused.enabled():
+            # The gradient in the same pass as the loss (ops/dino_fused.py); the backward only scales it.
+            rows, lse_t, lse_s, ctx.fused_grad = dino_fused.forward_with_grad(
+                student, teacher, center, tt_ptr, tt_val, G, S, B, gp, sp, inv_ts, _n_terms(G, S), reduction,
+                TARGET_PROGRAMS)
+        else:
+            lse_t, lse_s, rows = _forward_stats(student, teacher, center, tt_ptr, tt_val, G, S, B, gp, sp,
+                                                block_p, warps, inv_ts)
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(student, teacher, center, tt_ptr, lse_t, lse_s)
             ctx.dims = (B, S, G, gp, sp, block_p, warps, inv_ts, tt_val, reduction)
@@ -227,8 +242,12 @@ class _DinoLoss(torch.autograd.Function):
     def backward(ctx, grad_out):
         student, teacher, center, tt, lse_t, lse_s = ctx.saved_tensors
         B, S, G, gp, sp, block_p, warps, inv_ts, tt_val, reduction = ctx.dims
-        scale = inv_ts / _n_terms(G, S) / (B if reduction == "mean" else 1)
         go = grad_out.reshape(-1)  # [1] ("mean" / "sum") or [B] ("none", any stride)
+        if ctx.fused_grad is not None:
+            # Handed out once: a second backward (retain_graph) recomputes below.
+            grad, ctx.fused_grad = ctx.fused_grad, None
+            return dino_fused.scale_by_upstream_(grad, go, B), None, None, None, None, None, None
+        scale = inv_ts / _n_terms(G, S) / (B if reduction == "mean" else 1)
         grad = _empty(student.shape, student.dtype, student.device)
         P = student.shape[1]
         _dino_bwd_kernel[(B, cdiv(P, block_p))](

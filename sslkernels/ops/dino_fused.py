@@ -1,0 +1,218 @@
+"""DINO's loss with the student gradient formed in the forward, while each student row is still in L2.
+
+The two-pass kernels (ops/dino.py) read every student logit twice from HBM: once in the forward for its
+row's LSE, once in the backward for the gradient. That traffic, 2R + W against the floor's R + W, is 1.54×
+the floor at the paper size, over issue 5's 1.5× target before any inefficiency. Here a persistent program
+takes one student row (sample i, crop b) at a time and walks it twice back to back: first for its LSE,
+then for its gradient and its loss terms. With few enough programs that their rows fit in L2 together, the
+second walk reads L2, not HBM: traffic R + W plus the teacher.
+
+The teacher's row statistics come first, from a split streaming launch (G·B rows, 1/(S+1) of the student
+traffic at the paper size; its P-splits are merged by the main kernel, no launch in between). The main
+kernel reads a sample's G teacher rows once per student crop; programs take rows sample-major, so a
+sample's S crops run at about the same time and all but the first of those reads hit L2.
+
+The forward stores the gradient for an upstream gradient of 1. The backward scales it in place by the
+real upstream gradient, and a program whose factor is exactly 1 (``loss.backward()``) returns at once:
+no pass over the gradient and no host sync. A second backward (retain_graph) finds the gradient handed
+out and recomputes it with the two-pass kernel (ops/dino.py keeps that path's saved tensors).
+
+Opt-in until measured on a GPU (``SSLKERNELS_DINO_FUSED=1``); benchmarks/NOTES.md has the prediction.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import cdiv, empty as _empty, next_pow2, sm_count, stream_split
+
+# The main kernel's tile along P; the teacher tile is GP × BLOCK_P, so the cap shrinks as G grows. The
+# teacher statistics pass streams TEACHER_BLOCK-wide tiles. Tests lower these to make tiny inputs span
+# several tiles and P-splits, and set INTERPRETER_PROGRAMS (the persistent grid off the GPU).
+BLOCK_P = 4096
+TILE_ELEMENTS = 8192
+TEACHER_BLOCK = 1024
+INTERPRETER_PROGRAMS = 4
+# Share of L2 the programs' rows may fill: each keeps its current student row there between the two walks,
+# and its gradient writes pass through L2 as well.
+L2_SHARE = 0.5
+PROGRAMS_PER_SM = (1, 4)  # at least one program per SM (bandwidth), at most four (L2 reuse)
+_NEG_BIG = tl.constexpr(-1.0e30)  # finite "−inf" for running maxima: exp(m_old − m_new) stays 1, never NaN
+
+
+def enabled() -> bool:
+    return os.environ.get("SSLKERNELS_DINO_FUSED", "0") not in ("", "0")
+
+
+@triton.jit
+def _teacher_stats_kernel(t_ptr, c_ptr, tt_ptr, part_ptr, B, P, stride_t, tt_val, tiles_per_split,
+                          GP: tl.constexpr, KP: tl.constexpr, TT_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr):
+    # Program (r, k): teacher row r = a·B + i over the k-th range of P: the partial (max, sum) of its
+    # centred, sharpened logits (t − c)/τt.
+    r = tl.program_id(0)
+    k = tl.program_id(1)
+    if TT_FROM_PTR:
+        inv_tt = 1.0 / tl.load(tt_ptr).to(tl.float32)
+    else:
+        inv_tt = 1.0 / tt_val
+    row = t_ptr + r.to(tl.int64) * stride_t
+    m = tl.full([], _NEG_BIG, tl.float32)
+    z = tl.zeros([], tl.float32)
+    first = k * tiles_per_split * BLOCK
+    for j in range(0, tiles_per_split):
+        cols = first + j * BLOCK + tl.arange(0, BLOCK)
+        ok = cols < P
+        t = tl.load(row + cols, mask=ok, other=0.0).to(tl.float32)
+        c = tl.load(c_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+        u = tl.where(ok, (t - c) * inv_tt, float("-inf"))
+        m_new = tl.maximum(m, tl.max(u, axis=0))
+        z = z * tl.exp(m - m_new) + tl.sum(tl.exp(u - m_new), axis=0)
+        m = m_new
+    i = r % B
+    a = r // B
+    slot = part_ptr + ((i * GP + a) * KP + k) * 2
+    tl.store(slot, m)
+    tl.store(slot + 1, z)
+
+
+@triton.jit
+def _dino_fused_kernel(s_ptr, t_ptr, c_ptr, tt_ptr, tpart_ptr, g_ptr, lse_t_ptr, lse_s_ptr, loss_ptr,
+                       B, P, stride_s, stride_t, stride_g, n_split, inv_ts, tt_val, coef,
+                       G: tl.constexpr, S: tl.constexpr, GP: tl.constexpr, SP: tl.constexpr, KP: tl.constexpr,
+                       TT_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr):
+    # Persistent: program p takes student rows p, p + programs, ... in sample-major order (i, b).
+    if TT_FROM_PTR:
+        inv_tt = 1.0 / tl.load(tt_ptr).to(tl.float32)
+    else:
+        inv_tt = 1.0 / tt_val
+    ga = tl.arange(0, GP)
+    t_ok = ga < G
+    kk = tl.arange(0, KP)
+    for item in range(tl.program_id(0), B * S, tl.num_programs(0)):
+        i = item // S
+        b = item % S
+        s_row = s_ptr + (b * B + i).to(tl.int64) * stride_s
+
+        # Walk 1: the row's LSE of s/τs. Its lines stay in L2 for walk 2 (evict_last).
+        m = tl.full([], _NEG_BIG, tl.float32)
+        z = tl.zeros([], tl.float32)
+        for start in range(0, P, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            ok = cols < P
+            s = tl.load(s_row + cols, mask=ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            v = tl.where(ok, s * inv_ts, float("-inf"))
+            m_new = tl.maximum(m, tl.max(v, axis=0))
+            z = z * tl.exp(m - m_new) + tl.sum(tl.exp(v - m_new), axis=0)
+            m = m_new
+        lse_b = m + tl.log(z)
+
+        # The sample's teacher LSEs from the split partials.
+        pmask = t_ok[:, None] & (kk < n_split)[None, :]
+        part = tpart_ptr + ((i * GP + ga)[:, None] * KP + kk[None, :]) * 2
+        pm = tl.load(part, mask=pmask, other=_NEG_BIG)
+        pz = tl.load(part + 1, mask=pmask, other=0.0)
+        mt = tl.max(pm, axis=1)
+        zt = tl.sum(pz * tl.exp(pm - mt[:, None]), axis=1)
+        lse_t = tl.where(t_ok, mt + tl.log(tl.where(t_ok, zt, 1.0)), 0.0)
+
+        # Walk 2: gradient (n_b·softmax(s_b/τs) − Σ_{a≠b} t_a)·coef, and Σ_p (Σ_{a≠b} t_a)·s_b for the loss.
+        # Crop b < G leaves its own teacher crop out (n_b = G − 1); the others pair with all G.
+        n_b = tl.where(b < G, G - 1.0, G * 1.0)
+        own = (ga == b)[:, None]
+        g_row = g_ptr + (b * B + i).to(tl.int64) * stride_g
+        t_rows = (ga * B + i).to(tl.int64) * stride_t
+        cross = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, P, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            ok = cols < P
+            tmask = t_ok[:, None] & ok[None, :]
+            t = tl.load(t_ptr + t_rows[:, None] + cols[None, :], mask=tmask, other=0.0,
+                        eviction_policy="evict_last").to(tl.float32)
+            c = tl.load(c_ptr + cols, mask=ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            tp = tl.where(tmask & ~own, tl.exp((t - c[None, :]) * inv_tt - lse_t[:, None]), 0.0)
+            t_other = tl.sum(tp, axis=0)
+            s = tl.load(s_row + cols, mask=ok, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            sp = tl.exp(s * inv_ts - lse_b)
+            cross += t_other * s
+            grad = coef * (n_b * sp - t_other)
+            tl.store(g_row + cols, grad.to(g_ptr.dtype.element_ty), mask=ok, eviction_policy="evict_first")
+
+        tl.store(loss_ptr + item, n_b * lse_b - inv_ts * tl.sum(cross, axis=0))
+        tl.store(lse_s_ptr + i * SP + b, lse_b)
+        tl.store(lse_t_ptr + i * GP + ga, lse_t, mask=(ga < GP) & (b == 0))
+
+
+@triton.jit
+def _scale_rows_kernel(g_ptr, go_ptr, B, P, stride_g, stride_go, BLOCK: tl.constexpr):
+    # Program (r, k): gradient row r (sample r mod B), tile k, times its upstream gradient; nothing to do,
+    # and no traffic, where that factor is exactly 1.
+    r = tl.program_id(0)
+    f = tl.load(go_ptr + (r % B) * stride_go).to(tl.float32)
+    if f != 1.0:
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = cols < P
+        row = g_ptr + r.to(tl.int64) * stride_g
+        g = tl.load(row + cols, mask=ok, other=0.0).to(tl.float32)
+        tl.store(row + cols, (g * f).to(g_ptr.dtype.element_ty), mask=ok)
+
+
+def _programs(rows: int, row_bytes: int, device: torch.device) -> int:
+    override = os.environ.get("SSLKERNELS_DINO_FUSED_PROGRAMS")
+    if override:
+        return max(1, min(rows, int(override)))
+    if device.type != "cuda":
+        return min(rows, INTERPRETER_PROGRAMS)
+    sms = sm_count(device)
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+    lo, hi = PROGRAMS_PER_SM
+    # A program holds its student row and the gradient row it writes: 2·row_bytes of L2.
+    fit = int(L2_SHARE * l2 / (2 * row_bytes))
+    return max(1, min(rows, max(lo * sms, min(hi * sms, fit))))
+
+
+def forward_with_grad(student, teacher, center, tt_ptr, tt_val, G, S, B, gp, sp, inv_ts, n_terms, reduction,
+                      target_programs):
+    """(per-sample loss rows [B], teacher LSEs [B, gp], student LSEs [B, sp], the student gradient for an
+    upstream gradient of 1). ``center`` is float32 and contiguous; ``tt_ptr`` a [1] tensor or None."""
+    P = student.shape[1]
+    dev = student.device
+    # Teacher statistics, split along P so that G·B rows still fill the device.
+    t_block = min(next_pow2(P), TEACHER_BLOCK)
+    per_split, n_split = stream_split(cdiv(P, t_block), G * B, target_programs)
+    kp = next_pow2(n_split)
+    tpart = _empty((B, gp, kp, 2), torch.float32, dev)
+    _teacher_stats_kernel[(G * B, n_split)](
+        teacher, center, tt_ptr if tt_ptr is not None else center, tpart, B, P, teacher.stride(0), tt_val,
+        per_split, GP=gp, KP=kp, TT_FROM_PTR=tt_ptr is not None, BLOCK=t_block,
+        num_warps=4 if t_block >= 512 else 1)
+
+    block = max(16, min(next_pow2(P), BLOCK_P, TILE_ELEMENTS // gp))
+    override = os.environ.get("SSLKERNELS_DINO_FUSED_BLOCK")
+    if override:
+        block = max(16, min(next_pow2(P), int(override)))
+    grad = _empty(student.shape, student.dtype, dev)
+    lse_t = _empty((B, gp), torch.float32, dev)
+    lse_s = _empty((B, sp), torch.float32, dev)
+    loss = _empty((B * S,), torch.float32, dev)
+    coef = inv_ts / n_terms / (B if reduction == "mean" else 1)
+    programs = _programs(B * S, P * student.element_size(), dev)
+    _dino_fused_kernel[(programs,)](
+        student, teacher, center, tt_ptr if tt_ptr is not None else center, tpart, grad, lse_t, lse_s, loss,
+        B, P, student.stride(0), teacher.stride(0), grad.stride(0), n_split, inv_ts, tt_val, coef,
+        G=G, S=S, GP=gp, SP=sp, KP=kp, TT_FROM_PTR=tt_ptr is not None, BLOCK=block,
+        num_warps=8 if gp * block >= 4096 else 4)
+    rows = loss.view(B, S).sum(dim=1).mul_(1.0 / n_terms)
+    return rows, lse_t, lse_s, grad
+
+
+def scale_by_upstream_(grad: torch.Tensor, go: torch.Tensor, B: int) -> torch.Tensor:
+    """grad (rows b·B + i) times go ([1], or [B] per sample, any stride), in place."""
+    P = grad.shape[1]
+    block = min(next_pow2(P), 4096)
+    _scale_rows_kernel[(grad.shape[0], cdiv(P, block))](
+        grad, go, B, P, grad.stride(0), go.stride(0) if go.numel() > 1 else 0, BLOCK=block,
+        num_warps=8 if block >= 2048 else 4)
+    return grad
