@@ -1,0 +1,133 @@
+"""DINO's two Triton paths side by side at the paper size: the two-pass kernels (ops/dino.py) and the gradient
+formed in the forward (ops/dino_fused.py) over a grid of its launch settings, each step's time as a multiple
+of the memory-traffic floor (read student and teacher once, write the gradient once) at the copy bandwidth
+measured in the same run. The winner's settings go into ops/dino_fused.py; benchmarks/NOTES.md has the
+prediction.
+
+    PYTHONPATH=. python benchmarks/dino_variants.py --out DIR [--dtype fp32 bf16] [--B 64] [--P 65536]
+        [--programs 132 264 528] [--blocks 2048 4096 8192]
+
+On CPU (the interpreter) it runs a tiny size once, as a smoke test of the script.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import time
+
+import torch
+
+import sslkernels
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@contextlib.contextmanager
+def _env(**values):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update({k: str(v) for k, v in values.items() if v is not None})
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _time_ms(fn, device) -> float:
+    if device.type != "cuda":
+        fn()
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    import triton
+    return triton.testing.do_bench(fn, warmup=5, rep=200, return_mode="median")
+
+
+def copy_gbps(device) -> float:
+    """Device copy bandwidth (read + write bytes per second), on a buffer far larger than L2."""
+    if device.type != "cuda":
+        return float("nan")
+    x = torch.randn(1 << 28, device=device)  # 1 GiB
+    y = torch.empty_like(x)
+    ms = _time_ms(lambda: y.copy_(x), device)
+    return 2 * x.numel() * 4 / ms / 1e6
+
+
+def variants(programs, blocks):
+    yield "two-pass", dict(SSLKERNELS_DINO_FUSED="0")
+    yield "fused (default launch)", dict(SSLKERNELS_DINO_FUSED="1")
+    for p in programs:
+        for b in blocks:
+            yield f"fused programs={p} block={b}", dict(SSLKERNELS_DINO_FUSED="1", SSLKERNELS_DINO_FUSED_PROGRAMS=p,
+                                                          SSLKERNELS_DINO_FUSED_BLOCK=b)
+
+
+def run(args) -> list:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    G, S = 2, 12
+    B, P = (args.B, args.P) if device.type == "cuda" else (3, 300)
+    bw = copy_gbps(device)
+    rows = []
+    for name in args.dtype:
+        dtype = DTYPES[name]
+        gen = torch.Generator(device=device).manual_seed(0)
+        student = torch.randn(S * B, P, device=device, generator=gen).to(dtype).requires_grad_()
+        teacher = torch.randn(G * B, P, device=device, generator=gen).to(dtype)
+        center = torch.randn(1, P, device=device, generator=gen) * 0.1
+        floor_bytes = (student.numel() + teacher.numel() + student.numel()) * student.element_size()
+        floor_ms = floor_bytes / bw / 1e6 if bw == bw else float("nan")
+        reference = None
+        for label, env in variants(args.programs, args.blocks):
+            with _env(**env):
+                def step():
+                    loss = sslkernels.dino_loss(student, teacher, center, n_global_crops=G, backend="triton")
+                    return loss, torch.autograd.grad(loss, student)[0]
+
+                loss, grad = step()  # compile, and the values for the agreement check
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    base = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                ms = _time_ms(step, device)
+                extra = ((torch.cuda.max_memory_allocated() - base - student.numel() * student.element_size()) / 2**20
+                         if device.type == "cuda" else float("nan"))
+            if reference is None:
+                reference = (loss.detach(), grad)
+            row = dict(dtype=name, variant=label, B=B, P=P, ms=ms, floor_ms=floor_ms, floor_ratio=ms / floor_ms,
+                       extra_MiB=extra, copy_GBps=bw,
+                       # Agreement with the first variant (the two-pass kernels), relative to its largest value.
+                       loss_diff=float((loss.detach() - reference[0]).abs() / reference[0].abs()),
+                       grad_diff=float((grad.float() - reference[1].float()).abs().max()
+                                       / reference[1].float().abs().max()))
+            rows.append(row)
+            print(f"{name:5} {label:34} {ms:8.3f} ms  {row['floor_ratio']:5.2f}× floor  extra {extra:8.1f} MiB  "
+                  f"rel. Δloss {row['loss_diff']:.1e}  Δgrad {row['grad_diff']:.1e}", flush=True)
+        del student, teacher, center, reference
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
+    ap.add_argument("--B", type=int, default=64)
+    ap.add_argument("--P", type=int, default=65536)
+    ap.add_argument("--programs", type=int, nargs="*", default=[132, 264, 528])
+    ap.add_argument("--blocks", type=int, nargs="*", default=[2048, 4096, 8192])
+    args = ap.parse_args()
+    rows = run(args)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "dino_variants.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
