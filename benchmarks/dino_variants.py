@@ -5,7 +5,7 @@ measured in the same run. The winner's settings go into ops/dino_fused.py; bench
 prediction.
 
     PYTHONPATH=. python benchmarks/dino_variants.py --out DIR [--dtype fp32 bf16] [--B 64] [--P 65536]
-        [--programs 132 264 528] [--blocks 2048 4096 8192]
+        [--programs 66 132 264 528] [--blocks 2048 4096 8192]
 
 On CPU (the interpreter) it runs a tiny size once, as a smoke test of the script.
 """
@@ -120,7 +120,7 @@ def main():
     ap.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
     ap.add_argument("--B", type=int, default=64)
     ap.add_argument("--P", type=int, default=65536)
-    ap.add_argument("--programs", type=int, nargs="*", default=[132, 264, 528])
+    ap.add_argument("--programs", type=int, nargs="*", default=[66, 132, 264, 528])
     ap.add_argument("--blocks", type=int, nargs="*", default=[2048, 4096, 8192])
     args = ap.parse_args()
     rows = run(args)
