@@ -5,7 +5,7 @@ measured in the same run. The winner's settings go into ops/dino_fused.py; bench
 prediction.
 
     PYTHONPATH=. python benchmarks/dino_variants.py --out DIR [--dtype fp32 bf16] [--B 64] [--P 65536]
-        [--programs 66 132 264 528] [--blocks 2048 4096 8192]
+        [--programs 66 132 264 528] [--blocks 4096 2048 8192] [--stages 1 3] [--budget SECONDS]
 
 On CPU (the interpreter) it runs a tiny size once, as a smoke test of the script.
 """
@@ -61,13 +61,15 @@ def copy_gbps(device) -> float:
     return 2 * x.numel() * 4 / ms / 1e6
 
 
-def variants(programs, blocks):
+def variants(programs, blocks, stages):
     yield "two-pass", dict(SSLKERNELS_DINO_FUSED="0")
     yield "fused (default launch)", dict(SSLKERNELS_DINO_FUSED="1")
-    for p in programs:
+    for st in stages:
         for b in blocks:
-            yield f"fused programs={p} block={b}", dict(SSLKERNELS_DINO_FUSED="1", SSLKERNELS_DINO_FUSED_PROGRAMS=p,
-                                                          SSLKERNELS_DINO_FUSED_BLOCK=b)
+            for p in programs:
+                yield f"fused programs={p} block={b} stages={st}", dict(
+                    SSLKERNELS_DINO_FUSED="1", SSLKERNELS_DINO_FUSED_PROGRAMS=p, SSLKERNELS_DINO_FUSED_BLOCK=b,
+                    SSLKERNELS_DINO_FUSED_STAGES=st)
 
 
 def run(args) -> list:
@@ -77,6 +79,7 @@ def run(args) -> list:
     bw = copy_gbps(device)
     rows = []
     for name in args.dtype:
+        deadline = time.monotonic() + args.budget / len(args.dtype)
         dtype = DTYPES[name]
         gen = torch.Generator(device=device).manual_seed(0)
         student = torch.randn(S * B, P, device=device, generator=gen).to(dtype).requires_grad_()
@@ -85,7 +88,11 @@ def run(args) -> list:
         floor_bytes = (student.numel() + teacher.numel() + student.numel()) * student.element_size()
         floor_ms = floor_bytes / bw / 1e6 if bw == bw else float("nan")
         reference = None
-        for label, env in variants(args.programs, args.blocks):
+        for label, env in variants(args.programs, args.blocks, args.stages):
+            if time.monotonic() > deadline and reference is not None:
+                print(f"{name:5} its share of the {args.budget:.0f} s budget is spent: the other variants are not run",
+                      flush=True)
+                break
             with _env(**env):
                 def step():
                     loss = sslkernels.dino_loss(student, teacher, center, n_global_crops=G, backend="triton")
@@ -110,7 +117,7 @@ def run(args) -> list:
             rows.append(row)
             print(f"{name:5} {label:34} {ms:8.3f} ms  {row['floor_ratio']:5.2f}× floor  extra {extra:8.1f} MiB  "
                   f"rel. Δloss {row['loss_diff']:.1e}  Δgrad {row['grad_diff']:.1e}", flush=True)
-        del student, teacher, center, reference
+        student = teacher = center = reference = None  # free this dtype's inputs before the next
     return rows
 
 
@@ -121,7 +128,10 @@ def main():
     ap.add_argument("--B", type=int, default=64)
     ap.add_argument("--P", type=int, default=65536)
     ap.add_argument("--programs", type=int, nargs="*", default=[66, 132, 264, 528])
-    ap.add_argument("--blocks", type=int, nargs="*", default=[2048, 4096, 8192])
+    ap.add_argument("--blocks", type=int, nargs="*", default=[4096, 2048, 8192])
+    ap.add_argument("--stages", type=int, nargs="*", default=[1, 3])
+    ap.add_argument("--budget", type=float, default=120.0,
+                    help="seconds in all, shared by the dtypes: variants past a dtype's share are skipped")
     args = ap.parse_args()
     rows = run(args)
     os.makedirs(args.out, exist_ok=True)

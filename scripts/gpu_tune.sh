@@ -28,7 +28,7 @@ run() { local lim="$1"; shift; echo "### $* (limit ${lim}s)"; local t0=$SECONDS;
 [[ $steps == *bench* ]] && run 120 "$py" -m sslkernels.bench ema_update_ dino_loss --sizes paper --impl ours,eager,compile,peers --out "$w/paper"
 [[ $steps == *dino* ]] && run 90 "$py" -m sslkernels.bench dino_loss --sizes dino --impl ours,eager,compile --out "$w/dino"
 [[ $steps == *dino* ]] && run 90 "$py" -m sslkernels.bench sinkhorn_knopp --sizes B=1024:P=65536 --dtype bf16 --impl ours,eager,compile --out "$w/sinkhorn"
-[[ $steps == *variants* ]] && run 150 "$py" benchmarks/dino_variants.py --out "$w/dino-variants"
+[[ $steps == *variants* ]] && run 170 "$py" benchmarks/dino_variants.py --budget 140 --out "$w/dino-variants"
 [[ $steps == *profile* ]] && run 120 "$py" benchmarks/profile_step.py dino_loss --sizes dino --dtype fp32 --graph --out "$w/profile-dino"
 [[ $steps == *profile* ]] && run 60 "$py" benchmarks/profile_step.py moco_loss clip_loss --sizes mocov2,N=4096:D=256 --dtype bf16 --graph --out "$w/profile-moco"
 [[ $steps == *targets* ]] && run 540 "$py" -m sslkernels.bench --sizes targets --out "$w/targets"

@@ -40,6 +40,11 @@ INTERPRETER_PROGRAMS = 4
 # and its gradient writes pass through L2 as well.
 L2_SHARE = 0.5
 PROGRAMS_PER_SM = (1, 4)  # at least one program per SM (bandwidth), at most four (L2 reuse)
+# Software pipelining of the two walks' loads (tl.range num_stages): 1 = none, each tile's loads waited on
+# before the next are issued. More stages keep more bytes in flight per program (what few programs per SM
+# need for bandwidth) at the cost of shared memory (fp32, 4096-wide tiles, 3 stages: 128 KB, one program
+# per SM). Offline sm_90 compiles confirm the loads are pipelined; which wins is for the GPU sweep.
+STAGES = 1
 _NEG_BIG = tl.constexpr(-1.0e30)  # finite "−inf" for running maxima: exp(m_old − m_new) stays 1, never NaN
 
 
@@ -82,7 +87,7 @@ def _teacher_stats_kernel(t_ptr, c_ptr, tt_ptr, part_ptr, B, P, stride_t, tt_val
 def _dino_fused_kernel(s_ptr, t_ptr, c_ptr, tt_ptr, tpart_ptr, g_ptr, lse_t_ptr, lse_s_ptr, loss_ptr,
                        B, P, stride_s, stride_t, stride_g, n_split, inv_ts, tt_val, coef,
                        G: tl.constexpr, S: tl.constexpr, GP: tl.constexpr, SP: tl.constexpr, KP: tl.constexpr,
-                       TT_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr):
+                       TT_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
     # Persistent: program p takes student rows p, p + programs, ... in sample-major order (i, b).
     if TT_FROM_PTR:
         inv_tt = 1.0 / tl.load(tt_ptr).to(tl.float32)
@@ -99,7 +104,7 @@ def _dino_fused_kernel(s_ptr, t_ptr, c_ptr, tt_ptr, tpart_ptr, g_ptr, lse_t_ptr,
         # Walk 1: the row's LSE of s/τs. Its lines stay in L2 for walk 2 (evict_last).
         m = tl.full([], _NEG_BIG, tl.float32)
         z = tl.zeros([], tl.float32)
-        for start in range(0, P, BLOCK):
+        for start in tl.range(0, P, BLOCK, num_stages=STAGES):
             cols = start + tl.arange(0, BLOCK)
             ok = cols < P
             s = tl.load(s_row + cols, mask=ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
@@ -125,7 +130,7 @@ def _dino_fused_kernel(s_ptr, t_ptr, c_ptr, tt_ptr, tpart_ptr, g_ptr, lse_t_ptr,
         g_row = g_ptr + (b * B + i).to(tl.int64) * stride_g
         t_rows = (ga * B + i).to(tl.int64) * stride_t
         cross = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, P, BLOCK):
+        for start in tl.range(0, P, BLOCK, num_stages=STAGES):
             cols = start + tl.arange(0, BLOCK)
             ok = cols < P
             tmask = t_ok[:, None] & ok[None, :]
@@ -199,10 +204,11 @@ def forward_with_grad(student, teacher, center, tt_ptr, tt_val, G, S, B, gp, sp,
     loss = _empty((B * S,), torch.float32, dev)
     coef = inv_ts / n_terms / (B if reduction == "mean" else 1)
     programs = _programs(B * S, P * student.element_size(), dev)
+    stages = int(os.environ.get("SSLKERNELS_DINO_FUSED_STAGES", STAGES))
     _dino_fused_kernel[(programs,)](
         student, teacher, center, tt_ptr if tt_ptr is not None else center, tpart, grad, lse_t, lse_s, loss,
         B, P, student.stride(0), teacher.stride(0), grad.stride(0), n_split, inv_ts, tt_val, coef,
-        G=G, S=S, GP=gp, SP=sp, KP=kp, TT_FROM_PTR=tt_ptr is not None, BLOCK=block,
+        G=G, S=S, GP=gp, SP=sp, KP=kp, TT_FROM_PTR=tt_ptr is not None, BLOCK=block, STAGES=stages,
         num_warps=8 if gp * block >= 4096 else 4)
     rows = loss.view(B, S).sum(dim=1).mul_(1.0 / n_terms)
     return rows, lse_t, lse_s, grad
