@@ -121,7 +121,7 @@ def run(args) -> list:
     return rows
 
 
-def main():
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=".")
     ap.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
@@ -132,12 +132,13 @@ def main():
     ap.add_argument("--stages", type=int, nargs="*", default=[1, 3])
     ap.add_argument("--budget", type=float, default=120.0,
                     help="seconds in all, shared by the dtypes: variants past a dtype's share are skipped")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     rows = run(args)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "dino_variants.json"), "w") as f:
         json.dump(rows, f, indent=1)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
