@@ -319,6 +319,14 @@ def test_merge_runs_into_one_report(tmp_path, capsys):
     assert doc["config"]["ops"] == ["info_nce", "nt_xent", "ema_update_"]
     assert (out / "table.txt").exists() and (out / "results.md").exists()
 
+    # Without matplotlib the merged report says why it has no plots, as a normal run does.
+    import sys
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "matplotlib", None)  # import fails
+        assert main(["--merge", str(a / "results.json"), "--out", str(tmp_path / "noplots")]) == 0
+        assert main(["--report", str(a / "results.json"), "--out", str(tmp_path / "noplots2")]) == 0
+    assert capsys.readouterr().err.count("matplotlib is not installed") == 2
+
     # The same part twice: a case measured twice keeps the later record, nothing doubles.
     assert main(["--merge", str(a / "results.json"), str(a / "results.json"), "--out", str(tmp_path / "m2")]) == 0
     twice = json.loads((tmp_path / "m2" / "results.json").read_text())

@@ -119,15 +119,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(err, file=sys.stderr)
             return 2
         written = report.write_all(doc, Path(args.out))
-        print(f"wrote {', '.join(str(f) for f in written['files'])}", file=sys.stderr)
+        _note_files(written)
         sys.stdout.write(written["text"])
         return 0
     if args.report:
         doc = json.loads(Path(args.report).read_text())
         reporter = distributed if doc.get("benchmark") == "distributed" else report
         if args.out:  # regenerate every file (tables, Markdown, plots) from the results alone
-            written = reporter.write_all(doc, Path(args.out))
-            print(f"wrote {', '.join(str(f) for f in written['files'])}", file=sys.stderr)
+            _note_files(reporter.write_all(doc, Path(args.out)))
         sys.stdout.write(reporter.text_report(doc))
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -174,6 +173,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     doc = run(cfg)
     out_dir = Path(args.out) if args.out else default_out_dir(device)
     return _print_written(report.write_all(doc, out_dir), t0)
+
+
+def _note_files(written: dict) -> None:
+    """What --merge / --report wrote, and why there are no plots if there are none (on stderr: stdout is the table)."""
+    if written["plots_note"]:
+        print(written["plots_note"], file=sys.stderr)
+    print(f"wrote {', '.join(str(f) for f in written['files'])}", file=sys.stderr)
 
 
 def _print_written(written: dict, t0: float) -> int:

@@ -25,6 +25,7 @@ from ..reference import center_update, compute_dtype, reduce
 from ._common import STREAM_PROGRAMS, cdiv, empty as _empty, next_pow2, scalar_args as _scalar_args
 from ._common import stream_split, unit_stride_rows as _rows
 from . import dino_fused
+from .dino_fused import inv_teacher_temp
 
 # Elements of the largest per-tile [rows × BLOCK_P] block (the student one). Tests lower these to make
 # tiny inputs span several tiles and P-splits.
@@ -42,10 +43,7 @@ def _dino_fwd_kernel(s_ptr, t_ptr, c_ptr, tt_ptr, part_ptr, B, P, stride_s, stri
     i = tl.program_id(0)
     k = tl.program_id(1)
     n_split = tl.num_programs(1)
-    if TT_FROM_PTR:
-        inv_tt = 1.0 / tl.load(tt_ptr).to(tl.float32)
-    else:
-        inv_tt = 1.0 / tt_val
+    inv_tt = inv_teacher_temp(tt_ptr, tt_val, TT_FROM_PTR)
     ga = tl.arange(0, GP)
     sb = tl.arange(0, SP)
     t_rows = (ga * B + i).to(tl.int64) * stride_t
@@ -136,10 +134,7 @@ def _dino_bwd_kernel(s_ptr, t_ptr, c_ptr, tt_ptr, lse_t_ptr, lse_s_ptr, go_ptr, 
     # Program (i, k): sample i, tile k of P; writes the gradient of all S student crops there.
     i = tl.program_id(0)
     k = tl.program_id(1)
-    if TT_FROM_PTR:
-        inv_tt = 1.0 / tl.load(tt_ptr).to(tl.float32)
-    else:
-        inv_tt = 1.0 / tt_val
+    inv_tt = inv_teacher_temp(tt_ptr, tt_val, TT_FROM_PTR)
     cols = k * BLOCK_P + tl.arange(0, BLOCK_P)
     c_ok = cols < P
     ga = tl.arange(0, GP)

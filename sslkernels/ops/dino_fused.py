@@ -53,16 +53,22 @@ def enabled() -> bool:
 
 
 @triton.jit
+def inv_teacher_temp(tt_ptr, tt_val, TT_FROM_PTR: tl.constexpr):
+    """1/τt from a 0-d tensor (read on the device: a warm-up schedule changes it without a recompile or a
+    host sync) or from a float. Shared by both DINO paths."""
+    if TT_FROM_PTR:
+        return 1.0 / tl.load(tt_ptr).to(tl.float32)
+    return 1.0 / tt_val
+
+
+@triton.jit
 def _teacher_stats_kernel(t_ptr, c_ptr, tt_ptr, part_ptr, B, P, stride_t, tt_val, tiles_per_split,
                           GP: tl.constexpr, KP: tl.constexpr, TT_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr):
     # Program (r, k): teacher row r = a·B + i over the k-th range of P: the partial (max, sum) of its
     # centred, sharpened logits (t − c)/τt.
     r = tl.program_id(0)
     k = tl.program_id(1)
-    if TT_FROM_PTR:
-        inv_tt = 1.0 / tl.load(tt_ptr).to(tl.float32)
-    else:
-        inv_tt = 1.0 / tt_val
+    inv_tt = inv_teacher_temp(tt_ptr, tt_val, TT_FROM_PTR)
     row = t_ptr + r.to(tl.int64) * stride_t
     m = tl.full([], _NEG_BIG, tl.float32)
     z = tl.zeros([], tl.float32)
@@ -89,10 +95,7 @@ def _dino_fused_kernel(s_ptr, t_ptr, c_ptr, tt_ptr, tpart_ptr, g_ptr, lse_t_ptr,
                        G: tl.constexpr, S: tl.constexpr, GP: tl.constexpr, SP: tl.constexpr, KP: tl.constexpr,
                        TT_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
     # Persistent: program p takes student rows p, p + programs, ... in sample-major order (i, b).
-    if TT_FROM_PTR:
-        inv_tt = 1.0 / tl.load(tt_ptr).to(tl.float32)
-    else:
-        inv_tt = 1.0 / tt_val
+    inv_tt = inv_teacher_temp(tt_ptr, tt_val, TT_FROM_PTR)
     ga = tl.arange(0, GP)
     t_ok = ga < G
     kk = tl.arange(0, KP)
