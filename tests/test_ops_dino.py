@@ -341,3 +341,22 @@ def test_dino_fused_program_count():
         assert dino_fused._programs(5, 1 << 18, torch.device("cpu")) == 5
     finally:
         del os.environ["SSLKERNELS_DINO_FUSED_PROGRAMS"]
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_dino_loss_strided_rows(kind):
+    # Student and teacher as column slices of wider buffers (row stride > P): the kernels index by stride.
+    G, S, B, P = 2, 3, 2, 37
+    dev = DEVICE[kind]
+    wide_s = torch.randn(S * B, P + 11)
+    wide_t = torch.randn(G * B, P + 5)
+    center = torch.randn(1, P)
+    leaf = wide_s.to(dev).requires_grad_()
+    student, teacher = leaf[:, 3:3 + P], wide_t.to(dev)[:, 5:]
+    got = KINDS[kind](student, teacher, center.to(dev), 0.1, 0.04, G, "mean")
+    (grad,) = torch.autograd.grad(got, leaf)
+    s64 = wide_s.double().requires_grad_()
+    want = dino64(s64[:, 3:3 + P], wide_t[:, 5:], center, 0.1, 0.04, G, "mean")
+    (want_grad,) = torch.autograd.grad(want, s64)
+    assert_close(got, want, torch.float32, name="loss")
+    assert_close(grad, want_grad, torch.float32, atol=0.0, name="student grad")
