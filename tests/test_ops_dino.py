@@ -41,6 +41,7 @@ def _small_tiles(monkeypatch):
     monkeypatch.setattr(dino_fused, "BLOCK_P", 16)
     monkeypatch.setattr(dino_fused, "TEACHER_BLOCK", 16)
     monkeypatch.setattr(dino_fused, "INTERPRETER_PROGRAMS", 3)
+    monkeypatch.setenv("SSLKERNELS_DINO_FUSED_PROGRAMS", "3")  # on a GPU as well
 
 
 def dino64(student, teacher, center, student_temp, teacher_temp, n_global, reduction):
@@ -298,26 +299,30 @@ def test_stream_split_fills_the_gpu_at_the_paper_size():
 # --------------------------------------------------------------------------- gradient in the forward
 
 
-def test_dino_fused_backward_only_scales_and_recomputes_on_a_second_backward(monkeypatch):
-    # The first backward hands out the forward's gradient (no recomputing kernel); a retain_graph backward
-    # after it recomputes with the two-pass kernel and must agree.
+def test_dino_fused_backward_recomputes_only_non_unit_samples(monkeypatch):
+    # The first backward hands out the forward's gradient, recomputing only the samples whose upstream
+    # gradient is not exactly 1 (here sample 1 of 3); a retain_graph backward after it recomputes all.
     G, S, B, P = 2, 3, 3, 45
     student, teacher, center = torch.randn(S * B, P), torch.randn(G * B, P), torch.randn(1, P)
+    weights = torch.tensor([1.0, 2.5, 1.0])
     s64 = student.double().requires_grad_()
-    (want,) = torch.autograd.grad(dino64(s64, teacher, center, 0.1, 0.04, G, "sum") * 2.5, s64)
+    (want,) = torch.autograd.grad((dino64(s64, teacher, center, 0.1, 0.04, G, "none") * weights).sum(), s64)
     dev = DEVICE["fused"]
     leaf = student.to(dev).requires_grad_()
-    loss = fused_dino_loss(leaf, teacher.to(dev), center.to(dev), 0.1, 0.04, G, "sum")
-    recompute = dino._dino_bwd_kernel
+    loss = fused_dino_loss(leaf, teacher.to(dev), center.to(dev), 0.1, 0.04, G, "none")
+    kernel, skips = dino._dino_bwd_kernel, []
 
-    class _Refused:
+    class _Recording:
         def __getitem__(self, grid):
-            raise AssertionError("the fused path recomputed its gradient in the first backward")
+            def launch(*args, **kw):
+                skips.append(kw["SKIP_UNIT"])
+                return kernel[grid](*args, **kw)
+            return launch
 
-    monkeypatch.setattr(dino, "_dino_bwd_kernel", _Refused())
-    (first,) = torch.autograd.grad(loss * 2.5, leaf, retain_graph=True)
-    monkeypatch.setattr(dino, "_dino_bwd_kernel", recompute)
-    (second,) = torch.autograd.grad(loss * 2.5, leaf)
+    monkeypatch.setattr(dino, "_dino_bwd_kernel", _Recording())
+    (first,) = torch.autograd.grad(loss, leaf, weights.to(dev), retain_graph=True)
+    (second,) = torch.autograd.grad(loss, leaf, weights.to(dev))
+    assert skips == [True, False]
     assert_close(first, want, torch.float32, atol=0.0, name="first backward")
     assert_close(second, want, torch.float32, atol=0.0, name="second backward")
 
@@ -331,16 +336,25 @@ def test_dino_fused_skips_the_gradient_when_nothing_needs_it(monkeypatch):
     assert_close(got, dino64(student, teacher, center, 0.1, 0.04, 2, "mean"), torch.float32)
 
 
-def test_dino_fused_program_count():
+def test_dino_fused_program_count(monkeypatch):
     # Off the GPU: the interpreter's grid. On it: at least one program per SM, and an override for sweeps.
+    monkeypatch.delenv("SSLKERNELS_DINO_FUSED_PROGRAMS")
     assert dino_fused._programs(2, 1 << 18, torch.device("cpu")) == 2
     assert dino_fused._programs(100, 1 << 18, torch.device("cpu")) == dino_fused.INTERPRETER_PROGRAMS
-    os.environ["SSLKERNELS_DINO_FUSED_PROGRAMS"] = "7"
-    try:
-        assert dino_fused._programs(100, 1 << 18, torch.device("cpu")) == 7
-        assert dino_fused._programs(5, 1 << 18, torch.device("cpu")) == 5
-    finally:
-        del os.environ["SSLKERNELS_DINO_FUSED_PROGRAMS"]
+    if HAS_CUDA:
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        assert sms <= dino_fused._programs(10_000, 1 << 18, torch.device("cuda")) <= 4 * sms
+    monkeypatch.setenv("SSLKERNELS_DINO_FUSED_PROGRAMS", "7")
+    assert dino_fused._programs(100, 1 << 18, torch.device("cpu")) == 7
+    assert dino_fused._programs(5, 1 << 18, torch.device("cpu")) == 5
+
+
+@pytest.mark.parametrize("stages", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dino_fused_pipelined_walks(monkeypatch, stages, dtype):
+    # The software-pipelined loops the GPU sweep may pick (tl.range num_stages; the interpreter ignores it).
+    monkeypatch.setenv("SSLKERNELS_DINO_FUSED_STAGES", str(stages))
+    check("fused", 2, 5, 3, 203, dtype, "none")
 
 
 @pytest.mark.parametrize("kind", ALL_KINDS)

@@ -130,7 +130,8 @@ def _dino_merge_kernel(part_ptr, lse_t_ptr, lse_s_ptr, rows_ptr, n_split, inv_ts
 @triton.jit
 def _dino_bwd_kernel(s_ptr, t_ptr, c_ptr, tt_ptr, lse_t_ptr, lse_s_ptr, go_ptr, g_ptr, B, P,
                      stride_s, stride_t, stride_g, stride_go, scale, inv_ts, tt_val, G: tl.constexpr, S: tl.constexpr,
-                     GP: tl.constexpr, SP: tl.constexpr, TT_FROM_PTR: tl.constexpr, BLOCK_P: tl.constexpr):
+                     GP: tl.constexpr, SP: tl.constexpr, TT_FROM_PTR: tl.constexpr, BLOCK_P: tl.constexpr,
+                     SKIP_UNIT: tl.constexpr):
     # Program (i, k): sample i, tile k of P; writes the gradient of all S student crops there.
     i = tl.program_id(0)
     k = tl.program_id(1)
@@ -143,35 +144,38 @@ def _dino_bwd_kernel(s_ptr, t_ptr, c_ptr, tt_ptr, lse_t_ptr, lse_s_ptr, go_ptr, 
     s_ok = sb < S
     # The upstream gradient (one value: stride 0; "none": per sample) · 1/(τs·n_terms) (· 1/B for "mean"),
     # read here rather than prepared by torch ops: each would be a launch the host pays for.
-    coef = tl.load(go_ptr + i * stride_go).to(tl.float32) * scale
+    up = tl.load(go_ptr + i * stride_go).to(tl.float32)
+    coef = up * scale
+    # SKIP_UNIT: the gradient for an upstream 1 is already in g (the fused forward wrote it); only samples
+    # whose upstream gradient is not exactly 1 are recomputed, rounded once like every other gradient.
+    if (up != 1.0) | (SKIP_UNIT == 0):
+        tmask = t_ok[:, None] & c_ok[None, :]
+        t = tl.load(t_ptr + (ga * B + i).to(tl.int64)[:, None] * stride_t + cols[None, :], mask=tmask,
+                    other=0.0).to(tl.float32)
+        c = tl.load(c_ptr + cols, mask=c_ok, other=0.0).to(tl.float32)
+        lse_t = tl.load(lse_t_ptr + i * GP + ga, mask=t_ok, other=0.0)
+        tp = tl.where(tmask, tl.exp((t - c[None, :]) * inv_tt - lse_t[:, None]), 0.0)
+        t_sum = tl.sum(tp, axis=0)
 
-    tmask = t_ok[:, None] & c_ok[None, :]
-    t = tl.load(t_ptr + (ga * B + i).to(tl.int64)[:, None] * stride_t + cols[None, :], mask=tmask,
-                other=0.0).to(tl.float32)
-    c = tl.load(c_ptr + cols, mask=c_ok, other=0.0).to(tl.float32)
-    lse_t = tl.load(lse_t_ptr + i * GP + ga, mask=t_ok, other=0.0)
-    tp = tl.where(tmask, tl.exp((t - c[None, :]) * inv_tt - lse_t[:, None]), 0.0)
-    t_sum = tl.sum(tp, axis=0)
+        # Crops b ≥ G pair with every teacher crop: n_b = G, Σ_{a≠b} t_a = Σ_a t_a.
+        smask = s_ok[:, None] & c_ok[None, :]
+        s = tl.load(s_ptr + (sb * B + i).to(tl.int64)[:, None] * stride_s + cols[None, :], mask=smask,
+                    other=0.0).to(tl.float32)
+        lse_s = tl.load(lse_s_ptr + i * SP + sb, mask=s_ok, other=0.0)
+        sp = tl.exp(s * inv_ts - lse_s[:, None])
+        grad = coef * (G * sp - t_sum[None, :])
+        out = (sb * B + i).to(tl.int64)[:, None] * stride_g + cols[None, :]
+        tl.store(g_ptr + out, grad.to(g_ptr.dtype.element_ty), mask=smask & (sb >= G)[:, None])
 
-    # Crops b ≥ G pair with every teacher crop: n_b = G, Σ_{a≠b} t_a = Σ_a t_a.
-    smask = s_ok[:, None] & c_ok[None, :]
-    s = tl.load(s_ptr + (sb * B + i).to(tl.int64)[:, None] * stride_s + cols[None, :], mask=smask,
-                other=0.0).to(tl.float32)
-    lse_s = tl.load(lse_s_ptr + i * SP + sb, mask=s_ok, other=0.0)
-    sp = tl.exp(s * inv_ts - lse_s[:, None])
-    grad = coef * (G * sp - t_sum[None, :])
-    out = (sb * B + i).to(tl.int64)[:, None] * stride_g + cols[None, :]
-    tl.store(g_ptr + out, grad.to(g_ptr.dtype.element_ty), mask=smask & (sb >= G)[:, None])
-
-    # Crops a < G leave their own teacher crop out: n_a = G − 1, Σ_{a'≠a} t_a' = Σ t − t_a.
-    gmask = (t_ok & (ga < S))[:, None] & c_ok[None, :]
-    sg = tl.load(s_ptr + (ga * B + i).to(tl.int64)[:, None] * stride_s + cols[None, :], mask=gmask,
-                 other=0.0).to(tl.float32)
-    lse_g = tl.load(lse_s_ptr + i * SP + ga, mask=ga < S, other=0.0)
-    spg = tl.exp(sg * inv_ts - lse_g[:, None])
-    grad_g = coef * ((G - 1) * spg - (t_sum[None, :] - tp))
-    out_g = (ga * B + i).to(tl.int64)[:, None] * stride_g + cols[None, :]
-    tl.store(g_ptr + out_g, grad_g.to(g_ptr.dtype.element_ty), mask=gmask)
+        # Crops a < G leave their own teacher crop out: n_a = G − 1, Σ_{a'≠a} t_a' = Σ t − t_a.
+        gmask = (t_ok & (ga < S))[:, None] & c_ok[None, :]
+        sg = tl.load(s_ptr + (ga * B + i).to(tl.int64)[:, None] * stride_s + cols[None, :], mask=gmask,
+                     other=0.0).to(tl.float32)
+        lse_g = tl.load(lse_s_ptr + i * SP + ga, mask=ga < S, other=0.0)
+        spg = tl.exp(sg * inv_ts - lse_g[:, None])
+        grad_g = coef * ((G - 1) * spg - (t_sum[None, :] - tp))
+        out_g = (ga * B + i).to(tl.int64)[:, None] * stride_g + cols[None, :]
+        tl.store(g_ptr + out_g, grad_g.to(g_ptr.dtype.element_ty), mask=gmask)
 
 
 def _tiling(G: int, S: int, P: int):
@@ -220,7 +224,7 @@ class _DinoLoss(torch.autograd.Function):
         inv_ts = 1.0 / float(student_temp)
         ctx.fused_grad = None
         if ctx.needs_input_grad[0] and dino_fused.enabled():
-            # The gradient in the same pass as the loss (ops/dino_fused.py); the backward only scales it.
+            # The gradient in the same pass as the loss (ops/dino_fused.py); the backward hands it out.
             rows, lse_t, lse_s, ctx.fused_grad = dino_fused.forward_with_grad(
                 student, teacher, center, tt_ptr, tt_val, G, S, B, gp, sp, inv_ts, _n_terms(G, S), reduction,
                 TARGET_PROGRAMS)
@@ -238,18 +242,18 @@ class _DinoLoss(torch.autograd.Function):
         student, teacher, center, tt, lse_t, lse_s = ctx.saved_tensors
         B, S, G, gp, sp, block_p, warps, inv_ts, tt_val, reduction = ctx.dims
         go = grad_out.reshape(-1)  # [1] ("mean" / "sum") or [B] ("none", any stride)
-        if ctx.fused_grad is not None:
-            # Handed out once: a second backward (retain_graph) recomputes below.
-            grad, ctx.fused_grad = ctx.fused_grad, None
-            return dino_fused.scale_by_upstream_(grad, go, B), None, None, None, None, None, None
         scale = inv_ts / _n_terms(G, S) / (B if reduction == "mean" else 1)
-        grad = _empty(student.shape, student.dtype, student.device)
+        # The fused forward's gradient (for an upstream 1) is handed out once; the kernel then recomputes only
+        # the samples whose upstream gradient is not exactly 1 (scaling the stored gradient instead would round
+        # a bf16 gradient twice). A second backward (retain_graph) recomputes everything.
+        fused, ctx.fused_grad = ctx.fused_grad, None
+        grad = fused if fused is not None else _empty(student.shape, student.dtype, student.device)
         P = student.shape[1]
         _dino_bwd_kernel[(B, cdiv(P, block_p))](
             student, teacher, center, tt if ctx.tt_from_ptr else center, lse_t, lse_s, go, grad, B, P,
             student.stride(0), teacher.stride(0), grad.stride(0), go.stride(0) if go.numel() > 1 else 0, scale,
             inv_ts, tt_val, G=G, S=S, GP=gp, SP=sp,
-            TT_FROM_PTR=ctx.tt_from_ptr, BLOCK_P=block_p, num_warps=warps)
+            TT_FROM_PTR=ctx.tt_from_ptr, BLOCK_P=block_p, SKIP_UNIT=fused is not None, num_warps=warps)
         return grad, None, None, None, None, None, None
 
 

@@ -12,10 +12,12 @@ traffic at the paper size; its P-splits are merged by the main kernel, no launch
 kernel reads a sample's G teacher rows once per student crop; programs take rows sample-major, so a
 sample's S crops run at about the same time and all but the first of those reads hit L2.
 
-The forward stores the gradient for an upstream gradient of 1. The backward scales it in place by the
-real upstream gradient, and a program whose factor is exactly 1 (``loss.backward()``) returns at once:
-no pass over the gradient and no host sync. A second backward (retain_graph) finds the gradient handed
-out and recomputes it with the two-pass kernel (ops/dino.py keeps that path's saved tensors).
+The forward stores the gradient for an upstream gradient of 1. The backward hands it out, after the
+two-pass backward kernel (ops/dino.py) has recomputed in place the samples whose upstream gradient is not
+exactly 1; its programs for the others (all of them after ``loss.backward()``) return at once, so that
+costs one launch, no pass over the gradient and no host sync. Recomputing rather than scaling the stored
+gradient keeps a bf16 gradient rounded once. A second backward (retain_graph) finds the gradient handed
+out and recomputes all of it.
 
 Opt-in until measured on a GPU (``SSLKERNELS_DINO_FUSED=1``); benchmarks/NOTES.md has the prediction.
 """
@@ -153,20 +155,6 @@ def _dino_fused_kernel(s_ptr, t_ptr, c_ptr, tt_ptr, tpart_ptr, g_ptr, lse_t_ptr,
         tl.store(lse_t_ptr + i * GP + ga, lse_t, mask=(ga < GP) & (b == 0))
 
 
-@triton.jit
-def _scale_rows_kernel(g_ptr, go_ptr, B, P, stride_g, stride_go, BLOCK: tl.constexpr):
-    # Program (r, k): gradient row r (sample r mod B), tile k, times its upstream gradient; nothing to do,
-    # and no traffic, where that factor is exactly 1.
-    r = tl.program_id(0)
-    f = tl.load(go_ptr + (r % B) * stride_go).to(tl.float32)
-    if f != 1.0:
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        ok = cols < P
-        row = g_ptr + r.to(tl.int64) * stride_g
-        g = tl.load(row + cols, mask=ok, other=0.0).to(tl.float32)
-        tl.store(row + cols, (g * f).to(g_ptr.dtype.element_ty), mask=ok)
-
-
 def _programs(rows: int, row_bytes: int, device: torch.device) -> int:
     override = os.environ.get("SSLKERNELS_DINO_FUSED_PROGRAMS")
     if override:
@@ -216,12 +204,3 @@ def forward_with_grad(student, teacher, center, tt_ptr, tt_val, G, S, B, gp, sp,
     rows = loss.view(B, S).sum(dim=1).mul_(1.0 / n_terms)
     return rows, lse_t, lse_s, grad
 
-
-def scale_by_upstream_(grad: torch.Tensor, go: torch.Tensor, B: int) -> torch.Tensor:
-    """grad (rows b·B + i) times go ([1], or [B] per sample, any stride), in place."""
-    P = grad.shape[1]
-    block = min(next_pow2(P), 4096)
-    _scale_rows_kernel[(grad.shape[0], cdiv(P, block))](
-        grad, go, B, P, grad.stride(0), go.stride(0) if go.numel() > 1 else 0, BLOCK=block,
-        num_warps=8 if block >= 2048 else 4)
-    return grad
