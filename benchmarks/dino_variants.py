@@ -5,7 +5,8 @@ measured in the same run. The winner's settings go into ops/dino_fused.py; bench
 prediction.
 
     PYTHONPATH=. python benchmarks/dino_variants.py --out DIR [--dtype fp32 bf16] [--B 64] [--P 65536]
-        [--programs 66 132 264 528] [--blocks 4096 2048 8192] [--stages 1 3] [--budget SECONDS]
+        [--programs 66 132 264 528] [--blocks 4096 2048 8192] [--stages 1 3] [--crops 1 2]
+        [--budget SECONDS]
 
 On CPU (the interpreter) it runs a tiny size once, as a smoke test of the script.
 """
@@ -61,15 +62,22 @@ def copy_gbps(device) -> float:
     return 2 * x.numel() * 4 / ms / 1e6
 
 
-def variants(programs, blocks, stages):
+def variants(programs, blocks, stages, crops):
+    """The two-pass path, the fused one as it launches by default, then the fused one over the grid of
+    launch settings, most informative first (the budget may cut the tail): every program count at the
+    first block, stage count and crop count, then one setting changed at a time (crops, stages, block),
+    then two, then three."""
     yield "two-pass", dict(SSLKERNELS_DINO_FUSED="0")
     yield "fused (default launch)", dict(SSLKERNELS_DINO_FUSED="1")
-    for st in stages:
-        for b in blocks:
-            for p in programs:
-                yield f"fused programs={p} block={b} stages={st}", dict(
-                    SSLKERNELS_DINO_FUSED="1", SSLKERNELS_DINO_FUSED_PROGRAMS=p, SSLKERNELS_DINO_FUSED_BLOCK=b,
-                    SSLKERNELS_DINO_FUSED_STAGES=st)
+    grid = [(c, st, b, p) for b in blocks for st in stages for c in crops for p in programs]
+
+    def changed(v):  # how many of (crops, stages, block) differ from the first of each
+        return sum(x != first for x, first in zip(v[:3], (crops[0], stages[0], blocks[0])))
+
+    for c, st, b, p in sorted(grid, key=changed):  # stable: the loops' order within each rank
+        yield f"fused programs={p} block={b} stages={st} crops={c}", dict(
+            SSLKERNELS_DINO_FUSED="1", SSLKERNELS_DINO_FUSED_PROGRAMS=p, SSLKERNELS_DINO_FUSED_BLOCK=b,
+            SSLKERNELS_DINO_FUSED_STAGES=st, SSLKERNELS_DINO_FUSED_CROPS=c)
 
 
 def run(args) -> list:
@@ -88,7 +96,7 @@ def run(args) -> list:
         floor_bytes = (student.numel() + teacher.numel() + student.numel()) * student.element_size()
         floor_ms = floor_bytes / bw / 1e6 if bw == bw else float("nan")
         reference = None
-        for label, env in variants(args.programs, args.blocks, args.stages):
+        for label, env in variants(args.programs, args.blocks, args.stages, args.crops):
             if time.monotonic() > deadline and reference is not None:
                 print(f"{name:5} its share of the {args.budget:.0f} s budget is spent: the other variants are not run",
                       flush=True)
@@ -130,6 +138,7 @@ def main(argv=None) -> int:
     ap.add_argument("--programs", type=int, nargs="*", default=[66, 132, 264, 528])
     ap.add_argument("--blocks", type=int, nargs="*", default=[4096, 2048, 8192])
     ap.add_argument("--stages", type=int, nargs="*", default=[1, 3])
+    ap.add_argument("--crops", type=int, nargs="*", default=[1, 2])
     ap.add_argument("--budget", type=float, default=120.0,
                     help="seconds in all, shared by the dtypes: variants past a dtype's share are skipped")
     args = ap.parse_args(argv)

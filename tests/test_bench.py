@@ -264,9 +264,11 @@ def test_dino_variants_compares_the_two_paths(tmp_path):
     pytest.importorskip("triton")
     mod = _load_benchmark_script("dino_variants")
     assert mod.main(["--out", str(tmp_path), "--dtype", "fp32", "--programs", "2", "--blocks", "64", "--stages", "1",
-                     "--budget", "600"]) == 0
+                     "--crops", "1", "2", "--budget", "600"]) == 0
     rows = json.loads((tmp_path / "dino_variants.json").read_text())
-    assert [r["variant"] for r in rows] == ["two-pass", "fused (default launch)", "fused programs=2 block=64 stages=1"]
+    assert [r["variant"] for r in rows] == ["two-pass", "fused (default launch)",
+                                            "fused programs=2 block=64 stages=1 crops=1",
+                                            "fused programs=2 block=64 stages=1 crops=2"]
     for r in rows:  # the fused path agrees with the two-pass kernels
         assert r["ms"] > 0 and r["loss_diff"] < 1e-5 and r["grad_diff"] < 1e-5, r
 

@@ -357,6 +357,16 @@ def test_dino_fused_pipelined_walks(monkeypatch, stages, dtype):
     check("fused", 2, 5, 3, 203, dtype, "none")
 
 
+@pytest.mark.parametrize("crops", [2, 4, 8])
+@pytest.mark.parametrize("G,S,B,P", [(2, 5, 3, 71), (3, 2, 2, 40), (1, 3, 2, 33)])
+def test_dino_fused_several_crops_per_item(monkeypatch, crops, G, S, B, P):
+    # Items of several crops of a sample, the last one ragged (S = 5 in pairs or fours), global crops
+    # (own teacher left out) and local ones in the same item, G > S; 8 is capped at S's power of two.
+    monkeypatch.setenv("SSLKERNELS_DINO_FUSED_CROPS", str(crops))
+    check("fused", G, S, B, P, torch.float32, "none")
+    check("fused", G, S, B, P, torch.float16, "mean")
+
+
 @pytest.mark.parametrize("kind", ALL_KINDS)
 def test_dino_loss_strided_rows(kind):
     # Student and teacher as column slices of wider buffers (row stride > P): the kernels index by stride.

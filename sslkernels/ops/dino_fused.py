@@ -3,13 +3,13 @@
 The two-pass kernels (ops/dino.py) read every student logit twice from HBM: once in the forward for its
 row's LSE, once in the backward for the gradient. That traffic, 2R + W against the floor's R + W, is 1.54×
 the floor at the paper size, over issue 5's 1.5× target before any inefficiency. Here a persistent program
-takes one student row (sample i, crop b) at a time and walks it twice back to back: first for its LSE,
-then for its gradient and its loss terms. With few enough programs that their rows fit in L2 together, the
+takes one student row (sample i, crop b), or CROPS rows of one sample, at a time and walks it twice back
+to back: first for its LSE, then for its gradient and its loss terms. With few enough programs that their rows fit in L2 together, the
 second walk reads L2, not HBM: traffic R + W plus the teacher.
 
 The teacher's row statistics come first, from a split streaming launch (G·B rows, 1/(S+1) of the student
 traffic at the paper size; its P-splits are merged by the main kernel, no launch in between). The main
-kernel reads a sample's G teacher rows once per student crop; programs take rows sample-major, so a
+kernel reads a sample's G teacher rows once per work item; programs take items sample-major, so a
 sample's S crops run at about the same time and all but the first of those reads hit L2.
 
 The forward stores the gradient for an upstream gradient of 1. The backward hands it out, after the
@@ -47,6 +47,10 @@ PROGRAMS_PER_SM = (1, 4)  # at least one program per SM (bandwidth), at most fou
 # need for bandwidth) at the cost of shared memory (fp32, 4096-wide tiles, 3 stages: 128 KB, one program
 # per SM). Offline sm_90 compiles confirm the loads are pipelined; which wins is for the GPU sweep.
 STAGES = 1
+# Student crops per work item (a power of two): walk 2 computes a column's G teacher probabilities once for
+# all of them, so exps per student logit fall from 2 + G to 2 + G/CROPS, at CROPS rows of L2 per program.
+# 1 until the GPU sweep says otherwise (benchmarks/NOTES.md: bf16 may be bound by exps, not bytes).
+CROPS = 1
 _NEG_BIG = tl.constexpr(-1.0e30)  # finite "−inf" for running maxima: exp(m_old − m_new) stays 1, never NaN
 
 
@@ -95,29 +99,35 @@ def _teacher_stats_kernel(t_ptr, c_ptr, tt_ptr, part_ptr, B, P, stride_t, tt_val
 def _dino_fused_kernel(s_ptr, t_ptr, c_ptr, tt_ptr, tpart_ptr, g_ptr, lse_t_ptr, lse_s_ptr, loss_ptr,
                        B, P, stride_s, stride_t, stride_g, n_split, inv_ts, tt_val, coef,
                        G: tl.constexpr, S: tl.constexpr, GP: tl.constexpr, SP: tl.constexpr, KP: tl.constexpr,
-                       TT_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
-    # Persistent: program p takes student rows p, p + programs, ... in sample-major order (i, b).
+                       C: tl.constexpr, NG: tl.constexpr, TT_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr,
+                       STAGES: tl.constexpr):
+    # Persistent: program p takes items p, p + programs, ... in sample-major order (i, group). An item is C
+    # student crops of sample i (crops group·C ... group·C + C − 1; NG groups cover the S crops): the
+    # teacher probabilities of a column, G exps, then serve C crops instead of one.
     inv_tt = inv_teacher_temp(tt_ptr, tt_val, TT_FROM_PTR)
     ga = tl.arange(0, GP)
     t_ok = ga < G
     kk = tl.arange(0, KP)
-    for item in range(tl.program_id(0), B * S, tl.num_programs(0)):
-        i = item // S
-        b = item % S
-        s_row = s_ptr + (b * B + i).to(tl.int64) * stride_s
+    cc = tl.arange(0, C)
+    for item in range(tl.program_id(0), B * NG, tl.num_programs(0)):
+        i = item // NG
+        bv = (item % NG) * C + cc  # the item's crops
+        b_ok = bv < S
+        s_rows = (bv * B + i).to(tl.int64) * stride_s
 
-        # Walk 1: the row's LSE of s/τs. Its lines stay in L2 for walk 2 (evict_last).
-        m = tl.full([], _NEG_BIG, tl.float32)
-        z = tl.zeros([], tl.float32)
+        # Walk 1: the rows' LSEs of s/τs. Their lines stay in L2 for walk 2 (evict_last).
+        m = tl.full([C], _NEG_BIG, tl.float32)
+        z = tl.zeros([C], tl.float32)
         for start in tl.range(0, P, BLOCK, num_stages=STAGES):
             cols = start + tl.arange(0, BLOCK)
-            ok = cols < P
-            s = tl.load(s_row + cols, mask=ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
-            v = tl.where(ok, s * inv_ts, float("-inf"))
-            m_new = tl.maximum(m, tl.max(v, axis=0))
-            z = z * tl.exp(m - m_new) + tl.sum(tl.exp(v - m_new), axis=0)
+            smask = b_ok[:, None] & (cols < P)[None, :]
+            s = tl.load(s_ptr + s_rows[:, None] + cols[None, :], mask=smask, other=0.0,
+                        eviction_policy="evict_last").to(tl.float32)
+            v = tl.where(smask, s * inv_ts, float("-inf"))
+            m_new = tl.maximum(m, tl.max(v, axis=1))
+            z = z * tl.exp(m - m_new) + tl.sum(tl.exp(v - m_new[:, None]), axis=1)
             m = m_new
-        lse_b = m + tl.log(z)
+        lse_b = tl.where(b_ok, m + tl.log(tl.where(b_ok, z, 1.0)), 0.0)  # 0 past S: no inf in the masked rows
 
         # The sample's teacher LSEs from the split partials.
         pmask = t_ok[:, None] & (kk < n_split)[None, :]
@@ -130,11 +140,11 @@ def _dino_fused_kernel(s_ptr, t_ptr, c_ptr, tt_ptr, tpart_ptr, g_ptr, lse_t_ptr,
 
         # Walk 2: gradient (n_b·softmax(s_b/τs) − Σ_{a≠b} t_a)·coef, and Σ_p (Σ_{a≠b} t_a)·s_b for the loss.
         # Crop b < G leaves its own teacher crop out (n_b = G − 1); the others pair with all G.
-        n_b = tl.where(b < G, G - 1.0, G * 1.0)
-        own = (ga == b)[:, None]
-        g_row = g_ptr + (b * B + i).to(tl.int64) * stride_g
+        n_b = tl.where(bv < G, G - 1.0, G * 1.0)
+        other = (ga[None, :] != bv[:, None]) & t_ok[None, :]  # [C, GP]: teacher crops paired with crop b
         t_rows = (ga * B + i).to(tl.int64) * stride_t
-        cross = tl.zeros([BLOCK], tl.float32)
+        g_rows = (bv * B + i).to(tl.int64) * stride_g
+        cross = tl.zeros([C, BLOCK], tl.float32)
         for start in tl.range(0, P, BLOCK, num_stages=STAGES):
             cols = start + tl.arange(0, BLOCK)
             ok = cols < P
@@ -142,20 +152,25 @@ def _dino_fused_kernel(s_ptr, t_ptr, c_ptr, tt_ptr, tpart_ptr, g_ptr, lse_t_ptr,
             t = tl.load(t_ptr + t_rows[:, None] + cols[None, :], mask=tmask, other=0.0,
                         eviction_policy="evict_last").to(tl.float32)
             c = tl.load(c_ptr + cols, mask=ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
-            tp = tl.where(tmask & ~own, tl.exp((t - c[None, :]) * inv_tt - lse_t[:, None]), 0.0)
-            t_other = tl.sum(tp, axis=0)
-            s = tl.load(s_row + cols, mask=ok, other=0.0, eviction_policy="evict_first").to(tl.float32)
-            sp = tl.exp(s * inv_ts - lse_b)
+            tp = tl.where(tmask, tl.exp((t - c[None, :]) * inv_tt - lse_t[:, None]), 0.0)
+            # Each crop's own sum over its partners (not Σ_a t_a − t_b, which cancels when t_b ≈ 1).
+            t_other = tl.sum(tl.where(other[:, :, None], tp[None, :, :], 0.0), axis=1)
+            smask = b_ok[:, None] & ok[None, :]
+            s = tl.load(s_ptr + s_rows[:, None] + cols[None, :], mask=smask, other=0.0,
+                        eviction_policy="evict_first").to(tl.float32)
+            sp = tl.exp(s * inv_ts - lse_b[:, None])
             cross += t_other * s
-            grad = coef * (n_b * sp - t_other)
-            tl.store(g_row + cols, grad.to(g_ptr.dtype.element_ty), mask=ok, eviction_policy="evict_first")
+            grad = coef * (n_b[:, None] * sp - t_other)
+            tl.store(g_ptr + g_rows[:, None] + cols[None, :], grad.to(g_ptr.dtype.element_ty), mask=smask,
+                     eviction_policy="evict_first")
 
-        tl.store(loss_ptr + item, n_b * lse_b - inv_ts * tl.sum(cross, axis=0))
-        tl.store(lse_s_ptr + i * SP + b, lse_b)
-        tl.store(lse_t_ptr + i * GP + ga, lse_t, mask=(ga < GP) & (b == 0))
+        tl.store(loss_ptr + i * S + bv, n_b * lse_b - inv_ts * tl.sum(cross, axis=1), mask=b_ok)
+        tl.store(lse_s_ptr + i * SP + bv, lse_b, mask=b_ok)
+        tl.store(lse_t_ptr + i * GP + ga, lse_t, mask=(ga < GP) & (item % NG == 0))
 
 
 def _programs(rows: int, row_bytes: int, device: torch.device) -> int:
+    """Programs of the persistent grid for ``rows`` work items of ``row_bytes`` of student logits each."""
     override = os.environ.get("SSLKERNELS_DINO_FUSED_PROGRAMS")
     if override:
         return max(1, min(rows, int(override)))
@@ -164,7 +179,7 @@ def _programs(rows: int, row_bytes: int, device: torch.device) -> int:
     sms = sm_count(device)
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
     lo, hi = PROGRAMS_PER_SM
-    # A program holds its student row and the gradient row it writes: 2·row_bytes of L2.
+    # A program holds its student rows and the gradient rows it writes: 2·row_bytes of L2.
     fit = int(L2_SHARE * l2 / (2 * row_bytes))
     return max(1, min(rows, max(lo * sms, min(hi * sms, fit))))
 
@@ -185,7 +200,8 @@ def forward_with_grad(student, teacher, center, tt_ptr, tt_val, G, S, B, gp, sp,
         per_split, GP=gp, KP=kp, TT_FROM_PTR=tt_ptr is not None, BLOCK=t_block,
         num_warps=4 if t_block >= 512 else 1)
 
-    block = max(16, min(next_pow2(P), BLOCK_P, TILE_ELEMENTS // gp))
+    crops = min(next_pow2(S), next_pow2(max(1, int(os.environ.get("SSLKERNELS_DINO_FUSED_CROPS", CROPS)))))
+    block = max(16, min(next_pow2(P), BLOCK_P, TILE_ELEMENTS // (gp * crops)))
     override = os.environ.get("SSLKERNELS_DINO_FUSED_BLOCK")
     if override:
         block = max(16, min(next_pow2(P), int(override)))
@@ -194,13 +210,14 @@ def forward_with_grad(student, teacher, center, tt_ptr, tt_val, G, S, B, gp, sp,
     lse_s = _empty((B, sp), torch.float32, dev)
     loss = _empty((B * S,), torch.float32, dev)
     coef = inv_ts / n_terms / (B if reduction == "mean" else 1)
-    programs = _programs(B * S, P * student.element_size(), dev)
+    groups = cdiv(S, crops)
+    programs = _programs(B * groups, crops * P * student.element_size(), dev)
     stages = int(os.environ.get("SSLKERNELS_DINO_FUSED_STAGES", STAGES))
     _dino_fused_kernel[(programs,)](
         student, teacher, center, tt_ptr if tt_ptr is not None else center, tpart, grad, lse_t, lse_s, loss,
         B, P, student.stride(0), teacher.stride(0), grad.stride(0), n_split, inv_ts, tt_val, coef,
-        G=G, S=S, GP=gp, SP=sp, KP=kp, TT_FROM_PTR=tt_ptr is not None, BLOCK=block, STAGES=stages,
-        num_warps=8 if gp * block >= 4096 else 4)
+        G=G, S=S, GP=gp, SP=sp, KP=kp, C=crops, NG=groups, TT_FROM_PTR=tt_ptr is not None, BLOCK=block,
+        STAGES=stages, num_warps=8 if gp * crops * block >= 4096 else 4)
     rows = loss.view(B, S).sum(dim=1).mul_(1.0 / n_terms)
     return rows, lse_t, lse_s, grad
 
