@@ -12,6 +12,7 @@ official code (G·S products of B×P tensors) never exists.
 
 The gradient of student crop b is (n_b·softmax(s_b/τs) − Σ_{a≠b} t_a)/(τs·n_terms) per unit of loss_i:
 the backward recomputes both softmaxes from the saved row LSEs and writes it straight into the gradient.
+ops/dino_fused.py (opt-in) forms it in the forward instead, reading each student row once from HBM.
 """
 from __future__ import annotations
 

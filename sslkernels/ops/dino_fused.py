@@ -3,9 +3,9 @@
 The two-pass kernels (ops/dino.py) read every student logit twice from HBM: once in the forward for its
 row's LSE, once in the backward for the gradient. That traffic, 2R + W against the floor's R + W, is 1.54×
 the floor at the paper size, over issue 5's 1.5× target before any inefficiency. Here a persistent program
-takes one student row (sample i, crop b), or CROPS rows of one sample, at a time and walks it twice back
-to back: first for its LSE, then for its gradient and its loss terms. With few enough programs that their rows fit in L2 together, the
-second walk reads L2, not HBM: traffic R + W plus the teacher.
+takes one student row (sample i, crop b), or CROPS rows of one sample, at a time and walks them twice
+back to back: first for their LSEs, then for their gradients and loss terms. With few enough programs
+that their rows fit in L2 together, the second walk reads L2, not HBM: traffic R + W plus the teacher.
 
 The teacher's row statistics come first, from a split streaming launch (G·B rows, 1/(S+1) of the student
 traffic at the paper size; its P-splits are merged by the main kernel, no launch in between). The main
@@ -23,6 +23,7 @@ Opt-in until measured on a GPU (``SSLKERNELS_DINO_FUSED=1``); benchmarks/NOTES.m
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -31,8 +32,9 @@ import triton.language as tl
 
 from ._common import cdiv, empty as _empty, next_pow2, sm_count, stream_split
 
-# The main kernel's tile along P; the teacher tile is GP × BLOCK_P, so the cap shrinks as G grows. The
-# teacher statistics pass streams TEACHER_BLOCK-wide tiles. Tests lower these to make tiny inputs span
+# The main kernel's tile along P, at most TILE_ELEMENTS / (GP · CROPS) wide: walk 2 holds each crop's
+# partner teacher probabilities, a [CROPS, GP, tile] block. The teacher statistics pass streams
+# TEACHER_BLOCK-wide tiles. Tests lower these to make tiny inputs span
 # several tiles and P-splits, and set INTERPRETER_PROGRAMS (the persistent grid off the GPU).
 BLOCK_P = 4096
 TILE_ELEMENTS = 8192
@@ -169,6 +171,12 @@ def _dino_fused_kernel(s_ptr, t_ptr, c_ptr, tt_ptr, tpart_ptr, g_ptr, lse_t_ptr,
         tl.store(lse_t_ptr + i * GP + ga, lse_t, mask=(ga < GP) & (item % NG == 0))
 
 
+@functools.lru_cache(maxsize=None)
+def _l2_bytes(index: int) -> int:
+    # Cached: the property read costs host time on every launch.
+    return getattr(torch.cuda.get_device_properties(index), "L2_cache_size", 50 << 20)
+
+
 def _programs(rows: int, row_bytes: int, device: torch.device) -> int:
     """Programs of the persistent grid for ``rows`` work items of ``row_bytes`` of student logits each."""
     override = os.environ.get("SSLKERNELS_DINO_FUSED_PROGRAMS")
@@ -177,7 +185,7 @@ def _programs(rows: int, row_bytes: int, device: torch.device) -> int:
     if device.type != "cuda":
         return min(rows, INTERPRETER_PROGRAMS)
     sms = sm_count(device)
-    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+    l2 = _l2_bytes(device.index if device.index is not None else torch.cuda.current_device())
     lo, hi = PROGRAMS_PER_SM
     # A program holds its student rows and the gradient rows it writes: 2·row_bytes of L2.
     fit = int(L2_SHARE * l2 / (2 * row_bytes))
