@@ -27,7 +27,8 @@ def _matmul_tflops(n: int, dtype: torch.dtype, device: torch.device, budget: Bud
     return 2.0 * n ** 3 / (t.median_ms * 1e-3) / 1e12
 
 
-def _copy_gbps(nbytes: int, device: torch.device, budget: Budget) -> float:
+def copy_gbps(nbytes: int, device: torch.device, budget: Budget) -> float:
+    """Copy bandwidth (read + write bytes per second) of a ``Tensor.copy_`` of ``nbytes``."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
     t = measure(lambda: dst.copy_(src), device, budget)
@@ -55,7 +56,7 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype, quick: bool, budg
             out["matmul_tflops"] = other
             out["matmul_note"] = "torch.matmul with TF32 allowed (the faster of TF32 on / off)"
     if copy:
-        out["copy_gbps"] = _copy_gbps(nbytes, device, budget)
+        out["copy_gbps"] = copy_gbps(nbytes, device, budget)
     return out
 
 
