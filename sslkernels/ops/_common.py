@@ -21,13 +21,23 @@ def next_pow2(n: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _properties(index: int):
+    # Cached: the property read costs host time on every launch that sizes a grid from it.
+    return torch.cuda.get_device_properties(index)
+
+
+def _device_properties(device: torch.device):
+    return _properties(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def sm_count(device: torch.device) -> int:
-    """The device's SM count (cached: the property read costs host time on every launch that sizes a grid)."""
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    """The device's SM count."""
+    return _device_properties(device).multi_processor_count
+
+
+def l2_bytes(device: torch.device) -> int:
+    """The device's L2 cache size (50 MB, an H100's, where torch does not report it)."""
+    return getattr(_device_properties(device), "L2_cache_size", 50 << 20)
 
 
 def poison_outputs() -> bool:

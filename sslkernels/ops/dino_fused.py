@@ -23,14 +23,13 @@ Opt-in until measured on a GPU (``SSLKERNELS_DINO_FUSED=1``); benchmarks/NOTES.m
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, empty as _empty, next_pow2, sm_count, stream_split
+from ._common import cdiv, empty as _empty, l2_bytes, next_pow2, sm_count, stream_split
 
 # The main kernel's tile along P, at most TILE_ELEMENTS / (GP · CROPS) wide: walk 2 holds each crop's
 # partner teacher probabilities, a [CROPS, GP, tile] block. The teacher statistics pass streams
@@ -171,12 +170,6 @@ def _dino_fused_kernel(s_ptr, t_ptr, c_ptr, tt_ptr, tpart_ptr, g_ptr, lse_t_ptr,
         tl.store(lse_t_ptr + i * GP + ga, lse_t, mask=(ga < GP) & (item % NG == 0))
 
 
-@functools.lru_cache(maxsize=None)
-def _l2_bytes(index: int) -> int:
-    # Cached: the property read costs host time on every launch.
-    return getattr(torch.cuda.get_device_properties(index), "L2_cache_size", 50 << 20)
-
-
 def _programs(rows: int, row_bytes: int, device: torch.device) -> int:
     """Programs of the persistent grid for ``rows`` work items of ``row_bytes`` of student logits each."""
     override = os.environ.get("SSLKERNELS_DINO_FUSED_PROGRAMS")
@@ -185,7 +178,7 @@ def _programs(rows: int, row_bytes: int, device: torch.device) -> int:
     if device.type != "cuda":
         return min(rows, INTERPRETER_PROGRAMS)
     sms = sm_count(device)
-    l2 = _l2_bytes(device.index if device.index is not None else torch.cuda.current_device())
+    l2 = l2_bytes(device)
     lo, hi = PROGRAMS_PER_SM
     # A program holds its student rows and the gradient rows it writes: 2·row_bytes of L2.
     fit = int(L2_SHARE * l2 / (2 * row_bytes))
