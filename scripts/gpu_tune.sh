@@ -8,6 +8,10 @@
 #   the gradient formed in the forward, over its launch settings), profile (host vs kernel time of a
 #   DINO and a MoCo step), targets (every issue target's case, pass/fail), full-a / full-b / full-c (issue 8's
 #   full paper preset in three parts; `python -m sslkernels.bench --merge` joins them))
+# The bench parts (targets, full-a, full-b, full-c) run in whatever is left of this call's TUNE_CALL_S (570 s)
+# and stop starting cases in time; a part an earlier call began resumes from $TUNE_PARTS/<part>/results.json
+# (default benchmarks/results/h100/parts: unpack the earlier call's tune.tgz there first), so several calls
+# with the same TUNE_STEPS finish the preset without measuring a case twice.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out="${1:-${OUT:-gpu_tune_out}}"; w="$(mktemp -d)"; mkdir -p "$out"
@@ -18,6 +22,14 @@ if ls .whl/*.whl >/dev/null 2>&1; then  # peers carried as wheels (device README
   "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 run() { local lim="$1"; shift; echo "### $* (limit ${lim}s)"; local t0=$SECONDS; timeout "$lim" "$@"; echo "### exit $? after $((SECONDS - t0))s"; }
+parts="${TUNE_PARTS:-benchmarks/results/h100/parts}"; call_s="${TUNE_CALL_S:-570}"
+part() {  # part NAME BENCH_ARGS...: no case starts in the last 90 s of the call; results.json is written after each
+  local name="$1"; shift
+  local left=$((call_s - SECONDS - 20))
+  if (( left < 120 )); then echo "### $name: not started, ${SECONDS}s of this call's ${call_s}s are gone"; return; fi
+  local resume=(); [[ -f "$parts/$name/results.json" ]] && resume=(--resume "$parts/$name/results.json")
+  run "$left" "$py" -m sslkernels.bench "$@" --time-budget $((left - 90)) "${resume[@]}" --no-progress --out "$w/$name"
+}
 {
 [[ $steps == *tests* ]] && run 60 env PYTHON="$py" bash scripts/build_csrc.sh build/csrc
 [[ $steps == *tests* ]] && run 200 env SSLKERNELS_POISON=1 "$py" -m pytest -q -n 8 -p no:cacheprovider tests
@@ -31,11 +43,11 @@ run() { local lim="$1"; shift; echo "### $* (limit ${lim}s)"; local t0=$SECONDS;
 [[ $steps == *variants* ]] && run 170 "$py" benchmarks/dino_variants.py --budget 140 --out "$w/dino-variants"
 [[ $steps == *profile* ]] && run 120 "$py" benchmarks/profile_step.py dino_loss --sizes dino --dtype fp32 --graph --out "$w/profile-dino"
 [[ $steps == *profile* ]] && run 60 "$py" benchmarks/profile_step.py moco_loss clip_loss --sizes mocov2,N=4096:D=256 --dtype bf16 --graph --out "$w/profile-moco"
-[[ $steps == *targets* ]] && run 540 "$py" -m sslkernels.bench --sizes targets --out "$w/targets"
-# Issue 8's full paper preset, in three parts of under 10 minutes each (one device call per part); merge them
-# afterwards on any machine: python -m sslkernels.bench --merge A/results.json B/... --out benchmarks/results/h100/full
-[[ $steps == *full-a* ]] && run 560 "$py" -m sslkernels.bench info_nce clip_loss siglip_loss --sizes paper --dtype bf16 --out "$w/full-a"
-[[ $steps == *full-b* ]] && run 560 "$py" -m sslkernels.bench nt_xent supcon_loss moco_loss negative_cosine_similarity dino_loss update_center_ sinkhorn_knopp MemoryQueue.enqueue_ ema_update_ --sizes paper --out "$w/full-b"
-[[ $steps == *full-c* ]] && run 560 "$py" -m sslkernels.bench barlow_twins_loss vicreg_loss similarity knn_topk rankme --sizes paper --out "$w/full-c"
+[[ $steps == *targets* ]] && part targets --sizes targets
+# Issue 8's full paper preset in three parts (bf16 contrastive, the rest fp32); merge them afterwards on any
+# machine: python -m sslkernels.bench --merge $TUNE_PARTS/full-{a,b,c}/results.json --out benchmarks/results/h100/full
+[[ $steps == *full-a* ]] && part full-a info_nce clip_loss siglip_loss --sizes paper --dtype bf16
+[[ $steps == *full-b* ]] && part full-b nt_xent supcon_loss moco_loss negative_cosine_similarity dino_loss update_center_ sinkhorn_knopp MemoryQueue.enqueue_ ema_update_ --sizes paper
+[[ $steps == *full-c* ]] && part full-c barlow_twins_loss vicreg_loss similarity knn_topk rankme --sizes paper
 } 2>&1 | tee "$out/tune.log"
 tar czf "$out/tune.tgz" -C "$w" .

@@ -361,3 +361,84 @@ def test_merge_marks_targets_across_parts():
     (row,) = [x for x in doc["targets"] if x["op"] == "nt_xent"]
     assert row["value"] == pytest.approx(0.5) and row["verdict"] == "pass"
     assert "different runs" in row["why"]
+
+
+def _cases_of(doc):
+    return {(r["op"], r["size"], json.dumps(r["dims"]), r["dtype"]) for r in doc["results"]}
+
+
+def test_time_budget_leaves_pending_cases_that_resume_measures(tmp_path, capsys):
+    """A run cut short by --time-budget records its cases left as pending (the report says INCOMPLETE);
+    --resume measures exactly those and writes both runs as one report; resuming a complete run runs nothing."""
+    common = ["info_nce", "--sizes", "N=32:M=32:D=16,N=40:M=48:D=24", "--device", "cpu", "--quick", "--no-progress",
+              "--no-memory", "--impl", "ours,eager"]
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    assert main([*common, "--time-budget", "1e-9", "--out", str(a)]) == 0  # spent on the roofline already
+    assert "INCOMPLETE: 2 cases not run yet" in capsys.readouterr().out
+    first = json.loads((a / "results.json").read_text())
+    ran = [r for r in first["results"] if r["group"] in ("ours", "eager") and r["impl"] != "ours:triton"]
+    assert ran and all(r.get("pending") and r["median_ms"] is None for r in ran)
+
+    assert main([*common, "--resume", str(a / "results.json"), "--out", str(b)]) == 0
+    printed = capsys.readouterr().out
+    assert "INCOMPLETE" not in printed and "joined from 2 runs" in printed
+    second = json.loads((b / "results.json").read_text())
+    assert not any(r.get("pending") for r in second["results"]) and _cases_of(second) == _cases_of(first)
+    assert {r["run"] for r in second["results"]} == {1}  # measured by the resumed run, the pending ones replaced
+    assert [m["file"] for m in second["merged_from"]] == [str(a / "results.json"), str(b / "results.json")]
+    assert all(r["status"] == "ok" for r in second["results"] if r["impl"] in ("ours", "eager"))
+
+    calls = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run, "run_case", lambda *a, **k: calls.append(a) or [])
+        assert main([*common, "--resume", str(b / "results.json"), "--out", str(c)]) == 0
+    assert calls == []  # nothing left to measure
+    third = json.loads((c / "results.json").read_text())
+    assert len(third["results"]) == len(second["results"]) and len(third["merged_from"]) == 3
+    assert {r["run"] for r in third["results"]} == {1}  # a merged input keeps its records' runs
+
+    # Only a per-op run on this device resumes.
+    other = dict(second, environment=dict(second["environment"], device_name="another CPU"))
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert main([*common, "--resume", str(tmp_path / "other.json"), "--out", str(tmp_path / "d")]) == 2
+    assert main([*common, "--resume", str(tmp_path / "missing.json"), "--out", str(tmp_path / "d")]) == 2
+    assert main([*common, "--time-budget", "0", "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "another CPU" in err and "missing.json" in err and "--time-budget" in err
+
+
+def test_a_killed_run_keeps_what_it_measured(tmp_path):
+    """results.json is rewritten after every case: a run killed in its second case leaves the first measured
+    and the rest pending, and --resume then runs only those."""
+    common = ["info_nce", "--sizes", "N=32:M=32:D=16,N=40:M=40:D=16,N=48:M=48:D=16", "--device", "cpu", "--quick",
+              "--no-progress", "--no-memory", "--impl", "ours,eager"]
+    real = run.run_case
+    calls = []
+
+    def killed_in_second(*a, **k):
+        calls.append(a[1].dims["N"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what a timeout's SIGTERM / SIGKILL leaves: no final write
+        return real(*a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run, "run_case", killed_in_second)
+        with pytest.raises(KeyboardInterrupt):
+            main([*common, "--out", str(tmp_path / "a")])
+    doc = json.loads((tmp_path / "a" / "results.json").read_text())
+    by_n = {}
+    for r in doc["results"]:
+        by_n.setdefault(r["dims"]["N"], []).append(r)
+    assert sorted(by_n) == [32, 40, 48]
+    assert not any(r.get("pending") for r in by_n[32]) and any(r["status"] == "ok" for r in by_n[32])
+    assert all(r.get("pending") for n in (40, 48) for r in by_n[n] if r["impl"] in ("ours", "eager"))
+    assert not (tmp_path / "a" / "results.json.tmp").exists()
+
+    calls.clear()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run, "run_case", lambda *a, **k: calls.append(a[1].dims["N"]) or real(*a, **k))
+        assert main([*common, "--resume", str(tmp_path / "a" / "results.json"), "--out", str(tmp_path / "b")]) == 0
+    assert calls == [40, 48]
+    done = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert not any(r.get("pending") for r in done["results"])
+    assert {r["dims"]["N"]: r["run"] for r in done["results"]} == {32: 0, 40: 1, 48: 1}

@@ -14,7 +14,7 @@ import torch
 
 from . import distributed, merge, report, targets
 from .cases import DTYPES, PRESETS, SPECS, default_preset, resolve_op
-from .env import default_out_dir
+from .env import default_out_dir, device_name
 from .impls import FUSED_KINDS, GROUPS, discover
 from .peers import PEERS
 from .baselines import BASELINES
@@ -84,6 +84,13 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--timeout-s", type=float, default=distributed.IDLE_TIMEOUT_S,
                    help="stop a world whose ranks finish no case for this long (also the process group's "
                         "collective timeout); its cases left are recorded as errors (default %(default)g)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="start no case after this many seconds of the run; the cases left are recorded as pending "
+                        "(results.json is rewritten after every case, so a run killed from outside keeps what it "
+                        "measured too). Continue with the same command and --resume")
+    p.add_argument("--resume", default=None, metavar="RESULTS_JSON",
+                   help="an earlier run of the same command on this device: its measured cases are not run again, "
+                        "and --out gets both runs merged (every record keeps its own run's roofline and ratios)")
     p.add_argument("--merge", nargs="+", default=None, metavar="RESULTS_JSON",
                    help="one report from several runs on the same device (a preset run in parts): merged "
                         "results.json, tables, Markdown and plots in --out (required)")
@@ -162,6 +169,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     if modes and any(m not in ("fwd", "bwd", "fwd+bwd") for m in modes):
         print(f"--modes: choose from fwd, bwd, fwd+bwd; got {modes}", file=sys.stderr)
         return 2
+    if args.time_budget is not None and not args.time_budget > 0:
+        print(f"--time-budget is a number of seconds above 0; got {args.time_budget}", file=sys.stderr)
+        return 2
+    resume = None
+    if args.resume:
+        try:
+            resume = _resumable(args.resume, device)
+        except (OSError, ValueError) as err:
+            print(f"--resume {args.resume}: {err}", file=sys.stderr)
+            return 2
     sizes = args.sizes.split(",") if args.sizes else ["quick" if args.quick else default_preset(device)]
     cfg = Config(ops=ops, sizes=[s.strip() for s in sizes if s.strip()], dtype=DTYPES[args.dtype],
                  impls=wanted, device=device, quick=args.quick,
@@ -169,10 +186,23 @@ def main(argv: Optional[List[str]] = None) -> int:
                  sweep_limit_s=args.sweep_limit_s, memory=not args.no_memory, budget=QUICK if args.quick else DEFAULT,
                  modes=modes, threads=args.threads, progress=False if args.no_progress else None,
                  left_out=left_out)
+    out_dir = Path(args.out) if args.out else default_out_dir(device)
+    cfg.time_budget_s, cfg.checkpoint = args.time_budget, out_dir / "results.json"
+    cfg.resume, cfg.resume_name = resume, args.resume or ""
     t0 = time.perf_counter()
     doc = run(cfg)
-    out_dir = Path(args.out) if args.out else default_out_dir(device)
     return _print_written(report.write_all(doc, out_dir), t0)
+
+
+def _resumable(path: str, device: torch.device) -> dict:
+    """An earlier per-op run's results.json, measured on a device like this one (else ratios would mix devices)."""
+    doc = json.loads(Path(path).read_text())
+    if doc.get("benchmark") == "distributed" or "results" not in doc:
+        raise ValueError("not the results.json of a per-op run")
+    theirs, ours = doc["environment"]["device_name"], device_name(device)
+    if theirs != ours or doc["config"]["device"].split(":")[0] != device.type:
+        raise ValueError(f"measured on {theirs!r} ({doc['config']['device']}), not on this {ours!r} ({device.type})")
+    return doc
 
 
 def _note_files(written: dict) -> None:

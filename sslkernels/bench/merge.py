@@ -6,7 +6,8 @@ tables, Markdown and plots. Every record keeps the ratios of its own run (speedu
 reference and roofline fractions are measured side by side within a run, never across runs); the targets
 are evaluated again over the merged records, and a target whose two sides come from different runs says
 so. The merged document lists its parts (file, git commit, time, wall time, roofline) under
-``merged_from``.
+``merged_from``; a part that is itself a merge (or a ``--resume``d run) contributes its own parts, so
+every record's ``run`` indexes the run that measured it.
 """
 from __future__ import annotations
 
@@ -41,9 +42,13 @@ def merge(docs: Sequence[Dict[str, Any]], names: Sequence[str]) -> Dict[str, Any
     if any(d.get("benchmark") == "distributed" for d in docs):
         raise ValueError("--merge takes per-op runs, not --distributed ones")
     records: Dict[tuple, Dict[str, Any]] = {}
-    for i, d in enumerate(docs):
+    parts: List[Dict[str, Any]] = []
+    for name, d in zip(names, docs):
+        base = len(parts)
+        parts.extend(_parts(d, name))
         for r in d["results"]:
-            records[_key(r)] = dict(r, run=i)  # which part measured it (an index into merged_from)
+            # which part measured it (an index into merged_from); a merged part's records keep theirs
+            records[_key(r)] = dict(r, run=base + (r.get("run", 0) if d.get("merged_from") else 0))
     first = docs[0]
     cfgs = [d["config"] for d in docs]
     doc = {
@@ -60,9 +65,7 @@ def merge(docs: Sequence[Dict[str, Any]], names: Sequence[str]) -> Dict[str, Any
         "formulas": {k: v for d in docs for k, v in d.get("formulas", {}).items()},
         "wall_s": sum(d.get("wall_s") or 0.0 for d in docs),
         "results": list(records.values()),
-        "merged_from": [{"file": n, "git_commit": d["environment"].get("git_commit"),
-                         "timestamp": d["environment"].get("timestamp"), "wall_s": d.get("wall_s"),
-                         "roofline": d["roofline"], "ops": d["config"].get("ops")} for n, d in zip(names, docs)],
+        "merged_from": parts,
     }
     doc["targets"] = _targets.evaluate(doc)
     for t in doc["targets"]:
@@ -74,6 +77,15 @@ def merge(docs: Sequence[Dict[str, Any]], names: Sequence[str]) -> Dict[str, Any
         if mine and ref and mine["run"] != ref["run"]:
             t["why"] = ((t.get("why") or "") + " (its two sides come from different runs of the merge)").strip()
     return doc
+
+
+def _parts(doc: Dict[str, Any], name: str) -> List[Dict[str, Any]]:
+    """What ``merged_from`` says of one input: its own parts if it is a merge, else the run itself."""
+    if doc.get("merged_from"):
+        return [dict(p) for p in doc["merged_from"]]
+    env = doc["environment"]
+    return [{"file": name, "git_commit": env.get("git_commit"), "timestamp": env.get("timestamp"),
+             "wall_s": doc.get("wall_s"), "roofline": doc["roofline"], "ops": doc["config"].get("ops")}]
 
 
 def load_and_merge(paths: Sequence[str]) -> Dict[str, Any]:

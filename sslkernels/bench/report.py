@@ -222,7 +222,7 @@ def skipped_lines(records: List[Dict[str, Any]]) -> List[str]:
     why: "OrderedDict[Tuple[str, str], List[str]]" = OrderedDict()
     for r in records:
         if r["status"] == "skipped":
-            ops = why.setdefault((r["impl"], r["reason"]), [])
+            ops = why.setdefault(("every implementation" if r.get("pending") else r["impl"], r["reason"]), [])
             if r["op"] not in ops:
                 ops.append(r["op"])
     return [f"{impl}: {reason}  [{', '.join(ops)}]" for (impl, reason), ops in why.items()]
@@ -265,7 +265,21 @@ def _header_lines(doc: Dict[str, Any]) -> List[str]:
         f"roofline measured in this run: matmul {matmul} ({roof['matmul_note']}, n={roof['matmul_n']}); "
         f"copy {roof['copy_gbps']:.3g} GB/s ({roof['copy_bytes'] >> 20} MiB)"
         + (f"; RSS resolution {_g(rss_res / 2 ** 20)} MiB ({env.get('cpu_count')} CPUs)" if rss_res else ""),
+        *_incomplete_lines(doc),
     ]
+
+
+def _incomplete_lines(doc: Dict[str, Any]) -> List[str]:
+    """What a run cut short (time budget, or killed) left for a --resume, and how many runs a report joins."""
+    lines = []
+    pending = {(r["op"], r["size"], dims_text(r["dims"]), r["dtype"]) for r in doc["results"] if r.get("pending")}
+    if pending:
+        lines.append(f"INCOMPLETE: {len(pending)} cases not run yet (the run stopped before them): "
+                     "repeat its command with --resume <this results.json>")
+    if len(doc.get("merged_from") or ()) > 1:
+        lines.append(f"joined from {len(doc['merged_from'])} runs on this device (merged_from in results.json); "
+                     "ratios and roofline fractions are each measured within one run")
+    return lines
 
 
 LEGEND = [

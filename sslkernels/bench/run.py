@@ -3,20 +3,29 @@
 Per case the inputs are built once (seeded) and every implementation runs on them; the eager
 reference goes first so the others are checked against its output before they are timed. Results
 are flat records (one per case × implementation × mode); report.py turns them into files and tables.
+
+A run can be cut into pieces (a lent GPU runs one command for at most 10 minutes): with a time budget no
+case starts once it is spent and the cases left are recorded as pending; with a checkpoint path the
+results.json is rewritten after every case (the cases not reached yet pending too), so a run killed
+from outside keeps what it measured; and a resumed run measures only the cases an earlier results.json
+lacks, then merges the two (merge.py: each record keeps the roofline and ratios of the run that measured it).
 """
 from __future__ import annotations
 
 import gc
 import importlib.util
+import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import memory, roofline
+from . import memory, merge, report, roofline
 from .cases import (OpSpec, Size, SPECS, case_seed, default_preset, dtype_name, element_size, generator,
                     override_size, resolve_op, sweep_sizes)
 from . import targets as _targets
@@ -48,6 +57,10 @@ class Config:
     threads: Optional[int] = None          # CPU threads (torch.set_num_threads); None: torch's default
     progress: Optional[bool] = None        # a progress bar (None: when stderr is a terminal)
     left_out: Dict[str, str] = field(default_factory=dict)  # group or impl name -> why this run skips it
+    time_budget_s: Optional[float] = None  # start no case after this many seconds; the rest is pending
+    resume: Optional[Dict[str, Any]] = None  # an earlier run's results.json: its measured cases are kept
+    resume_name: str = ""                    # where that document came from (merged_from's "file")
+    checkpoint: Optional[Path] = None        # rewrite this results.json after every case
 
 
 @dataclass
@@ -96,6 +109,24 @@ def sizes_for(spec: OpSpec, items: Sequence[str], device: torch.device) -> List[
 
 def case_key(spec: OpSpec, size: Size, dtype: torch.dtype) -> str:
     return f"{spec.name}|{size.label}|{size.describe()}|{dtype_name(dtype)}"
+
+
+def _case_id(op: str, label: str, dims: Dict[str, int], dtype: str) -> tuple:
+    """One case of a results.json: what a resumed run looks up (records carry the same four fields)."""
+    return (op, label, json.dumps(dims, sort_keys=True), dtype)
+
+
+PENDING = ("not run: the run stopped before this case (its --time-budget was spent, or it was killed); "
+           "repeat the command with --resume <its results.json>")
+
+
+def measured_cases(doc: Dict[str, Any]) -> Dict[tuple, List[Dict[str, Any]]]:
+    """The cases of an earlier run that a resumed run keeps: every case none of whose records is pending."""
+    cases: Dict[tuple, List[Dict[str, Any]]] = {}
+    for r in doc["results"]:
+        cases.setdefault(_case_id(r["op"], r["size"], r["dims"], r["dtype"]), []).append(r)
+    return {k: rs for k, rs in cases.items() if not any(r.get("pending") for r in rs)}
+
 
 
 # ------------------------------------------------------------------------------------------- run
@@ -264,6 +295,30 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def _pending_records(spec: OpSpec, size: Size, dtype: torch.dtype, cfg: Config, modes: Sequence[str],
+                     wanted: Sequence[str]) -> List[Dict[str, Any]]:
+    """A case not run (yet): pending for every implementation that would have run, skipped for the others."""
+    out = []
+    for impl in _order(discover(spec, cfg.device, wanted)):
+        skip = cfg.left_out.get(impl.group) or cfg.left_out.get(impl.name) or impl.skip
+        for mode in modes:
+            r = _base_record(spec, size, dtype, cfg.device, impl, mode)
+            out.append(dict(r, status="skipped", reason=skip) if skip else
+                       dict(r, status="skipped", reason=PENDING, pending=True))
+    return out
+
+
+def _sweep_stops(recs: List[Dict[str, Any]], stopped: Dict[str, str], cfg: Config) -> None:
+    """After a sweep size: which implementations take no larger size (out of memory, or too slow)."""
+    limit = cfg.sweep_limit_s or (0.5 if cfg.quick else 2.0)
+    for r in recs:
+        r["sweep"] = cfg.sweep
+        if r["status"] == "oom":
+            stopped.setdefault(r["impl"], "out of memory at a smaller size")
+        elif r["status"] == "ok" and r["median_ms"] and r["median_ms"] > limit * 1e3:
+            stopped.setdefault(r["impl"], f"over {limit:g} s per call at a smaller size")
+
+
 def _derive_bwd(records: List[Dict[str, Any]]) -> None:
     by = {(r["op"], r["size"], r["dtype"], r["impl"], r["mode"]): r for r in records}
     for r in records:
@@ -404,34 +459,57 @@ def run(cfg: Config, log: Callable[[str], None] = _log) -> Dict[str, Any]:
         k: v for k, v in ceilings.items() if k.startswith("matmul")}
     log("  matmul " + ", ".join(f"{v['matmul_tflops']:.3g} TFLOP/s ({k})" for k, v in ceilings["by_dtype"].items())
         + f"; copy {ceilings['copy_gbps']:.3g} GB/s")
+    done = measured_cases(cfg.resume) if cfg.resume else {}
+    if done:
+        log(f"resuming {cfg.resume_name or 'an earlier run'}: {len(done)} cases measured there are not run again")
+    cases = [(item, size) for item in planned for size in item.sizes]
     records: List[Dict[str, Any]] = []
+    stopped: Dict[int, Dict[str, str]] = {id(item): {} for item in planned}  # per sweep: impl -> why it stopped
+    cut: set = set()  # sweeps whose every implementation stopped: their larger sizes are left out
     total = sum(len(item.sizes) * len(discover(item.spec, device, item.impls)) for item in planned)
     with Progress(total, "bench", cfg.progress) as bar:
-        for item in planned:
+        for k, (item, size) in enumerate(cases):
+            if id(item) in cut:
+                continue
             spec = item.spec
-            stopped: Dict[str, str] = {}
-            for n_done, size in enumerate(item.sizes):
-                bar.log(f"{spec.name} {size.label} [{size.describe()}] {dtype_name(item.dtype)}")
-                recs = run_case(spec, size, item.dtype, cfg, item.modes, stopped if cfg.sweep else None,
-                                wanted=item.impls, progress=bar)
-                if cfg.sweep:
-                    for r in recs:
-                        r["sweep"] = cfg.sweep
-                        limit = cfg.sweep_limit_s or (0.5 if cfg.quick else 2.0)
-                        if r["status"] == "ok" and r["median_ms"] and r["median_ms"] > limit * 1e3:
-                            stopped.setdefault(r["impl"], f"over {limit:g} s per call at a smaller size")
+            impls_here = discover(spec, device, item.impls)
+            earlier = done.get(_case_id(spec.name, size.label, dict(size.dims), dtype_name(item.dtype)))
+            if earlier is not None:
+                recs = [dict(r) for r in earlier]  # only to carry a sweep's stops on; the merge brings them
+                bar.update(len(impls_here))
+            elif cfg.time_budget_s is not None and time.perf_counter() - t_start > cfg.time_budget_s:
+                recs = _pending_records(spec, size, item.dtype, cfg, item.modes, item.impls)
                 records.extend(recs)
-                impls_here = discover(spec, device, item.impls)
-                if cfg.sweep and all(i.name in stopped or i.skip for i in impls_here):
-                    left = len(item.sizes) - n_done - 1
+                bar.update(len(impls_here))
+            else:
+                bar.log(f"{spec.name} {size.label} [{size.describe()}] {dtype_name(item.dtype)}")
+                recs = run_case(spec, size, item.dtype, cfg, item.modes, stopped[id(item)] if cfg.sweep else None,
+                                wanted=item.impls, progress=bar)
+                records.extend(recs)
+            if cfg.sweep:
+                _sweep_stops(recs, stopped[id(item)], cfg)
+                if all(i.name in stopped[id(item)] or i.skip for i in impls_here):
+                    cut.add(id(item))
+                    left = sum(1 for it, _ in cases[k + 1:] if it is item)
                     bar.update(left * len(impls_here))
                     if left:
-                        bar.log(f"{spec.name}: every implementation stopped ({'; '.join(sorted(set(stopped.values())))}); "
-                                f"{left} larger sizes left out")
-                    break
-    _derive_bwd(records)
+                        bar.log(f"{spec.name}: every implementation stopped "
+                                f"({'; '.join(sorted(set(stopped[id(item)].values())))}); {left} larger sizes left out")
+            if cfg.checkpoint is not None and earlier is None:
+                rest = [r for it, sz in cases[k + 1:] if id(it) not in cut
+                        for r in _pending_records(it.spec, sz, it.dtype, cfg, it.modes, it.impls)]
+                _write_checkpoint(_document(cfg, env, ceilings, planned, dtypes, [dict(r) for r in records] + rest,
+                                            t_start), cfg.checkpoint)
+    _derive_bwd(records)  # before the RSS worker: a derived bwd is measured there like the others
     if cfg.memory and device.type == "cpu":
         _cpu_rss(records, cfg.progress, log)
+    return _document(cfg, env, ceilings, planned, dtypes, records, t_start)
+
+
+def _document(cfg: Config, env: Dict[str, Any], ceilings: Dict[str, Any], planned: List[PlanItem],
+              dtypes: List[torch.dtype], records: List[Dict[str, Any]], t_start: float) -> Dict[str, Any]:
+    """The run's results.json (derived columns filled in place); merged with the resumed run's, if any."""
+    _derive_bwd(records)
     _ratios(records)
     _work(records, ceilings)
     doc = {
@@ -440,13 +518,23 @@ def run(cfg: Config, log: Callable[[str], None] = _log) -> Dict[str, Any]:
         "config": {
             "ops": [item.spec.name for item in planned], "sizes": cfg.sizes,
             "dtype": ",".join(dtype_name(d) for d in dtypes),
-            "impls": cfg.impls or list(GROUPS), "device": str(device), "quick": cfg.quick, "sweep": cfg.sweep,
-            "modes": cfg.modes, "threads": torch.get_num_threads() if device.type == "cpu" else None,
-            "budget": cfg.budget.__dict__,
+            "impls": cfg.impls or list(GROUPS), "device": str(cfg.device), "quick": cfg.quick, "sweep": cfg.sweep,
+            "modes": cfg.modes, "threads": torch.get_num_threads() if cfg.device.type == "cpu" else None,
+            "budget": cfg.budget.__dict__, "time_budget_s": cfg.time_budget_s,
         },
         "formulas": {item.spec.name: item.spec.formula for item in planned},
         "wall_s": time.perf_counter() - t_start,
         "results": records,
     }
     doc["targets"] = _targets.evaluate(doc)
+    if cfg.resume:
+        doc = merge.merge([cfg.resume, doc], [cfg.resume_name or "resumed run", str(cfg.checkpoint or "this run")])
     return doc
+
+
+def _write_checkpoint(doc: Dict[str, Any], path: Path) -> None:
+    """results.json as it stands, replaced atomically: a run killed mid-write leaves the last whole one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    report.write_json(doc, tmp)
+    os.replace(tmp, path)
