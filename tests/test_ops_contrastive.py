@@ -477,6 +477,41 @@ def test_fixed_shift_flags_and_fallbacks():
         _check(out, want, [(q, q64), (k, k64)], torch.float32)
 
 
+@pytest.mark.parametrize("op", ["info_nce", "clip_loss", "nt_xent"])
+def test_deterministic_algorithms_take_the_atomic_free_kernels(op, monkeypatch):
+    # Float atomics add in a varying order (GPU): by default the two-sided losses' column sums and NT-Xent's
+    # self-similarity pass use them; under torch.use_deterministic_algorithms(True) those losses take the
+    # online kernels (each sum made by one program), with the same loss and gradients.
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS asks of a CUDA run
+    seen = []
+    fwd, self_fwd = contrastive._launch_fwd, contrastive._launch_self_fwd
+    monkeypatch.setattr(contrastive, "_launch_fwd",
+                        lambda mode, *a, **k: seen.append(k.get("fixed", False) and mode.two_sided and
+                                                          not k.get("columns")) or fwd(mode, *a, **k))
+    monkeypatch.setattr(contrastive, "_launch_self_fwd", lambda *a, **k: seen.append(True) or self_fwd(*a, **k))
+    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    with launch_config.override(block_d=0, block_dout=0):
+        _run_case(op, torch.float32, feats=_unit)  # info_nce's case is symmetric
+        assert any(seen), "the default forward no longer adds atomically: this test checks nothing"
+        seen.clear()
+        torch.use_deterministic_algorithms(True)
+        try:
+            _run_case(op, torch.float32, feats=_unit)
+            assert seen and not any(seen)
+            # A one-sided loss sums each row in one program already: it keeps the fixed-shift kernels.
+            seen.clear()
+            q, _ = _unit(13, 33, torch.float32)
+            with torch.no_grad():
+                mode = contrastive._Mode(contrastive.POS_TARGET)
+                monkeypatch.setattr(contrastive, "_launch_fwd", lambda *a, **k: seen.append(k.get("fixed")) or
+                                    fwd(*a, **k))
+                contrastive._forward_stats(mode, q, q, None, torch.full((1,), 5.0, device=DEVICE), None,
+                                           torch.arange(13, device=DEVICE), None)
+            assert seen and seen[0] is True
+        finally:
+            torch.use_deterministic_algorithms(was, warn_only=warn_only)
+
+
 def test_engine_settings_and_default_tiles_table(monkeypatch):
     monkeypatch.setenv("SSLKERNELS_CONTRASTIVE_ENGINE", "v1")
     monkeypatch.setenv("SSLKERNELS_CONTRASTIVE_SELF_REUSE", "0")

@@ -759,7 +759,7 @@ def _forward_stats(mode: _Mode, a, b, bpos, s, bias, targets, labels, **block):
     # SupCon's label-mask forward is faster online: on an H100 (N = 32768, D = 256, bf16) the fixed-shift
     # upper-triangle pass made the step 9.7 ms against 5.9 ms (benchmarks/results/h100/tune3).
     if (eng.version == "v1" or eng.shift == "online" or mode.sigmoid or mode.pos == POS_LABEL
-            or _splits_keys(mode, a, b)):
+            or _splits_keys(mode, a, b) or (_adds_atomically(mode, eng, block) and _deterministic())):
         val, pos, cnt, _ = _launch_fwd(mode, a, b, bpos, s, bias, targets, labels, columns=False,
                                        version=eng.version, **block)
         c_lse = None
@@ -786,6 +786,19 @@ def _forward_stats(mode: _Mode, a, b, bpos, s, bias, targets, labels, **block):
         _launch_fwd(mode, a, b, bpos, s, bias, targets, labels, columns=True, version="v2", shift=shift,
                     repair=c_lse, **block)
     return val, pos, cnt, c_lse
+
+
+def _adds_atomically(mode: _Mode, eng, block) -> bool:
+    """Whether the fixed-shift forward would sum with float atomics, whose order varies from run to run: the
+    column sums of a two-sided loss, and the self-similarity pass (each tile adds to its rows and columns)."""
+    return mode.two_sided or (mode.self_sim and eng.self_reuse and not block)
+
+
+def _deterministic() -> bool:
+    # Under torch.use_deterministic_algorithms(True) (warn_only too) such losses take the online kernels,
+    # where every sum is made by one program in a fixed order: the same bits on every run, a second pass
+    # over the keys for the column LSE of a two-sided loss.
+    return torch.are_deterministic_algorithms_enabled()
 
 
 def _splits_keys(mode: _Mode, a, b) -> bool:
