@@ -7,8 +7,9 @@
 #   contrastive, moco, dino (DINO + Sinkhorn at the paper / target sizes), variants (DINO's two-pass kernels vs
 #   the gradient formed in the forward, over its launch settings), profile (host vs kernel time of a
 #   DINO and a MoCo step), targets (every issue target's case, pass/fail), full-a / full-b / full-c (issue 8's
-#   full paper preset in three parts; `python -m sslkernels.bench --merge` joins them))
-# The bench parts (targets, full-a, full-b, full-c) run in whatever is left of this call's TUNE_CALL_S (570 s)
+#   full paper preset in three parts; `python -m sslkernels.bench --merge` joins them), sweep (issue 8's
+#   scaling sweep of info_nce and clip_loss over N))
+# The bench parts (targets, full-a, full-b, full-c, sweep) run in whatever is left of this call's TUNE_CALL_S (570 s)
 # and stop starting cases in time; a part an earlier call began resumes from $TUNE_PARTS/<part>/results.json
 # (default benchmarks/results/h100/parts: unpack the earlier call's tune.tgz there first), so several calls
 # with the same TUNE_STEPS finish the preset without measuring a case twice.
@@ -49,5 +50,7 @@ part() {  # part NAME BENCH_ARGS...: no case starts in the last 90 s of the call
 [[ $steps == *full-a* ]] && part full-a info_nce clip_loss siglip_loss --sizes paper --dtype bf16
 [[ $steps == *full-b* ]] && part full-b nt_xent supcon_loss moco_loss negative_cosine_similarity dino_loss update_center_ sinkhorn_knopp MemoryQueue.enqueue_ ema_update_ --sizes paper
 [[ $steps == *full-c* ]] && part full-c barlow_twins_loss vicreg_loss similarity knn_topk rankme --sizes paper
+# Issue 8's scaling sweep (time and memory against N, where each implementation runs out of memory or past 2 s a call)
+[[ $steps == *sweep* ]] && part sweep info_nce clip_loss --sweep N --sizes N=1024:M=1024:D=256 --dtype bf16 --sweep-max 524288
 } 2>&1 | tee "$out/tune.log"
 tar czf "$out/tune.tgz" -C "$w" .

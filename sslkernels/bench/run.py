@@ -128,7 +128,6 @@ def measured_cases(doc: Dict[str, Any]) -> Dict[tuple, List[Dict[str, Any]]]:
     return {k: rs for k, rs in cases.items() if not any(r.get("pending") for r in rs)}
 
 
-
 # ------------------------------------------------------------------------------------------- run
 
 
