@@ -442,3 +442,31 @@ def test_a_killed_run_keeps_what_it_measured(tmp_path):
     done = json.loads((tmp_path / "b" / "results.json").read_text())
     assert not any(r.get("pending") for r in done["results"])
     assert {r["dims"]["N"]: r["run"] for r in done["results"]} == {32: 0, 40: 1, 48: 1}
+
+
+def test_a_resumed_sweep_remembers_where_implementations_stopped(tmp_path):
+    """A sweep killed after eager ran out of memory at N=64: the resumed run does not try eager at N=128."""
+    common = ["info_nce", "--sweep", "N", "--sweep-start", "32", "--sweep-max", "128", "--sizes", "N=32:M=32:D=16",
+              "--device", "cpu", "--quick", "--no-progress", "--no-memory", "--impl", "ours,eager"]
+    real = run.run_case
+
+    def eager_oom_then_killed(spec, size, *a, **k):
+        if size.dims["N"] == 128:
+            raise KeyboardInterrupt
+        recs = real(spec, size, *a, **k)
+        if size.dims["N"] == 64:
+            for r in recs:
+                if r["impl"] == "eager":
+                    r.update(status="oom", reason="CUDA out of memory (made up by the test)", median_ms=None)
+        return recs
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run, "run_case", eager_oom_then_killed)
+        with pytest.raises(KeyboardInterrupt):
+            main([*common, "--out", str(tmp_path / "a")])
+    assert main([*common, "--resume", str(tmp_path / "a" / "results.json"), "--out", str(tmp_path / "b")]) == 0
+    doc = json.loads((tmp_path / "b" / "results.json").read_text())
+    last = {r["impl"]: r for r in doc["results"] if r["dims"]["N"] == 128 and r["mode"] == "fwd+bwd"}
+    assert last["ours"]["status"] == "ok" and last["ours"]["run"] == 1
+    assert last["eager"]["status"] == "skipped" and last["eager"]["reason"].startswith("stopped: out of memory")
+    assert all(r.get("sweep") == "N" for r in doc["results"])

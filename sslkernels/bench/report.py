@@ -539,7 +539,8 @@ def _plot_sweep(plt, records, colors, what: str, path: Path) -> Optional[Path]:
         ax.set_title(f"{'Time' if what == 'time' else 'Peak extra memory'} against {dim}: {op} {mode} {dtype}"
                      f"  ({fixed})", fontsize=9, loc="left")
         ax.grid(which="major", alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # a panel with nothing measured (e.g. --no-memory) has no legend
+            ax.legend(fontsize=8)
     for k in range(n, nrows * ncols):
         axes[k // ncols][k % ncols].axis("off")
     if not drew:
