@@ -47,23 +47,15 @@ def _self_time_us(evt, device: torch.device) -> float:
 def _graph_ms(fn, steps: int, device: torch.device):
     """(ms per replay of one captured step, None) or (None, why it could not be captured)."""
     try:
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        graph.replay()
+        replay = impls.cuda_graph(fn)
+        replay()
         _sync(device)
     except Exception as err:  # a host sync or an uncapturable op inside the step
         return None, f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"[:200]
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(steps):
-        graph.replay()
+        replay()
     end.record()
     _sync(device)
     return start.elapsed_time(end) / steps, None

@@ -470,3 +470,43 @@ def test_a_resumed_sweep_remembers_where_implementations_stopped(tmp_path):
     assert last["ours"]["status"] == "ok" and last["ours"]["run"] == 1
     assert last["eager"]["status"] == "skipped" and last["eager"]["reason"].startswith("stopped: out of memory")
     assert all(r.get("sweep") == "N" for r in doc["results"])
+
+
+def test_graph_replay_implementation():
+    """ours:graph runs only when named, and only on CUDA; its callables replay captured steps (a stand-in
+    capture here, which calls the step): the forward, and forward + backward through torch.autograd.grad,
+    with the backward alone derived and the memory not measured."""
+    spec = cases.SPECS["moco_loss"]
+    cpu = torch.device("cpu")
+    assert impls.GRAPH not in [i.name for i in impls.discover(spec, cpu, ["ours"])]
+    (g,) = [i for i in impls.discover(spec, cpu, [impls.GRAPH]) if i.name == impls.GRAPH]
+    assert g.skip == "CUDA graphs need CUDA tensors" and g.graph
+
+    size = cases.Size("t", {"N": 5, "K": 23, "D": 8}, "test")
+    inputs = spec.build(size, torch.float32, cpu, cases.generator(cpu, 0))
+    graphed = impls.Impl(impls.GRAPH, "ours", "graph", impls._registered(backends.available("moco_loss")["cpu"]),
+                         graph=True)
+    captured = []
+
+    def capture(step):
+        captured.append(step)
+        return step  # "replay": run the step again
+
+    calls = impls.build_callables(spec, inputs, size, graphed, cpu, capture=capture)
+    assert len(captured) == 2 and calls.memory_note.startswith("not measured")
+    ref = backends.available("moco_loss")["torch"](*inputs.args)
+    assert torch.allclose(calls.fwd(), ref, rtol=1e-5)
+    calls.fwd_bwd()
+    assert all(x.grad is None for x in inputs.leaves)  # autograd.grad: the graph's own output buffers
+    with pytest.raises(NotImplementedError):
+        calls.for_mode("bwd")
+
+    # The MoCo target reads the replayed step as well as the eager one.
+    moco = [c for c in targets.cases("cuda") if c[0] == "moco_loss"]
+    assert moco and impls.GRAPH in moco[0][4] and "ours" in moco[0][4]
+    doc = {"config": {"device": "cuda"}, "roofline": {"copy_gbps": 1000.0, "matmul_tflops": 1.0},
+           "results": [{"op": "moco_loss", "size": "mocov2", "dims": dict(moco[0][1].dims), "dtype": "bf16",
+                        "impl": impl, "mode": "fwd+bwd", "status": "ok", "median_ms": ms, "peak_mem_bytes": None}
+                       for impl, ms in (("ours", 1.5), (impls.GRAPH, 0.03))]}
+    verdicts = {t["target"]: t["verdict"] for t in targets.evaluate(doc) if t["op"] == "moco_loss"}
+    assert sorted(verdicts.values()) == ["FAIL", "pass"], verdicts  # 2·K·D·2 B = 33.6 MB: 34 µs at 1 TB/s

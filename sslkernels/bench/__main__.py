@@ -15,7 +15,7 @@ import torch
 from . import distributed, merge, report, targets
 from .cases import DTYPES, PRESETS, SPECS, default_preset, resolve_op
 from .env import default_out_dir, device_name
-from .impls import FUSED_KINDS, GROUPS, discover
+from .impls import FUSED_KINDS, GRAPH, GROUPS, discover
 from .peers import PEERS
 from .baselines import BASELINES
 from .run import TARGETS, Config, _parse_override, run
@@ -40,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--impl", default=None,
                    help=f"comma list of groups ({', '.join(GROUPS)}) and/or implementation names "
-                        "(ours:cuda, foreach_lerp, open_clip, ...); default: all, except compile with --quick on CPU "
+                        "(ours:cuda, foreach_lerp, open_clip, ...; ours:graph, CUDA only and only by name: ours' step "
+                        "replayed from a CUDA graph); default: all, except compile with --quick on CPU "
                         "(inductor takes 5-45 s per case on a CPU, most of a quick run; --impl all brings it back)")
     p.add_argument("--modes", default=None, help="comma list of fwd, bwd, fwd+bwd (default: every mode of each op)")
     p.add_argument("--threads", type=int, default=None,
@@ -159,7 +160,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                "(--impl all brings it back)")
     if wanted and "all" in wanted:
         wanted = list(dict.fromkeys([g for w in wanted for g in (GROUPS if w == "all" else (w,))]))
-    known = ({"all"} | set(GROUPS) | {f"ours:{k}" for k in FUSED_KINDS} | {p.name for ps in PEERS.values() for p in ps}
+    known = ({"all", GRAPH} | set(GROUPS) | {f"ours:{k}" for k in FUSED_KINDS} | {p.name for ps in PEERS.values() for p in ps}
              | {b.name for bs in BASELINES.values() for b in bs})
     unknown = [w for w in wanted or () if w not in known]
     if unknown:

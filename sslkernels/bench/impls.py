@@ -10,6 +10,10 @@ Groups (``--impl``):
 
 Kernels register themselves with sslkernels.backends, so new ones (more Triton kernels, the CUDA
 extension) show up here without edits.
+
+``ours:graph`` (CUDA, only when named: ``--impl ours:graph``, or a target that reads it) is ours' step
+captured once in a CUDA graph and replayed: the time of the kernels alone, with none of the host work
+(argument checks, launches, autograd) that a small batch's eager step is made of.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from .peers import Unsupported, peers_for
 
 GROUPS = ("ours", "eager", "compile", "baselines", "peers")
 FUSED_KINDS = ("triton", "cuda", "cpu")
+GRAPH = "ours:graph"
 AUTO_IS_EAGER = "no fused {device} implementation (backend='auto' runs the eager reference)"
 
 
@@ -40,6 +45,7 @@ class Impl:
     skip: Optional[str] = None  # why it does not run (then make is None)
     note: str = ""
     module: str = ""            # peers: the top-level import name
+    graph: bool = False         # ours:graph: its callables replay CUDA graphs of the steps
 
 
 def _why_not(kind: str, device: torch.device) -> Optional[str]:
@@ -100,6 +106,11 @@ def discover(spec: OpSpec, device: torch.device, wanted: Sequence[str]) -> List[
             continue
         why = _why_not(kind, device)
         out.append(Impl(name, "ours", kind, None if why else _registered(registry[kind]), skip=why))
+    if GRAPH in wanted:  # by name only: it measures something else than a step as users run it
+        why = ("CUDA graphs need CUDA tensors" if device.type != "cuda" else
+               AUTO_IS_EAGER.format(device=device.type) if auto == "torch" else None)
+        out.append(Impl(GRAPH, "ours", "graph", None if why else _registered(registry[auto]), skip=why, graph=True,
+                        note="ours' step captured once in a CUDA graph and replayed: kernels without host work"))
     if _selected("eager", "eager", wanted):
         out.append(Impl("eager", "eager", "torch", _registered(registry["torch"])))
     if _selected("compile", "compile", wanted):
@@ -140,6 +151,7 @@ class Callables:
     make_bwd: Optional[Callable[[], Callable[[], None]]] = None
     output: Any = None  # the output of the first call (for the sanity check against eager)
     reset: Callable[[], None] = lambda: None  # drops the inputs' gradients (before a memory baseline)
+    memory_note: str = ""  # why the peak memory of a call is not measured (empty: it is)
 
     def for_mode(self, mode: str) -> Callable[[], Any]:
         if mode == "fwd":
@@ -153,25 +165,21 @@ class NoGradient(Exception):
     """The implementation's output does not carry a gradient (a peer with a different contract)."""
 
 
-def build_callables(spec: OpSpec, inputs: Inputs, size: Size, impl: Impl, device: torch.device) -> Callables:
+def build_callables(spec: OpSpec, inputs: Inputs, size: Size, impl: Impl, device: torch.device,
+                    capture: Optional[Callable[[Callable[[], Any]], Callable[[], Any]]] = None) -> Callables:
     """The "setup" of one implementation on one case's inputs: builds and runs it once.
 
     The first call does one-time work (compilation, autotuning, lazy allocation) so it is never timed.
+    ``capture`` (ours:graph; default cuda_graph): turns a step into a callable replaying it.
     """
     call = impl.make(inputs, size, device)
     leaves = inputs.leaves
     out = call()
+    if impl.graph:
+        return _graph_callables(spec, call, leaves, out, capture or cuda_graph)
     if not spec.grad:
         return Callables(fwd=call, output=out)
-    t = first_tensor(out)
-    if t is None or not t.requires_grad:
-        raise NoGradient("its output has no gradient")
-    # The upstream gradient: 1 for scalar losses, random (never zeros) for matrix outputs.
-    g = None
-    if t.dim() > 0:
-        gen = torch.Generator(device=t.device)
-        gen.manual_seed(0)
-        g = torch.randn(t.shape, generator=gen, device=t.device, dtype=torch.float32).to(t.dtype)
+    g = _upstream(out)
 
     def clear():
         for x in leaves:
@@ -197,6 +205,53 @@ def build_callables(spec: OpSpec, inputs: Inputs, size: Size, impl: Impl, device
     backward(out, False)  # warm the backward too
     clear()
     return Callables(fwd=call, fwd_bwd=fwd_bwd, make_bwd=make_bwd, output=out, reset=clear)
+
+
+def _upstream(out: Any) -> Optional[torch.Tensor]:
+    """The upstream gradient: None (1) for scalar losses, random (never zeros) for matrix outputs."""
+    t = first_tensor(out)
+    if t is None or not t.requires_grad:
+        raise NoGradient("its output has no gradient")
+    if t.dim() == 0:
+        return None
+    gen = torch.Generator(device=t.device)
+    gen.manual_seed(0)
+    return torch.randn(t.shape, generator=gen, device=t.device, dtype=torch.float32).to(t.dtype)
+
+
+def cuda_graph(step: Callable[[], Any]) -> Callable[[], Any]:
+    """``step`` captured once in a CUDA graph; returns the replay. Warm-up runs on a side stream first, as
+    capture requires (lazy allocations and autotuning happen there, not in the graph)."""
+    current = torch.cuda.current_stream()
+    side = torch.cuda.Stream()
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    current.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay  # the bound method keeps the graph (and its memory pool) alive
+
+
+def _graph_callables(spec: OpSpec, call: Callable[[], Any], leaves: List[torch.Tensor], out: Any,
+                     capture: Callable[[Callable[[], Any]], Callable[[], Any]]) -> Callables:
+    """ours:graph: the forward, and forward + backward (the gradients of every leaf, as torch.autograd.grad
+    returns them), each replayed from one capture. The backward alone is derived, (fwd+bwd) − fwd: a graph
+    replays whole steps. Peak memory is not measured: the graph's pool is allocated at capture."""
+    note = "not measured: a CUDA graph allocates its memory pool once, at capture"
+    fwd = capture(call)
+    if not spec.grad:
+        return Callables(fwd=fwd, output=out, memory_note=note)
+    g = _upstream(out)
+
+    def step():
+        torch.autograd.grad(first_tensor(call()), leaves, g, allow_unused=True)
+
+    def no_bwd():
+        raise NotImplementedError("a CUDA graph replays whole steps")
+    return Callables(fwd=fwd, fwd_bwd=capture(step), make_bwd=no_bwd, output=out, memory_note=note)
 
 
 def is_oom(err: BaseException) -> bool:

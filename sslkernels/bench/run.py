@@ -268,7 +268,9 @@ def _measure_mode(rec: Dict[str, Any], calls, mode: str, cfg: Config) -> None:
         fn = calls.for_mode(mode)
         t = measure(fn, device, cfg.budget)
         rec.update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, reps=t.reps)
-        if cfg.memory:
+        if cfg.memory and calls.memory_note:
+            rec.update(mem_method=calls.memory_note)
+        elif cfg.memory:
             # Gradients left by the timing loop would be freed inside the call and hide its peak.
             calls.reset()
             if device.type == "cuda":
