@@ -17,6 +17,12 @@ py="${PYTHON:-python3}"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 export PATH="$PATH:/usr/local/cuda/bin"
 unset TRITON_INTERPRET
+# Peers and drop-in originals carried as wheels (scripts/peer_wheels.sh, `carry: [".whl"]`): installed into a
+# scratch folder without network, so the drop-in tests and the bench's peers run on the GPU too.
+if ls .whl/*.whl >/dev/null 2>&1; then
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
 
 # The device tool returns at most 8 files from $OUT: stage logs go to a scratch folder and are appended
 # whole to gpu_check.log; $OUT keeps gpu_check.log, summary.md, tests.xml and the bench folder.

@@ -19,7 +19,7 @@ out="${1:-${OUT:-gpu_tune_out}}"; w="$(mktemp -d)"; mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1; unset TRITON_INTERPRET
 py="${PYTHON:-python3}"
 steps="${TUNE_STEPS:-tests autotune bench}"
-if ls .whl/*.whl >/dev/null 2>&1; then  # peers carried as wheels (device README)
+if ls .whl/*.whl >/dev/null 2>&1; then  # peers carried as wheels (scripts/peer_wheels.sh)
   "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 run() { local lim="$1"; shift; echo "### $* (limit ${lim}s)"; local t0=$SECONDS; timeout "$lim" "$@"; echo "### exit $? after $((SECONDS - t0))s"; }
