@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Between two device calls of scripts/gpu_tune.sh: put the bench parts (targets, full-a, full-b, full-c, sweep)
+# of the returned tune.tgz where the next call resumes them, and say which are still incomplete. Quick on
+# purpose: a lent GPU goes back after ~30 s idle, and a fresh one costs minutes of start-up.
+#   bash scripts/gpu_parts.sh PATH/tune.tgz [PARTS_DIR]     (PARTS_DIR: gpu_tune's TUNE_PARTS default)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+tgz="$1"; parts="${2:-benchmarks/results/h100/parts}"
+mkdir -p "$parts"
+for name in targets full-a full-b full-c sweep; do
+  if tar tzf "$tgz" "./$name/results.json" >/dev/null 2>&1; then
+    rm -rf "${parts:?}/$name" && tar xzf "$tgz" -C "$parts" "./$name"
+    pending=$(python3 -c "import json,sys; print(sum(1 for r in json.load(open(sys.argv[1]))['results'] if r.get('pending')))" "$parts/$name/results.json")
+    echo "$name: $([ "$pending" = 0 ] && echo complete || echo "$pending records pending (resumed by the next call)")"
+  fi
+done
