@@ -132,10 +132,37 @@ def main(argv=None) -> int:
                     help="seconds in all, shared by the dtypes: variants past a dtype's share are skipped")
     args = ap.parse_args(argv)
     rows = run(args)
+    for line in verdicts(rows):
+        print(line, flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "dino_variants.json"), "w") as f:
         json.dump(rows, f, indent=1)
     return 0
+
+
+# Issue 5 / 10: DINO fwd+bwd at most this multiple of its memory-traffic floor.
+TARGET_FLOOR_RATIO = 1.5
+
+
+def verdicts(rows):
+    """Per dtype: the two-pass step, the fastest fused variant, and what to do with it (NOTES' decision rule:
+    make the fused path the default, with the winner's settings, if it beats the two-pass step; the target
+    needs it at ≤ 1.5× the floor)."""
+    out = []
+    for name in dict.fromkeys(r["dtype"] for r in rows):
+        mine = [r for r in rows if r["dtype"] == name]
+        two = next((r for r in mine if r["variant"] == "two-pass"), None)
+        fused = min((r for r in mine if r["variant"].startswith("fused")), key=lambda r: r["ms"], default=None)
+        if two is None or fused is None:
+            out.append(f"{name}: nothing to compare (the budget ran out)")
+            continue
+        gain = two["ms"] / fused["ms"]
+        target = "meets" if fused["floor_ratio"] <= TARGET_FLOOR_RATIO else "misses"
+        act = ("make it the default with these settings" if gain > 1.0 else "keep the two-pass default")
+        out.append(f"{name}: two-pass {two['ms']:.3f} ms ({two['floor_ratio']:.2f}× floor); best {fused['variant']} "
+                   f"{fused['ms']:.3f} ms ({fused['floor_ratio']:.2f}× floor, {gain:.2f}× the two-pass speed): "
+                   f"{target} the ≤ {TARGET_FLOOR_RATIO}× target; {act}")
+    return out
 
 
 if __name__ == "__main__":

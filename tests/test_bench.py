@@ -271,6 +271,13 @@ def test_dino_variants_compares_the_two_paths(tmp_path):
                                             "fused programs=2 block=64 stages=1 crops=2"]
     for r in rows:  # the fused path agrees with the two-pass kernels
         assert r["ms"] > 0 and r["loss_diff"] < 1e-5 and r["grad_diff"] < 1e-5, r
+    (line,) = mod.verdicts(rows)
+    best = min(rows[1:], key=lambda r: r["ms"])
+    assert line.startswith("fp32: two-pass") and best["variant"] in line and "target" in line
+    fake = [dict(rows[0], ms=2.0, floor_ratio=4.0), dict(rows[1], ms=1.0, floor_ratio=1.4)]
+    assert "meets" in mod.verdicts(fake)[0] and "make it the default" in mod.verdicts(fake)[0]
+    fake = [dict(rows[0], ms=1.0, floor_ratio=1.6), dict(rows[1], ms=2.0, floor_ratio=3.2)]
+    assert "misses" in mod.verdicts(fake)[0] and "keep the two-pass" in mod.verdicts(fake)[0]
 
 
 def _load_benchmark_script(name):
