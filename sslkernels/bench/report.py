@@ -165,7 +165,8 @@ def summary_rows(records: List[Dict[str, Any]]) -> Table:
             ours = min(cands, key=lambda r: r["median_ms"]) if cands else None
         if ours is None:
             why = by.get("ours", {}).get("reason") or "not run"
-            label = "= eager (no fused path)" if "eager reference" in why else why[:40]
+            label = ("PENDING (--resume runs it)" if by.get("ours", {}).get("pending") else
+                     "= eager (no fused path)" if "eager reference" in why else why[:40])
             rows.append((op, size, dtype, mode, label, "-", "-", *(["-"] * len(others))))
             continue
         cells = []
