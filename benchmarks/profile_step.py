@@ -52,13 +52,18 @@ def _graph_ms(fn, steps: int, device: torch.device):
         _sync(device)
     except Exception as err:  # a host sync or an uncapturable op inside the step
         return None, f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"[:200]
+    return _event_ms(replay, steps, device), None
+
+
+def _event_ms(fn, steps: int, device: torch.device) -> float:
+    """ms per call of ``fn`` over ``steps`` back-to-back calls, between two CUDA events."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(steps):
-        replay()
+        fn()
     end.record()
     _sync(device)
-    return start.elapsed_time(end) / steps, None
+    return start.elapsed_time(end) / steps
 
 
 def profile(op: str, size_item: str, dtype: str, impl_name: str, mode: str, steps: int,
@@ -85,13 +90,7 @@ def profile(op: str, size_item: str, dtype: str, impl_name: str, mode: str, step
     _sync(device)
 
     if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(steps):
-            fn()
-        end.record()
-        _sync(device)
-        step_ms = start.elapsed_time(end) / steps
+        step_ms = _event_ms(fn, steps, device)
     else:
         t0 = time.perf_counter()
         for _ in range(steps):
