@@ -24,26 +24,30 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 
-# The device tool returns at most 8 files from $OUT: stage logs go to a scratch folder and are appended
-# whole to gpu_check.log; $OUT keeps gpu_check.log, summary.md, tests.xml and the bench folder.
-logs="$(mktemp -d)"
+# The device tool returns at most 8 files from $OUT: stage logs go to a scratch folder (GPU_CHECK_LOGS, where
+# scripts/gpu_tune.sh keeps them in its tarball) and are appended whole to gpu_check.log; $OUT keeps
+# gpu_check.log, summary.md, tests.xml and the bench folder. GPU_CHECK_STAGES runs some of the stages only.
+logs="${GPU_CHECK_LOGS:-$(mktemp -d)}"; mkdir -p "$logs"
+stages="${GPU_CHECK_STAGES:-env build_csrc tests bench}"
 declare -A status seconds
 stage() {  # stage NAME LIMIT_S CMD...
   local name="$1" limit="$2"; shift 2
+  [[ " $stages " == *" $name "* ]] || return 0
   local t0=$SECONDS
   timeout "$limit" "$@" >"$logs/$name.log" 2>&1
   local rc=$?
   status[$name]=$rc; seconds[$name]=$((SECONDS - t0))
   { echo "=== $name: exit $rc after ${seconds[$name]}s (limit ${limit}s): $*"; cat "$logs/$name.log"; } >>"$out/gpu_check.log"
-  echo "=== $name: exit $rc, ${seconds[$name]}s"; tail -n 3 "$logs/$name.log"
+  echo "=== $name: exit $rc, ${seconds[$name]}s"; grep -E '^(FAILED|ERROR) ' "$logs/$name.log" | head -n 30; tail -n 3 "$logs/$name.log"
 }
 
 : >"$out/gpu_check.log"
 stage env 60 bash -c "nvidia-smi; $py -c 'import torch, triton; print(\"torch\", torch.__version__, \"triton\", triton.__version__, \"cuda\", torch.version.cuda, torch.cuda.get_device_name(0))'"
 stage build_csrc 90 env PYTHON="$py" bash scripts/build_csrc.sh "$root/build/csrc"
 # Kernel outputs are NaN-poisoned before launch (ops/_common.py), so an unwritten element fails a test.
-# pytest-xdist (in the device image) spreads the suite over 4 workers sharing the GPU.
-xdist=(); "$py" -c 'import xdist' 2>/dev/null && xdist=(-n 4)
+# pytest-xdist (in the device image) spreads the suite over 8 workers (of 16 cores) sharing the GPU: Triton's
+# compiles run on the host.
+xdist=(); "$py" -c 'import xdist' 2>/dev/null && xdist=(-n 8)
 stage tests 300 env SSLKERNELS_POISON=1 "$py" -m pytest -q -rfE -p no:cacheprovider "${xdist[@]}" tests --junitxml="$out/tests.xml"
 stage bench 180 "$py" -m sslkernels.bench --quick --device cuda --out "$out/bench"
 
@@ -51,9 +55,9 @@ stage bench 180 "$py" -m sslkernels.bench --quick --device cuda --out "$out/benc
   echo
   echo "| stage | exit | seconds | last line |"
   echo "| --- | --- | --- | --- |"
-  for name in env build_csrc tests bench; do
+  for name in $stages; do
     last="$(tail -n 1 "$logs/$name.log" 2>/dev/null | tr '|' '/' | cut -c1-100)"
     echo "| $name | ${status[$name]:-skipped} | ${seconds[$name]:-0} | $last |"
   done
 } | tee "$out/summary.md"
-for name in env build_csrc tests bench; do [ "${status[$name]:-1}" = 0 ] || exit 1; done
+for name in $stages; do [ "${status[$name]:-1}" = 0 ] || exit 1; done

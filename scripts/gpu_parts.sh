@@ -2,10 +2,11 @@
 # Between two device calls of scripts/gpu_tune.sh: put the bench parts (targets, full-a, full-b, full-c, sweep)
 # of the returned tune.tgz where the next call resumes them, and say which are still incomplete. Quick on
 # purpose: a lent GPU goes back after ~30 s idle, and a fresh one costs minutes of start-up.
-#   bash scripts/gpu_parts.sh PATH/tune.tgz [PARTS_DIR]     (PARTS_DIR: gpu_tune's TUNE_PARTS default)
+#   bash scripts/gpu_parts.sh PATH/tune.tgz [PARTS_DIR]     (PARTS_DIR: gpu_tune's TUNE_PARTS default,
+#                                                           benchmarks/results/<gpu>/parts, <gpu> read from the tarball)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-tgz="$1"; parts="${2:-benchmarks/results/h100/parts}"
+tgz="$1"; gpu="$(tar xzf "$tgz" -O ./gpu 2>/dev/null || echo gpu)"; parts="${2:-benchmarks/results/$gpu/parts}"
 mkdir -p "$parts"
 for name in targets full-a full-b full-c sweep; do
   if tar tzf "$tgz" "./$name/results.json" >/dev/null 2>&1; then
