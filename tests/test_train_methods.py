@@ -78,6 +78,65 @@ def test_resume_refuses_a_different_run(tmp_path, capsys):
     assert "is a simclr checkpoint, not byol" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.write_bytes(b""), "not a checkpoint of sslkernels.train (EOFError"),
+    (lambda p: p.write_text('{"method": "simclr"}'), "not a checkpoint of sslkernels.train (UnpicklingError"),
+    (lambda p: torch.save(torch.zeros(3), p), "not a checkpoint of sslkernels.train (no method, epoch"),
+    (lambda p: torch.save({"method": "simclr"}, p), "not a checkpoint of sslkernels.train (no epoch, config"),
+    (lambda p: torch.save(core.Encoder().state_dict(), p), "not a checkpoint of sslkernels.train (no method"),
+])
+def test_resume_from_a_file_that_is_no_checkpoint_is_a_clear_error(tmp_path, capsys, make, message):
+    path = tmp_path / "checkpoint.pt"
+    make(path)
+    with pytest.raises(SystemExit) as exc:
+        main(["simclr", *TINY, "--resume", str(path)])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_resume_refuses_a_folder_whose_images_changed(tmp_path, capsys):
+    # The same --data path with other images would silently change the schedule's length and the held-out split.
+    from PIL import Image
+
+    root = _folder(tmp_path / "data", per_class=12)
+    args = ["simclr", "--data", str(root), "--image-size", "8", "--epochs", "2", "--batch-size", "4", "--knn-k", "3",
+            "--fewshot-draws", "2", "--probe-iterations", "5", "--no-plots"]
+    report = main([*args, "--out", str(tmp_path / "run"), "--stop-after", "1"])
+    assert len(report["data"]["fingerprint"]) == 16
+    ckpt = str(tmp_path / "run" / "checkpoint.pt")
+    Image.new("RGB", (12, 12), (200, 10, 10)).save(root / "class0" / "0.png")  # one image replaced: same counts
+    with pytest.raises(SystemExit):
+        main([*args, "--resume", ckpt])
+    err = capsys.readouterr().err
+    assert "is not the data of the checkpoint's run: fingerprint" in err and "train" not in err.split("fingerprint")[1]
+    _folder(tmp_path / "more", per_class=4)
+    for c in range(2):  # four images added to each class
+        for f in (tmp_path / "more" / f"class{c}").iterdir():
+            f.rename(root / f"class{c}" / f"new{f.name}")
+    with pytest.raises(SystemExit):
+        main([*args, "--resume", ckpt])
+    assert "train 24 (was 18)" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_resume_on_the_gpu(tmp_path):
+    # The RNG states in a checkpoint must load on the CPU whatever the run's device (torch refuses CUDA ones).
+    args = ["simclr", *TINY, "--epochs", "2", "--device", "cuda"]
+    main([*args, "--out", str(tmp_path), "--stop-after", "1"])
+    resumed = main([*args, "--resume", str(tmp_path / "checkpoint.pt")])
+    assert resumed["summary"]["complete"] and len(resumed["step_losses"]) == 6
+
+
+def test_clip_logit_scale_is_clamped_after_the_step_and_not_decayed(tmp_path):
+    # As OpenCLIP's loop: a clamp inside the forward would pass no gradient above 100 and freeze the scale there.
+    report = main(["clip", *TINY, "--init-temperature", "0.005", "--out", str(tmp_path)])  # scale 200 at the start
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    # clamped to log 100 after the first step, then learning on (the old in-forward clamp kept it at ~5.2983)
+    assert math.log(50) < ckpt["model"]["logit_scale"].item() < math.log(100)
+    groups = ckpt["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [1e-4, 0.0] and len(groups[1]["params"]) == 1
+    assert math.isfinite(report["step_losses"][-1])
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_compare_mode_runs_both_impls_with_the_same_seed(tmp_path, capsys, method):
     extra = ["--local-crops", "1"] if method == "dino" else []

@@ -4,7 +4,9 @@
 
 Each image gives a pair: an augmented 8×8 view for the image tower (the conv encoder that gets evaluated) and a
 "caption" for the text tower, a coarse 4×4 summary of another view read by an MLP, standing in for a second
-modality. Embeddings are L2-normalized; the learnable temperature is exp(logit_scale) (clamped at 100, as CLIP).
+modality. Embeddings are L2-normalized; the learnable temperature is exp(logit_scale), clamped to [1, 100] after
+each optimizer step and free of weight decay, as OpenCLIP's training loop does (a clamp inside the forward would
+pass no gradient once the scale reaches 100, freezing it there).
 """
 from __future__ import annotations
 
@@ -41,6 +43,8 @@ class CaptionTower(nn.Module):
 
 
 class CLIP(core.Method):
+    no_weight_decay = ("logit_scale",)
+
     def __init__(self, args, split):
         super().__init__()
         self.backend = core.IMPLS[args.impl]
@@ -53,8 +57,11 @@ class CLIP(core.Method):
     def training_step(self, x, y, step):
         image = F.normalize(self.image_proj(self.encoder(self.augment(x))), dim=1)
         text = F.normalize(self.text_tower(self.augment(x)), dim=1)
-        scale = self.logit_scale.clamp(max=math.log(100)).exp()  # OpenCLIP passes logit_scale.exp()
-        return sslkernels.clip_loss(image, text, scale, backend=self.backend)
+        return sslkernels.clip_loss(image, text, self.logit_scale.exp(), backend=self.backend)
+
+    @torch.no_grad()
+    def after_step(self, step):
+        self.logit_scale.clamp_(0, math.log(100))
 
 
 def train(args) -> dict:

@@ -208,7 +208,10 @@ def mlp_head(in_dim: int, hidden: int, out_dim: int, *, out_bn: bool = False) ->
 
 class Method(nn.Module):
     """What a trainer file defines. Subclasses set ``self.encoder`` (evaluated unless ``eval_encoder`` is
-    overridden) and implement ``training_step``; ``after_step`` runs after the optimizer step (EMA updates)."""
+    overridden) and implement ``training_step``; ``after_step`` runs after the optimizer step (EMA updates).
+    ``no_weight_decay`` names parameters AdamW leaves undecayed (CLIP's logit_scale, as OpenCLIP)."""
+
+    no_weight_decay: tuple = ()
 
     def training_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
         raise NotImplementedError
@@ -497,8 +500,12 @@ def sync(device: torch.device) -> None:
 def build_method(args, split: data_lib.Split, build, device: torch.device):
     """(method, AdamW over its trainable parameters), in the data's dtype on ``device``."""
     method = build(args, split).to(device=device, dtype=split.train_x.dtype)
-    params = [p for p in method.parameters() if p.requires_grad]
-    return method, torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    named = [(n, p) for n, p in method.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if n not in method.no_weight_decay]}]
+    undecayed = [p for n, p in named if n in method.no_weight_decay]
+    if undecayed:
+        groups.append({"params": undecayed, "weight_decay": 0.0})
+    return method, torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
 
 
 def optimizer_step(method: Method, optimizer, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
@@ -519,8 +526,8 @@ def fit(name: str, args, build) -> dict:
     if args.resume:
         if not Path(args.resume).is_file():
             raise ConfigError(f"--resume {args.resume}: no such checkpoint file")
-        ckpt = torch.load(args.resume, map_location=device, weights_only=True)
-        if ckpt.get("method") != name:
+        ckpt = load_checkpoint(args.resume)
+        if ckpt["method"] != name:
             raise ConfigError(f"--resume {args.resume} is a {ckpt.get('method')} checkpoint, not {name}")
         config = {k: v for k, v in vars(args).items() if k != "func"}
         ckpt["config"] = {**_RESUME_DEFAULTS, **ckpt["config"]}
@@ -532,6 +539,12 @@ def fit(name: str, args, build) -> dict:
                                           for k in diff))
     seed_everything(args.seed)
     split = load_data(args, device)
+    if ckpt is not None and "data" in ckpt and ckpt["data"] != split.describe():
+        # Same --data, other images: the schedule's length and the held-out split would change under the run.
+        was, now = ckpt["data"], split.describe()
+        raise ConfigError(f"--resume: --data {args.data} is not the data of the checkpoint's run: "
+                          + ", ".join(f"{k} {now.get(k)} (was {was.get(k)})" for k in sorted(was.keys() | now.keys())
+                                      if was.get(k) != now.get(k)))
     if args.out:
         out = Path(args.out)
     elif ckpt is not None:
@@ -596,6 +609,24 @@ def fit(name: str, args, build) -> dict:
     return run.finish(complete=last_epoch == args.epochs)
 
 
+_CHECKPOINT_KEYS = ("method", "epoch", "config", "model", "optimizer", "scheduler", "loader", "rng", "history",
+                    "step_losses", "train_seconds")
+
+
+def load_checkpoint(path) -> dict:
+    """A checkpoint written by ``save_checkpoint``, every tensor on the CPU: the RNG states must stay there
+    (torch refuses a CUDA ByteTensor as a generator state), and load_state_dict moves the rest where it belongs."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises many types for a file that is not a checkpoint
+        raise ConfigError(f"--resume {path}: not a checkpoint of sslkernels.train ({type(e).__name__}: {e})") from None
+    missing = [k for k in _CHECKPOINT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(_CHECKPOINT_KEYS)
+    if missing:
+        raise ConfigError(f"--resume {path}: not a checkpoint of sslkernels.train (no {', '.join(missing)}); "
+                          "resume from the checkpoint.pt a run writes in its output folder")
+    return ckpt
+
+
 def save_checkpoint(run: Run, epoch: int, method: Method, optimizer, scheduler, loader) -> Path:
     """Everything a resumed run needs to continue bit for bit (on CPU): weights, EMA teacher, queue and pointer,
     DINO center (all in ``model``), optimizer, schedule, shuffling generator and the global RNGs."""
@@ -604,7 +635,7 @@ def save_checkpoint(run: Run, epoch: int, method: Method, optimizer, scheduler, 
                "model": method.state_dict(), "optimizer": optimizer.state_dict(),
                "scheduler": scheduler.state_dict(), "loader": loader.state_dict(), "rng": rng_state(),
                "history": list(run.history), "step_losses": list(run.step_losses),
-               "train_seconds": run.train_seconds}
+               "train_seconds": run.train_seconds, "data": run.report["data"]}
     path = run.out / "checkpoint.pt"
     tmp = path.with_suffix(".pt.tmp")
     torch.save(payload, tmp)

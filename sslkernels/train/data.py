@@ -6,6 +6,7 @@ loss, not in a Python data pipeline: the whole data set fits in memory (1797 dig
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from dataclasses import dataclass
@@ -28,10 +29,22 @@ class Split:
     test_x: torch.Tensor
     test_y: torch.Tensor
     num_classes: int
+    fingerprint: str = ""  # of the images and labels as loaded (load()): a resumed run checks it is on the same data
 
     def describe(self) -> dict:
         return {"name": self.name, "train": int(self.train_x.shape[0]), "test": int(self.test_x.shape[0]),
-                "classes": self.num_classes, "image_shape": list(self.train_x.shape[1:])}
+                "classes": self.num_classes, "image_shape": list(self.train_x.shape[1:]),
+                "fingerprint": self.fingerprint}
+
+
+def fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """SHA-256 (16 hex digits) of the decoded images and their labels on the CPU: the same on every device, and
+    different when a folder's images are added, removed, replaced or relabelled."""
+    h = hashlib.sha256()
+    for t in (images, labels):
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _digits():
@@ -140,7 +153,8 @@ def load(name: str, device, *, test_fraction: float = 0.25, subset: int | None =
                          "each class for evaluation and train on the rest (a class needs at least 3 images to "
                          "give one held-out image); add images")
     return Split(name, images[train_idx].to(device), labels[train_idx].to(device),
-                 images[test_idx].to(device), labels[test_idx].to(device), int(labels.max()) + 1)
+                 images[test_idx].to(device), labels[test_idx].to(device), int(labels.max()) + 1,
+                 fingerprint(images, labels))
 
 
 class Augment:
