@@ -48,7 +48,11 @@ stage build_csrc 90 env PYTHON="$py" bash scripts/build_csrc.sh "$root/build/csr
 # pytest-xdist (in the device image) spreads the suite over 8 workers (of 16 cores) sharing the GPU: Triton's
 # compiles run on the host.
 xdist=(); "$py" -c 'import xdist' 2>/dev/null && xdist=(-n 8)
-stage tests 300 env SSLKERNELS_POISON=1 "$py" -m pytest -q -rfE -p no:cacheprovider "${xdist[@]}" tests --junitxml="$out/tests.xml"
+# One line per test as it ends (-v), so a stage cut off by its limit still says what failed and what ran; with
+# pytest-timeout (in the image) a test that hangs fails after 120 s instead of stalling the rest.
+hang=(); "$py" -c 'import pytest_timeout' 2>/dev/null && hang=(--timeout 120)
+stage tests 300 env SSLKERNELS_POISON=1 "$py" -m pytest -v -rfE -p no:cacheprovider --durations 15 "${xdist[@]}" \
+  "${hang[@]}" tests --junitxml="$out/tests.xml"
 stage bench 180 "$py" -m sslkernels.bench --quick --device cuda --out "$out/bench"
 
 {
