@@ -136,7 +136,22 @@ def finite_scalar(value, name: str, device: torch.device) -> Scalar:
         raise ValueError(f"{name} must be a 0-d tensor, got shape {tuple(value.shape)}")
     if value.device != device:
         raise ValueError(f"{name} is on {value.device} but the features are on {device}")
+    if _values_readable() and not bool(torch.isfinite(value.detach())):
+        raise ValueError(f"{name} must be finite, got {value.item()}")
     return value
+
+
+def loss_weight(value, name: str) -> float:
+    """A non-negative, finite float weight of a loss term (Barlow Twins' λ, VICReg's coefficients)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.is_floating_point():
+        if value.requires_grad:
+            raise TypeError(f"{name} must be a float; a tensor that requires grad would get no gradient here")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not 0 <= float(value) < math.inf:  # comparisons, as in positive_scalar
+        raise ValueError(f"{name} must be non-negative and finite, got {value!r}")
+    return float(value)
 
 
 def momentum(value, name: str = "momentum", device: Optional[torch.device] = None) -> Scalar:
@@ -168,7 +183,8 @@ def index_vector(idx, name: str, n: int, device: torch.device, *, upper: Optiona
         raise ValueError(f"{name} is on {idx.device} but the features are on {device}")
     if upper is not None:
         index_range(idx, name, upper)
-    return idx
+    # torch's gather and scatter take int32/int64 indices only: narrower integer types are widened here.
+    return idx if idx.dtype in (torch.int32, torch.int64) else idx.long()
 
 
 def index_range(idx: torch.Tensor, name: str, upper: int) -> None:

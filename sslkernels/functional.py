@@ -256,7 +256,7 @@ def dino_loss(student_output, teacher_output, center, *, student_temp: float = 0
     check.same_device(("student_output", student_output), ("teacher_output", teacher_output), ("center", center))
     check.same_dim("student_output", student_output, "teacher_output", teacher_output)
     p = student_output.shape[1]
-    if center.numel() != p or center.dim() not in (1, 2):
+    if center.numel() != p or center.dim() not in (1, 2) or center.shape[-1] != p:
         raise ValueError(f"center must have shape [1, {p}] (or [{p}]), got {tuple(center.shape)}")
     if isinstance(n_global_crops, bool) or not isinstance(n_global_crops, int) or n_global_crops < 1:
         raise ValueError(f"n_global_crops must be a positive int, got {n_global_crops!r}")
@@ -296,8 +296,10 @@ def update_center_(center, teacher_output, momentum: Scalar = 0.9, *, async_op: 
     check.same_device(("center", center), ("teacher_output", teacher_output))
     if not center.is_floating_point():
         raise TypeError(f"center must be a floating-point tensor, got {center.dtype}")
-    if center.numel() != teacher_output.shape[1]:
-        raise ValueError(f"center has {center.numel()} values but teacher_output has {teacher_output.shape[1]} columns")
+    if center.numel() != teacher_output.shape[1] or center.shape[-1] != teacher_output.shape[1]:
+        # Any leading ones ([P], [1, P], lightly's [1, 1, P]); a [2, P/2] center would be updated as if flattened.
+        raise ValueError(f"center must have shape [1, {teacher_output.shape[1]}] (one value per column of "
+                         f"teacher_output), got {tuple(center.shape)}")
     momentum = check.momentum(momentum, device=center.device)
     if torch.compiler.is_compiling() and not async_op and not _dist.is_distributed(process_group):
         from . import library  # as in _compiled_loss; the asynchronous / all-reduce forms stay eager (graph break)
@@ -381,9 +383,10 @@ def barlow_twins_loss(z1, z2, lambda_offdiag: float = 5e-3, *, backend: Optional
     _pair("z1", z1, "z2", z2, same_rows=True)
     if z1.shape[0] < 2:
         raise ValueError("z1 needs at least 2 rows: Barlow Twins normalizes each feature over the batch")
+    lambda_offdiag = check.loss_weight(lambda_offdiag, "lambda_offdiag")
     if torch.compiler.is_compiling():
-        return _compiled_loss("barlow_twins_loss", backend, z1, z2, float(lambda_offdiag))
-    return dispatch("barlow_twins_loss", backend, z1.device)(z1, z2, float(lambda_offdiag))
+        return _compiled_loss("barlow_twins_loss", backend, z1, z2, lambda_offdiag)
+    return dispatch("barlow_twins_loss", backend, z1.device)(z1, z2, lambda_offdiag)
 
 
 @_outside_autocast
@@ -393,9 +396,11 @@ def vicreg_loss(z1, z2, sim_weight: float = 25.0, var_weight: float = 25.0, cov_
     _pair("z1", z1, "z2", z2, same_rows=True)
     if z1.shape[0] < 2:
         raise ValueError("z1 needs at least 2 rows: VICReg's variance and covariance terms are over the batch")
+    weights = [check.loss_weight(w, name) for w, name in
+               ((sim_weight, "sim_weight"), (var_weight, "var_weight"), (cov_weight, "cov_weight"))]
     if torch.compiler.is_compiling():
-        return _compiled_loss("vicreg_loss", backend, z1, z2, float(sim_weight), float(var_weight), float(cov_weight))
-    return dispatch("vicreg_loss", backend, z1.device)(z1, z2, float(sim_weight), float(var_weight), float(cov_weight))
+        return _compiled_loss("vicreg_loss", backend, z1, z2, *weights)
+    return dispatch("vicreg_loss", backend, z1.device)(z1, z2, *weights)
 
 
 # -------------------------------------------------------------------------------------- state ops
@@ -527,4 +532,6 @@ def rankme(embeddings, eps: float = 1e-7, *, backend: Optional[str] = None) -> f
     check.features(embeddings, "embeddings")
     if not (isinstance(eps, (int, float)) and eps >= 0):
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    if not bool(torch.isfinite(embeddings).all()):  # rankme returns a float: the host read is paid anyway
+        raise ValueError("embeddings contain NaN or infinite values; RankMe's singular values are undefined")
     return dispatch("rankme", backend, embeddings.device)(embeddings, float(eps))

@@ -193,6 +193,8 @@ class NTXentLoss(_Loss):
         self.eps = 1e-8
 
     def forward(self, out0, out1):
+        check.features(out0, "out0")  # before F.normalize, whose error for integer inputs names no argument
+        check.features(out1, "out1")
         if self.normalize:
             out0, out1 = F.normalize(out0, dim=1), F.normalize(out1, dim=1)
         if self._lazy_bank_size and self.memory_bank.size[0] == 0:
@@ -243,6 +245,8 @@ class DCLLoss(_Loss):
         self.gather_distributed = gather_distributed
 
     def forward(self, out0, out1):
+        check.features(out0, "out0")  # before F.normalize, whose error for integer inputs names no argument
+        check.features(out1, "out1")
         out0, out1 = F.normalize(out0, dim=1), F.normalize(out1, dim=1)
         loss = Fn.nt_xent(out0, out1, self.temperature, decoupled=True, reduction=self.reduction,
                           gather_distributed=self.gather_distributed, backend=self.backend)

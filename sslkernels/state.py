@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
+from numbers import Integral
 from typing import Optional, Union
 
 import torch
@@ -145,6 +146,20 @@ def _check_positive_int(value, name: str, why: str = "") -> None:
         raise ValueError(f"{name} must be a positive int{need}, got {value!r}")
 
 
+def _step_tensor(step, device: torch.device) -> torch.Tensor:
+    """A schedule step as an integer tensor on ``device``: a non-negative int, or an integer tensor (0-d, not read
+    by value: no host sync). A float or a negative step would land silently elsewhere on the schedule."""
+    if isinstance(step, torch.Tensor):
+        if step.dim() != 0 or step.is_floating_point() or step.is_complex() or step.dtype == torch.bool:
+            raise TypeError(f"step must be an int or a 0-d integer tensor, got {step.dtype} of shape {tuple(step.shape)}")
+        return step.to(device)
+    if isinstance(step, bool) or not isinstance(step, Integral):
+        raise TypeError(f"step must be an int or a 0-d integer tensor, got {type(step).__name__}")
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    return torch.tensor(int(step), device=device)
+
+
 class MomentumEncoder(nn.Module):
     """A frozen copy of ``module`` updated by EMA (the teacher / key encoder of BYOL, MoCo, DINO).
 
@@ -184,7 +199,7 @@ class MomentumEncoder(nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.long, device=dev))
 
     def momentum_at(self, step: Optional[Union[int, torch.Tensor]] = None) -> torch.Tensor:
-        s = self.step if step is None else torch.as_tensor(step, device=self.step.device)
+        s = self.step if step is None else _step_tensor(step, self.step.device)
         return scheduled_momentum(s, self.base_momentum, self.final_momentum, self.total_steps, self.schedule,
                                   steps_per_epoch=self.steps_per_epoch)
 
@@ -194,7 +209,7 @@ class MomentumEncoder(nn.Module):
         """EMA ``module`` into the copy with the momentum of ``step`` (default: an internal counter);
         ``backend`` as for ema_update_."""
         if step is not None:
-            self.step.copy_(torch.as_tensor(step, device=self.step.device))
+            self.step.copy_(_step_tensor(step, self.step.device))
         m = self.momentum_at()
         ema_update_(self.module, module, m, buffers=self.buffers, backend=backend)
         self.step.add_(1)

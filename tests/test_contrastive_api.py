@@ -391,6 +391,78 @@ def test_supcon_labels_any_integer_values(backend):
     check(out, expected_supcon(f64, labels, 0.3), [f], [f64], F64)
 
 
+# ------------------------------------------------------------------------------------ half-precision scalars
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("tdtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op", ["info_nce", "nt_xent", "moco_loss", "supcon_loss", "clip_loss"])
+def test_half_precision_temperature_with_fp32_features(op, tdtype, backend):
+    # A bf16 / fp16 temperature (or logit_scale) means its own value (bf16 0.07 is 0.0698...), as the reference
+    # uses it: 1/τ formed in the scalar's dtype would be 6e-4 off. clip_loss at logit_scale 100 with an upstream
+    # of 1024 (a GradScaler's) must give a finite gradient: an fp16 double inverse passed s²·∂L/∂s (inf).
+    n, d = 11, 7
+    feats = [leaves(unit_rows(n, d), torch.float32) for _ in range(2)]
+    (a, a64), (b, b64) = feats
+    t = torch.tensor(100.0 if op == "clip_loss" else 0.07, dtype=tdtype, requires_grad=True)
+    t64 = t.detach().double().requires_grad_()
+    queue = unit_rows(17, d)
+    labels = torch.randint(0, 3, (n,))
+    calls = {
+        "info_nce": (lambda x, y, tau, **kw: sslkernels.info_nce(x, y, tau, **kw), expected_info_nce),
+        "nt_xent": (lambda x, y, tau, **kw: sslkernels.nt_xent(x, y, tau, **kw), expected_nt_xent),
+        "moco_loss": (lambda x, y, tau, **kw: sslkernels.moco_loss(x, y, queue.to(x.dtype), tau, **kw),
+                      lambda x, y, tau: expected_moco(x, y, queue, tau)),
+        "supcon_loss": (lambda x, y, tau, **kw: sslkernels.supcon_loss(x, labels, tau, **kw),
+                        lambda x, y, tau: expected_supcon(x, labels, tau)),
+        "clip_loss": (lambda x, y, s, **kw: sslkernels.clip_loss(x, y, s, **kw), expected_clip),
+    }
+    ours, expected = calls[op]
+    out = ours(a, b, t, backend=backend)
+    want = expected(a64, b64, t64)
+    assert_close(out, want, torch.float32, name="loss")
+    upstream = 1024.0 if op == "clip_loss" else 16.0  # dL/dτ·1024 at τ = 0.07 would overflow fp16 itself
+    grads = torch.autograd.grad(out * upstream, [a, t], allow_unused=True)
+    wants = torch.autograd.grad(want * upstream, [a64, t64])
+    assert_close(grads[0], wants[0], torch.float32, name="grad of the features")
+    assert grads[1].dtype == tdtype
+    assert_close(grads[1], wants[1], tdtype, name="grad of the temperature")
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("idx_dtype", [torch.uint8, torch.int8, torch.int16, torch.int32], ids=str)
+def test_info_nce_targets_of_any_integer_dtype(idx_dtype, backend):
+    q, q64 = leaves(unit_rows(6, 7), F64)
+    k, k64 = leaves(unit_rows(9, 7), F64)
+    targets = torch.tensor([0, 1, 2, 3, 4, 8])
+    out = sslkernels.info_nce(q, k, 0.2, targets=targets.to(idx_dtype), backend=backend)
+    check(out, expected_info_nce(q64, k64, 0.2, targets), [q, k], [q64, k64], F64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_double_backward_is_an_error_not_a_silent_constant(reduction, backend):
+    # A gradient penalty loss + ‖∂loss/∂q‖²: the gradient the kernels give has no graph, so differentiating it
+    # again would treat it as a constant and silently drop the penalty's gradient. Every path either matches the
+    # "torch" oracle's second derivative (the CPU path's "none" is plain autograd) or refuses.
+    w = torch.randn(7, 7, dtype=F64, requires_grad=True)
+    q0, k = unit_rows(6, 7), unit_rows(6, 7)
+
+    def penalized_grad(name):
+        q = q0 @ w
+        loss = sslkernels.info_nce(q, k, 0.2, reduction=reduction, backend=name).sum()
+        (g,) = torch.autograd.grad(loss, q, create_graph=True)
+        return torch.autograd.grad(loss + g.square().sum(), w)[0]
+
+    if backend != "torch" and reduction != "none":
+        with pytest.raises(RuntimeError, match="first-order only"):
+            penalized_grad(backend)
+        loss = sslkernels.info_nce(q0 @ w, k, 0.2, reduction=reduction, backend=backend)
+        torch.autograd.grad(loss.sum(), w)  # a plain backward is unaffected
+    else:
+        assert_close(penalized_grad(backend), penalized_grad("torch"), F64, name="second-order gradient")
+
+
 # ------------------------------------------------------------------------------------ distributed keywords
 
 

@@ -9,6 +9,26 @@ import torch
 from ..backends import triton_interpreted
 
 
+def first_order_only(backward):
+    """For an autograd.Function's backward built of kernels, whose gradients have no graph: under
+    ``create_graph=True`` it raises instead of returning gradients that a second derivative would treat as
+    constants (a gradient penalty ``loss + λ·‖∂loss/∂z‖²`` would silently lose its own gradient).
+
+    torch's ``once_differentiable`` errs only when the incoming gradient requires grad, and then only when the
+    engine reaches its node: neither holds for that penalty, whose incoming gradient is a constant 1.
+    """
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled():  # enabled inside a backward only under create_graph=True
+            raise RuntimeError(
+                "sslkernels: this op's backward is first-order only (its gradients come from kernels, without a "
+                "graph), so create_graph=True (a second derivative, e.g. a gradient penalty) is not supported; "
+                "use backend='torch' for that loss")
+        return backward(ctx, *grads)
+
+    return wrapper
+
+
 def cdiv(a: int, b: int) -> int:
     """⌈a / b⌉ for host-side grid math: plain Python (triton.cdiv is a constexpr function whose host call
     costs microseconds, and a loss makes a dozen such calls per step)."""

@@ -55,13 +55,12 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from .. import reference
 from ..backends import register, triton_interpreted
 from ..reference import reduce
 from . import launch_config
-from ._common import cdiv, empty as _empty, sm_count
+from ._common import cdiv, empty as _empty, first_order_only, sm_count
 from ._common import row_scale as _scale  # fp32 [1] or [N] s, differentiable
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -866,7 +865,7 @@ class _ContrastiveLoss(torch.autograd.Function):
         return rows, aux
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, g_rows, _g_aux):
         with _on(g_rows.device):
             return _ContrastiveLoss._backward(ctx, g_rows)

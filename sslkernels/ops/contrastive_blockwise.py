@@ -35,6 +35,7 @@ import torch
 
 from .. import distributed as _dist
 from ..backends import resolve, triton_available
+from ._common import first_order_only
 
 
 class Spec(NamedTuple):
@@ -179,6 +180,7 @@ class BlockwiseLoss(torch.autograd.Function):
         return rows, count
 
     @staticmethod
+    @first_order_only
     def backward(ctx, g, _g_count):
         spec, ring = ctx.spec, ctx.ring
         a, s, keys, bias, targets, labels, key_labels, lse, col_lse, count = ctx.saved_tensors

@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..backends import register
 from ..reference import reduce
-from ._common import scaled_rows
+from ._common import first_order_only, scaled_rows
 
 CHUNK_ELEMENTS = 1 << 21  # 8 MiB of fp32 logits per chunk: past this, bigger chunks stop paying (N=8192, D=128)
 
@@ -33,7 +33,9 @@ def _chunk_rows(m: int) -> int:
 
 
 def _inverse(t):
-    return 1.0 / t
+    # A half-precision temperature or logit_scale is inverted in fp32: its own dtype would round 1/τ (6e-4 off in
+    # bf16), and clip_loss's double inverse would pass s²·∂L/∂s through fp16 (inf above s = 100, upstream 6.5).
+    return 1.0 / (t.to(torch.promote_types(t.dtype, torch.float32)) if isinstance(t, torch.Tensor) else t)
 
 
 # A chunk function maps (start, stop, weights, want_grads, *tensors) to (row losses [stop-start],
@@ -82,6 +84,7 @@ class _GradInForward(torch.autograd.Function):
         return total
 
     @staticmethod
+    @first_order_only
     def backward(ctx, g):
         saved = ctx.saved_tensors
         out = [g * s if w else None for s, w in zip(saved, ctx.want)]

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from ..backends import register
 from ..reference import compute_dtype, reduce
-from ._common import cdiv, empty as _empty, next_pow2, unit_stride_rows as _rows
+from ._common import cdiv, empty as _empty, first_order_only, next_pow2, unit_stride_rows as _rows
 
 EPS = 1e-8
 TILE_ELEMENTS = 4096  # tests shrink it so small rows span several column tiles
@@ -106,6 +106,7 @@ class _NegativeCosine(torch.autograd.Function):
         return reduce(-cos, reduction)
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_out):
         p, z, cos, n_p, n_z, norm_p, norm_z = ctx.saved_tensors
         n = p.shape[0]

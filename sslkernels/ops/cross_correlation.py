@@ -22,6 +22,7 @@ import torch
 
 from ..backends import register
 from ..reference import compute_dtype
+from ._common import first_order_only
 
 BN_EPS = 1e-5  # BatchNorm1d's default, as the Barlow Twins reference code
 VAR_EPS = 1e-4  # VICReg's std = sqrt(var + 1e-4)
@@ -141,6 +142,7 @@ class _GradInForward(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @first_order_only
     def backward(ctx, g):
         grads = [(s * g).to(dt) if w else None for s, w, dt in zip(ctx.saved_tensors, ctx.want, ctx.dtypes)]
         return (None, None, *grads)

@@ -23,7 +23,7 @@ import triton.language as tl
 from ..backends import register
 from ..distributed import is_distributed
 from ..reference import center_update, compute_dtype, reduce
-from ._common import STREAM_PROGRAMS, cdiv, empty as _empty, next_pow2, scalar_args as _scalar_args
+from ._common import STREAM_PROGRAMS, cdiv, empty as _empty, first_order_only, next_pow2, scalar_args as _scalar_args
 from ._common import stream_split, unit_stride_rows as _rows
 from . import dino_fused
 from .dino_fused import inv_teacher_temp
@@ -239,6 +239,7 @@ class _DinoLoss(torch.autograd.Function):
         return reduce(rows, reduction)
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_out):
         student, teacher, center, tt, lse_t, lse_s = ctx.saved_tensors
         B, S, G, gp, sp, block_p, warps, inv_ts, tt_val, reduction = ctx.dims

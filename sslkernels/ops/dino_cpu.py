@@ -28,6 +28,7 @@ from ..backends import register
 from ..distributed import gather_sizes
 from ..reference import compute_dtype, logsumexp_across_ranks, reduce
 from ..reference import swav_loss as _swav_reference
+from ._common import first_order_only
 
 CHUNK_ELEMENTS = 1 << 18  # rows per sinkhorn chunk ≈ this / P (1 MiB of fp32 temporaries)
 
@@ -94,6 +95,7 @@ class _DinoLossCPU(torch.autograd.Function):
         return reduce(rows, reduction)
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_out):
         student, teacher, center, lse = ctx.saved_tensors
         tt, student_temp, G, reduction, dtype = ctx.args

@@ -37,12 +37,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from .. import reference
 from ..backends import register
 from . import knn_cpu, launch_config
-from ._common import cdiv, empty as _empty, next_pow2, poison_outputs, sm_count
+from ._common import cdiv, empty as _empty, first_order_only, next_pow2, poison_outputs, sm_count
 from .contrastive import _dot_precision, _features, _on
 
 EPS = 1e-12  # F.normalize's default
@@ -198,7 +197,7 @@ class _Similarity(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, g):
         a, b = ctx.saved_tensors
         need_a, need_b = ctx.needs_input_grad[:2]
