@@ -29,10 +29,16 @@ fi
 # gpu_check.log, summary.md, tests.xml and the bench folder. GPU_CHECK_STAGES runs some of the stages only.
 logs="${GPU_CHECK_LOGS:-$(mktemp -d)}"; mkdir -p "$logs"
 stages="${GPU_CHECK_STAGES:-env build_csrc tests bench}"
+# GPU_CHECK_S: the whole script's seconds (gpu_tune.sh sets it): each stage's limit shrinks to what is left. A
+# `timeout` around this script would not reach a stage's own `timeout` (a process group of its own), whose
+# pytest would then run on into the caller's next step.
+total_s="${GPU_CHECK_S:-100000}"
 declare -A status seconds
 stage() {  # stage NAME LIMIT_S CMD...
   local name="$1" limit="$2"; shift 2
   [[ " $stages " == *" $name "* ]] || return 0
+  local rest=$((total_s - SECONDS - 5)); (( rest < limit )) && limit=$rest
+  if (( limit < 10 )); then echo "=== $name: not started, ${SECONDS}s of ${total_s}s gone"; return 0; fi
   local t0=$SECONDS
   timeout "$limit" "$@" >"$logs/$name.log" 2>&1
   local rc=$?

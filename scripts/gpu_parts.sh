@@ -8,10 +8,17 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 tgz="$1"; gpu="$(tar xzf "$tgz" -O ./gpu 2>/dev/null || echo gpu)"; parts="${2:-benchmarks/results/$gpu/parts}"
 mkdir -p "$parts"
+new="$(mktemp -d)"
 for name in targets full-a full-b full-c sweep; do
   if tar tzf "$tgz" "./$name/results.json" >/dev/null 2>&1; then
-    rm -rf "${parts:?}/$name" && tar xzf "$tgz" -C "$parts" "./$name"
-    pending=$(python3 -c "import json,sys; print(sum(1 for r in json.load(open(sys.argv[1]))['results'] if r.get('pending')))" "$parts/$name/results.json")
+    tar xzf "$tgz" -C "$new" "./$name"
+    # Read before replacing: a results.json cut off by the call's limit must not replace the last whole one.
+    if ! pending=$(python3 -c "import json,sys; print(sum(1 for r in json.load(open(sys.argv[1]))['results'] if r.get('pending')))" \
+                   "$new/$name/results.json" 2>/dev/null); then
+      echo "$name: the returned results.json does not read; $parts/$name kept as it was"; continue
+    fi
+    rm -rf "${parts:?}/$name" && mv "$new/$name" "$parts/$name"
     echo "$name: $([ "$pending" = 0 ] && echo complete || echo "$pending records pending (resumed by the next call)")"
   fi
 done
+rm -rf "$new"

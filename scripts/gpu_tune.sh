@@ -57,8 +57,9 @@ part() {  # part NAME BENCH_ARGS...: no case starts in the last 90 s of the call
 {
 for step in $steps; do
   case "$step" in
+    # gpu_check's own stages stop inside GPU_CHECK_S: the outer limit (10 s later) is only a backstop.
     tests) run tests 330 env GPU_CHECK_STAGES="env build_csrc tests" GPU_CHECK_LOGS="$w/tests/stages" PYTHON="$py" \
-             bash scripts/gpu_check.sh "$w/tests" ;;
+             GPU_CHECK_S=$(( $(left) < 330 ? $(left) - 10 : 320 )) bash scripts/gpu_check.sh "$w/tests" ;;
     autotune) run autotune 200 env OUT="$w/autotune" SSLKERNELS_AUTOTUNE=1 OPS=info_nce,clip_loss,nt_xent ENGINES=v2-fixed REPS=5 \
                 "$py" benchmarks/contrastive_engines.py ;;
     engines) run engines 120 env OUT="$w" ENGINES="${ENGINES:-v2-online,v2-fixed}" "$py" benchmarks/contrastive_engines.py ;;

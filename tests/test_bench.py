@@ -370,6 +370,56 @@ def test_merge_marks_targets_across_parts():
     assert "different runs" in row["why"]
 
 
+def test_merged_targets_read_the_roofline_of_the_run_that_measured_them():
+    # A resumed call's cases against its own matmul rate and bandwidth, not the first call's.
+    from sslkernels.bench import merge as bench_merge
+    t = targets.targets_for("cuda")
+    frac = next(x for x in t if x.op == "info_nce" and x.metric == "matmul_frac")
+    big = next(x for x in t if x.op == "info_nce" and x.metric == "runs")
+    env = {"device_name": "GPU", "device": "cuda"}
+
+    def rec(size, status="ok", ms=10.0):
+        return {"op": "info_nce", "size": size.label, "dims": dict(size.dims), "dtype": "bf16", "impl": "ours",
+                "mode": "fwd+bwd", "status": status, "reason": "", "median_ms": ms if status == "ok" else None,
+                "peak_mem_bytes": 0}
+
+    docs = [{"environment": env, "roofline": {"matmul_tflops": tf, "copy_gbps": 1.0},
+             "config": {"device": "cuda", "ops": ["info_nce"]}, "results": results}
+            for tf, results in ((500.0, [rec(big.size, "skipped")]), (800.0, [rec(frac.size)]))]
+    doc = bench_merge.merge(docs, ["first", "second"])
+    row = next(x for x in doc["targets"] if x["metric"] == "matmul_frac")
+    assert row["value"] == pytest.approx(8 * 32768**2 * 256 / 800e12 / 10e-3)
+    # A case the time budget did not reach (pending, recorded as skipped) has no verdict, not "runs: FAIL".
+    runs = next(x for x in doc["targets"] if x["metric"] == "runs")
+    assert runs["value"] is None and runs["verdict"] == "-"
+    oom = bench_merge.merge([docs[0] | {"results": [rec(big.size, "oom")]}], ["a"])
+    assert next(x for x in oom["targets"] if x["metric"] == "runs")["verdict"] == "FAIL"
+
+
+def test_a_target_run_times_only_the_implementations_its_targets_read():
+    # "ours" in a target's list is ours as users call it, not every fused kind the group "ours" adds.
+    spec = cases.SPECS["info_nce"]
+    cpu = torch.device("cpu")
+    grouped = {i.name for i in impls.discover(spec, cpu, ["ours", "eager"])}
+    exact = {i.name for i in impls.discover(spec, cpu, impls.Exactly(["ours", "eager"]))}
+    assert exact == {"ours", "eager"} and grouped > exact  # ours:triton runs here in the interpreter
+    assert all(isinstance(p.impls, impls.Exactly) for p in run.plan(
+        run.Config(ops=[], sizes=["targets"], dtype=torch.float32, impls=None, device=cpu)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_peak_memory_leaves_out_the_gradients_the_step_returns():
+    # As on the CPU: extra memory is beyond the inputs and their gradients, for ours and eager alike.
+    from sslkernels.bench import memory
+    x = torch.randn(1 << 22, device="cuda", requires_grad=True)  # 16 MiB
+
+    def step():  # no temporary of x's size: the one 16 MiB allocation is the new gradient
+        x.grad = None
+        x.sum().mul(2).backward()
+
+    assert memory.peak_cuda(step) < (4 << 20)  # the gradient counted was 16 MiB
+
+
 def _cases_of(doc):
     return {(r["op"], r["size"], json.dumps(r["dims"]), r["dtype"]) for r in doc["results"]}
 

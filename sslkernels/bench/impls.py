@@ -86,8 +86,13 @@ def _compiled(fn: Callable) -> Callable[[Inputs, Size, torch.device], Callable[[
     return make
 
 
+class Exactly(list):
+    """Implementation names to run as named, never as groups: the targets' "ours" without the other fused
+    kinds (ours:cuda, ...) that the group "ours" brings in."""
+
+
 def _selected(group: str, name: str, wanted: Sequence[str]) -> bool:
-    return group in wanted or name in wanted
+    return name in wanted or (group in wanted and not isinstance(wanted, Exactly))
 
 
 def discover(spec: OpSpec, device: torch.device, wanted: Sequence[str]) -> List[Impl]:

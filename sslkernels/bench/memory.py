@@ -1,14 +1,20 @@
 """Peak extra memory of one call: what it allocates on top of what was held before it.
 
+On both devices the call measured is the second of two: the first leaves the inputs' gradients behind,
+and the measured one drops them before its backward writes new ones (the bench's step sets ``.grad`` to
+None first), so the number is the memory beyond the inputs and the gradients the step returns, the same
+for ours, eager and peers: what the issues call extra memory. For "bwd" the saved forward graph is held
+before the call and not counted either.
+
 GPU: torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus memory_allocated()
-before the call (inputs, and for "bwd" the saved forward graph, are not counted).
+before the measured call.
 
 CPU, two measurements:
 
 * ``peak_mem_bytes`` (the number the tables and plots use): the peak of the bytes held by torch's CPU
   allocator during the call, from the allocation and free events the profiler records
   (``profile_memory=True``) summed in time order, less nothing: frees of memory held before the call
-  count down, exactly as on the GPU. Every tensor allocation is seen, so it is exact and does not depend
+  count down, as on the GPU. Every tensor allocation is seen, so it is exact and does not depend
   on the C library or the kernel; it is measured in the timing process right after the timing (as on
   the GPU), so torch.compile is measured too. It does not see memory outside torch's allocator (a
   peer's numpy buffers, thread stacks).
@@ -49,6 +55,7 @@ PAGE = 4096
 
 
 def peak_cuda(fn: Callable[[], Any]) -> int:
+    fn()  # the first of two calls (module docstring): it leaves the gradients the measured one drops
     gc.collect()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -276,10 +283,10 @@ def _worker_main() -> None:
                 continue
             for m in j["modes"]:
                 try:
-                    # Warm-up: the same call once, unmeasured (library paging, heap growth, thread pools).
+                    # Warm-up: the same call once, unmeasured (library paging, heap growth, thread pools); the
+                    # gradients it leaves are dropped inside the measured call, as in peak_cpu_alloc.
                     calls.reset()
                     calls.for_mode(m)()
-                    calls.reset()  # gradients of the previous call would be freed inside the measured one
                     emit(j, m, rss_bytes=peak_rss(calls.for_mode(m)))
                 except Exception as err:  # noqa: BLE001
                     emit(j, m, error=describe_error(err))

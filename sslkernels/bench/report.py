@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -35,6 +36,8 @@ def dims_text(dims: Dict[str, int]) -> str:
 
 
 def write_json(doc: Dict[str, Any], path: Path) -> None:
+    """``doc`` as JSON at ``path``, replaced atomically: a run killed mid-write leaves the last whole file (a lent
+    GPU's command limit can fall on the final write, and a part resumes from that file)."""
     def clean(x):
         if isinstance(x, float) and not math.isfinite(x):
             return None  # JSON has no NaN / Infinity
@@ -43,7 +46,9 @@ def write_json(doc: Dict[str, Any], path: Path) -> None:
         if isinstance(x, list):
             return [clean(v) for v in x]
         return x
-    path.write_text(json.dumps(clean(doc), indent=1))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(clean(doc), indent=1))
+    os.replace(tmp, path)
 
 
 def write_csv(records: List[Dict[str, Any]], path: Path) -> None:
@@ -285,7 +290,8 @@ def _incomplete_lines(doc: Dict[str, Any]) -> List[str]:
 
 LEGEND = [
     "median ms: median over repeats (p20-p80: the spread); peak MiB: extra memory of one call beyond what was "
-    "allocated before it (inputs, and for bwd the saved forward graph, are not counted; GPU: max_memory_allocated; "
+    "allocated before it (inputs, the gradients the step returns, and for bwd the saved forward graph, are not "
+    "counted; GPU: max_memory_allocated; "
     "CPU: peak of torch's CPU allocator from the profiler's allocation events); RSS MiB (CPU): growth of the "
     "resident set in a worker process after a warm-up call (counts everything the process touches, but the "
     "kernel's per-CPU batched counting can hide growth below the resolution in the header)",

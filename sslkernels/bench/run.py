@@ -16,7 +16,6 @@ import gc
 import importlib.util
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from . import targets as _targets
 from .baselines import BASELINES
 from .cases import DTYPES
 from .env import environment
-from .impls import GROUPS, Impl, build_callables, describe_error, discover, first_tensor, is_oom
+from .impls import GROUPS, Exactly, Impl, build_callables, describe_error, discover, first_tensor, is_oom
 from .progress import Progress
 from .timing import DEFAULT, Budget, measure
 
@@ -265,29 +264,33 @@ def _fmt_ms(r: Dict[str, Any]) -> str:
 def _measure_mode(rec: Dict[str, Any], calls, mode: str, cfg: Config) -> None:
     device = cfg.device
     try:
-        fn = calls.for_mode(mode)
-        t = measure(fn, device, cfg.budget)
+        t = measure(calls.for_mode(mode), device, cfg.budget)  # a "bwd" closure's forward is freed after it
         rec.update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, reps=t.reps)
-        if cfg.memory and calls.memory_note:
-            rec.update(mem_method=calls.memory_note)
-        elif cfg.memory:
-            # Gradients left by the timing loop would be freed inside the call and hide its peak.
-            calls.reset()
-            if device.type == "cuda":
-                rec.update(peak_mem_bytes=memory.peak_cuda(calls.for_mode(mode)), mem_method=memory.CUDA_METHOD)
-            else:
-                rec.update(peak_mem_bytes=memory.peak_cpu_alloc(calls.for_mode(mode)),
-                           mem_method=memory.CPU_ALLOC_METHOD)
     except Exception as err:  # noqa: BLE001
-        if is_oom(err):
-            rec.update(status="oom", reason=describe_error(err))
-        elif mode == "bwd":
-            # An autograd.Function that frees its buffers cannot repeat its backward: derive it instead.
-            rec.update(status="derived", reason=f"bwd = (fwd+bwd) − fwd; repeated backward failed: "
-                                                  f"{describe_error(err, 80)}")
-        else:
-            rec.update(status="error", reason=describe_error(err))
-        _free(device)
+        _failed(rec, mode, err, device)
+        return
+    if cfg.memory and calls.memory_note:
+        rec.update(mem_method=calls.memory_note)
+    elif cfg.memory:
+        peak, method = ((memory.peak_cuda, memory.CUDA_METHOD) if device.type == "cuda"
+                        else (memory.peak_cpu_alloc, memory.CPU_ALLOC_METHOD))
+        try:
+            rec.update(peak_mem_bytes=peak(calls.for_mode(mode)), mem_method=method)
+        except Exception as err:  # noqa: BLE001 - the time stands; only the memory is missing
+            rec.update(mem_method=f"not measured: {describe_error(err, 100)}")
+            _free(device)
+
+
+def _failed(rec: Dict[str, Any], mode: str, err: Exception, device: torch.device) -> None:
+    if is_oom(err):
+        rec.update(status="oom", reason=describe_error(err))
+    elif mode == "bwd":
+        # An autograd.Function that frees its buffers cannot repeat its backward: derive it instead.
+        rec.update(status="derived", reason=f"bwd = (fwd+bwd) − fwd; repeated backward failed: "
+                                              f"{describe_error(err, 80)}")
+    else:
+        rec.update(status="error", reason=describe_error(err))
+    _free(device)
 
 
 def _free(device: torch.device) -> None:
@@ -402,7 +405,7 @@ def plan(cfg: Config, log: Callable[[str], None] = _log) -> List[PlanItem]:
         # The targets' own cases, dtypes, modes and implementations (an explicit --impl narrows them).
         names = [s.name for s in specs] if cfg.ops else None
         for op, size, dtype, modes, impls in _targets.cases(cfg.device.type, names):
-            chosen = [i for i in impls if cfg.impls is None or i in cfg.impls or _group_of(i) in cfg.impls]
+            chosen = Exactly(i for i in impls if cfg.impls is None or i in cfg.impls or _group_of(i) in cfg.impls)
             out.append(PlanItem(resolve_op(op), [size], DTYPES[dtype], tuple(modes), chosen))
         if not out:
             log(f"no {cfg.device.type} targets for {cfg.ops or 'any op'}")
@@ -534,8 +537,6 @@ def _document(cfg: Config, env: Dict[str, Any], ceilings: Dict[str, Any], planne
 
 
 def _write_checkpoint(doc: Dict[str, Any], path: Path) -> None:
-    """results.json as it stands, replaced atomically: a run killed mid-write leaves the last whole one."""
+    """results.json as it stands (report.write_json replaces it atomically)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    report.write_json(doc, tmp)
-    os.replace(tmp, path)
+    report.write_json(doc, path)

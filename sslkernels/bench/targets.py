@@ -13,7 +13,7 @@ Metrics (``value`` compared against ``limit`` with ``op``):
   matmul_frac   (flops(dims) / matmul rate) / this time                 (≥: fraction of the measured matmul rate)
   floor_ratio   this time / (bytes(dims, s) / copy bandwidth)          (≤: multiple of the memory-traffic floor)
   bw_frac       (bytes(dims, s) / this time) / copy bandwidth          (≥: fraction of the measured bandwidth)
-  extra_mem     peak extra memory − bytes(dims, s), in MB              (≤)
+  extra_mem     peak extra memory (beyond the inputs and their gradients), in MB  (≤)
   runs          1 when it ran, 0 when it did not (OOM, error)           (≥ 1)
 """
 from __future__ import annotations
@@ -131,8 +131,7 @@ _GPU: Tuple[Target, ...] = (
                f"{op} N=32768 bf16 fwd+bwd ≥ 1.2× torch.compile of the reference", vs=_vs(op, "gpu-target", "compile")),
     )),
     Target(_I3, "cuda", "info_nce", _GPU_INFO, "bf16", "extra_mem", 2.0,
-           "info_nce N=32768 fwd+bwd: extra memory beyond the inputs' gradients ≤ 1 MB per 16k rows (MB)",
-           amount=lambda d, s: (d["N"] + d["M"]) * d["D"] * s),
+           "info_nce N=32768 fwd+bwd: extra memory beyond the inputs and their gradients ≤ 1 MB per 16k rows (MB)"),
     Target(_I10, "cuda", "nt_xent", _GPU_NTX, "bf16", "time_ratio", 0.6,
            "nt_xent 2N=32768 bf16 fwd+bwd ≤ 0.6× the time of info_nce N=32768", vs=_vs("info_nce", "gpu-target", "ours")),
     Target(_I10, "cuda", "info_nce", _GPU_BIG, "bf16", "runs", 1.0, "info_nce N=262144 bf16 fwd+bwd runs on one GPU"),
@@ -215,8 +214,8 @@ def _ok(r) -> bool:
 def _value(t: Target, r, ref, ceilings) -> Tuple[Optional[float], str]:
     """(value, why not) of target ``t`` from its result ``r`` and reference ``ref``."""
     if t.metric == "runs":
-        if r is None:
-            return None, "not run"
+        if r is None or r["status"] not in ("ok", "oom", "error"):  # pending or skipped: not tried, no verdict
+            return None, "not run" if r is None else f"{r['status']}: {r['reason']}"
         return (1.0 if r["status"] == "ok" else 0.0), ("" if r["status"] == "ok" else f"{r['status']}: {r['reason']}")
     if not _ok(r):
         return None, f"{t.impl}: " + ("not run" if r is None else f"{r['status']} {r['reason']}".strip())
@@ -232,6 +231,10 @@ def _value(t: Target, r, ref, ceilings) -> Tuple[Optional[float], str]:
             return r["peak_mem_bytes"] / ref["peak_mem_bytes"], ""
         ratio = r["median_ms"] / ref["median_ms"]
         return (ratio if t.metric == "time_ratio" else 1.0 / ratio), ""
+    if t.metric == "extra_mem":
+        if r["peak_mem_bytes"] is None:
+            return None, "memory not measured"
+        return r["peak_mem_bytes"] / 1e6, ""
     amount = t.amount(r["dims"], s)
     if t.metric == "matmul_frac":
         return amount / (ceilings["matmul_tflops"] * 1e12) / sec, ""
@@ -239,10 +242,6 @@ def _value(t: Target, r, ref, ceilings) -> Tuple[Optional[float], str]:
         return sec / (amount / (ceilings["copy_gbps"] * 1e9)), ""
     if t.metric == "bw_frac":
         return amount / sec / 1e9 / ceilings["copy_gbps"], ""
-    if t.metric == "extra_mem":
-        if r["peak_mem_bytes"] is None:
-            return None, "memory not measured"
-        return (r["peak_mem_bytes"] - amount) / 1e6, ""
     raise ValueError(f"unknown metric {t.metric}")
 
 
@@ -258,7 +257,8 @@ def evaluate(doc: Dict[str, Any]) -> List[Dict[str, Any]]:
         ref = None
         if t.vs:
             ref = _find(records, t.vs[0], t.vs[1], t.dtype, t.vs[2], t.mode)
-        roof = doc["roofline"]
+        # A merged or resumed document: each record against the ceilings of the run that measured it.
+        roof = doc["merged_from"][r["run"]]["roofline"] if doc.get("merged_from") and "run" in r else doc["roofline"]
         value, why = _value(t, r, ref, {**roof, **roof.get("by_dtype", {}).get(t.dtype, {})})
         verdict = "-" if value is None else (
             "pass" if (value >= t.limit if t.cmp == ">=" else value <= t.limit) else "FAIL")

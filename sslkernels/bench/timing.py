@@ -96,7 +96,8 @@ def time_cuda(fn: Callable[[], object], budget: Budget) -> Timing:
         return _time_cuda_events(fn, budget, first_ms)
     # do_bench flushes the L2 cache between calls and sizes its repeats from the budget.
     med, p20, p80 = do_bench(fn, warmup=budget.warmup_ms, rep=budget.rep_ms, quantiles=[0.5, 0.2, 0.8])
-    # do_bench does not report its repeat count; this is how it picks it.
+    # do_bench does not report its repeat count; it picks rep / (its estimate of one call, L2 flush included), so
+    # this is an upper bound (several times too high for calls of a few µs). Informational only.
     return Timing(float(med), float(p20), float(p80), max(1, int(budget.rep_ms / max(float(med), 1e-3))))
 
 
