@@ -410,8 +410,6 @@ BUFFER_MODES = ("copy", "ema", "skip")
 
 def _module_pairs(target: nn.Module, source: nn.Module, buffers: str):
     """(ema targets, ema sources, copy targets, copy sources) for two modules of one architecture."""
-    if buffers not in BUFFER_MODES:
-        raise ValueError(f"buffers must be one of {BUFFER_MODES}, got {buffers!r}")
     tp, sp = dict(target.named_parameters()), dict(source.named_parameters())
     tb, sb = dict(target.named_buffers()), dict(source.named_buffers())
     for kind, t, s in (("parameters", tp, sp), ("buffers", tb, sb)):
@@ -471,6 +469,8 @@ def ema_update_(target, source, momentum: Scalar, *, buffers: str = "copy", back
 
     DTensors (FSDP2 / tensor-parallel parameters) are updated through their local shards, on every rank.
     """
+    if buffers not in BUFFER_MODES:  # checked for tensor lists too, where it has no effect: a typo is still one
+        raise ValueError(f"buffers must be one of {BUFFER_MODES}, got {buffers!r}")
     if isinstance(target, nn.Module) or isinstance(source, nn.Module):
         if not (isinstance(target, nn.Module) and isinstance(source, nn.Module)):
             raise TypeError("target and source must both be nn.Modules or both be iterables of tensors")

@@ -189,6 +189,8 @@ CASES = [
                                                                           0.9), ValueError, "target|source"),
     ("ema unknown buffers mode", lambda: sslkernels.ema_update_(nn.Linear(2, 2), nn.Linear(2, 2), 0.9, buffers="avg"),
      ValueError, "buffers"),
+    ("ema unknown buffers mode, lists", lambda: sslkernels.ema_update_([r(3)], [r(3)], 0.9, buffers="avg"),
+     ValueError, "buffers"),
     # ---- state / similarity
     ("queue dim mismatch", lambda: MemoryQueue(8, 4).enqueue_(r(3, 5)), ValueError, "keys|dim"),
     ("queue keys 1-d", lambda: MemoryQueue(8, 4).enqueue_(r(4)), ValueError, "keys"),
