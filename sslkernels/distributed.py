@@ -4,6 +4,7 @@ Everything here is the identity when torch.distributed is not initialized or the
 """
 from __future__ import annotations
 
+import zlib
 from typing import Optional
 
 import torch
@@ -60,11 +61,26 @@ def gather_sizes(n: int, device: torch.device, group=None) -> list:
     return [row[0] for row in _gather_ints([n], device, group)]
 
 
-def gather_sizes_and_dims(x: torch.Tensor, group=None):
-    """(every rank's row count, every rank's feature dim) of a 2-d ``x``, rank order (one small all-gather)."""
+_DTYPE_CODES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def gather_sizes_and_dims(x: torch.Tensor, group=None, call: str = ""):
+    """(every rank's row count, every rank's feature dim) of a 2-d ``x``, rank order (one small all-gather).
+
+    ``x``'s dtype and ``call`` (the op and the options that decide its collectives) ride along and must agree
+    across ranks: a ValueError on every rank otherwise. gloo checks only byte counts, so bf16 on one rank and
+    fp16 on another would read each other's bits as their own; other mismatches abort a rank or wait forever.
+    """
     if not is_distributed(group):
         return [x.shape[0]], [x.shape[1]]
-    rows = _gather_ints([x.shape[0], x.shape[1]], x.device, group)
+    dtype = _DTYPE_CODES.index(x.dtype) if x.dtype in _DTYPE_CODES else -1
+    rows = _gather_ints([x.shape[0], x.shape[1], dtype, zlib.crc32(call.encode())], x.device, group)
+    if len({r[2] for r in rows}) != 1:
+        names = [str(_DTYPE_CODES[r[2]]).replace("torch.", "") if r[2] >= 0 else "other" for r in rows]
+        raise ValueError(f"the features' dtype differs across ranks: {names} (rank order); every rank must pass one")
+    if len({r[3] for r in rows}) != 1:
+        raise ValueError(f"the ranks made different calls (this rank: {call}); every rank must call the same loss "
+                         "with the same options (symmetric, decoupled, targets, distributed='ring' or not)")
     return [r[0] for r in rows], [r[1] for r in rows]
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+from numbers import Integral, Real
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -60,13 +62,13 @@ def _lightly_temperature(temperature, name: str = "temperature"):
     """Constructor-time check of a lightly-style temperature (a float, or a 0-d tensor checked at forward)."""
     if isinstance(temperature, torch.Tensor):
         return temperature
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+    if isinstance(temperature, bool) or not isinstance(temperature, Real):  # numpy scalars are Real too
         raise TypeError(f"{name} must be a float or a 0-d tensor, got {type(temperature).__name__}")
     # lightly only rejects |τ| < 1e-8 and would run with a negative τ; a negative temperature turns the
     # loss upside down, so it is refused here rather than reproduced.
     if not temperature > 0:
         raise ValueError(f"{name} must be positive, got {temperature!r}")
-    return temperature
+    return float(temperature)
 
 
 def _check_gather_available(gather_distributed: bool, name: str = "gather_distributed") -> None:
@@ -106,13 +108,14 @@ class MemoryBankModule(nn.Module):
     def __init__(self, size: Union[int, Sequence[int]], gather_distributed: bool = False,
                  feature_dim_first: bool = True, *, backend: Optional[str] = None):
         super().__init__()
-        size_tuple = (size,) if isinstance(size, int) and not isinstance(size, bool) else tuple(size)
+        size_tuple = (size,) if isinstance(size, Integral) and not isinstance(size, bool) else tuple(size)
         for v in size_tuple:
-            if isinstance(v, bool) or not isinstance(v, int):
+            if isinstance(v, bool) or not isinstance(v, Integral):
                 raise TypeError(f"size must be 0 or a (num_features, dim) tuple of ints, got {size!r}")
             if v < 0:
                 raise ValueError(f"Illegal memory bank size {size}, all entries must be non-negative.")
-        if isinstance(size, int) and size > 0:
+        size_tuple = tuple(int(v) for v in size_tuple)
+        if isinstance(size, Integral) and size > 0:
             raise ValueError(f"Memory bank size 'size={size}' does not specify the feature dimension. Set it with "
                              f"'size=({size}, dim)', or pass 'size=0' to disable the memory bank.")
         if size_tuple != (0,) and len(size_tuple) != 2:
@@ -186,8 +189,8 @@ class NTXentLoss(_Loss):
         self.temperature = _lightly_temperature(temperature)
         _check_gather_available(gather_distributed)
         self._lazy_bank_size = 0
-        if isinstance(memory_bank_size, int) and not isinstance(memory_bank_size, bool) and memory_bank_size > 0:
-            self._lazy_bank_size, memory_bank_size = memory_bank_size, 0
+        if isinstance(memory_bank_size, Integral) and not isinstance(memory_bank_size, bool) and memory_bank_size > 0:
+            self._lazy_bank_size, memory_bank_size = int(memory_bank_size), 0
         self.memory_bank = MemoryBankModule(memory_bank_size, gather_distributed=gather_distributed, backend=backend)
         self.gather_distributed, self.decoupled, self.normalize = gather_distributed, decoupled, normalize
         self.eps = 1e-8
@@ -270,9 +273,9 @@ class DCLWLoss(DCLLoss):
 
     def __init__(self, temperature: float = 0.1, sigma: float = 0.5, gather_distributed: bool = False, *,
                  reduction: str = "mean", backend: Optional[str] = None):
-        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0:
+        if isinstance(sigma, bool) or not isinstance(sigma, Real) or not sigma > 0:
             raise ValueError(f"sigma must be a positive float, got {sigma!r}")
-        super().__init__(temperature, functools.partial(negative_mises_fisher_weights, sigma=sigma),
+        super().__init__(temperature, functools.partial(negative_mises_fisher_weights, sigma=float(sigma)),
                          gather_distributed, reduction=reduction, backend=backend)
         self.sigma = sigma
 
@@ -313,11 +316,11 @@ class NegativeCosineSimilarity(_Loss):
     def __init__(self, dim: int = 1, eps: float = 1e-8, *, stop_gradient: bool = False, reduction: str = "mean",
                  backend: Optional[str] = None):
         super().__init__(reduction, backend)
-        if isinstance(dim, bool) or not isinstance(dim, int):
+        if isinstance(dim, bool) or not isinstance(dim, Integral):
             raise TypeError(f"dim must be an int, got {type(dim).__name__}")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        if isinstance(eps, bool) or not isinstance(eps, Real) or not eps > 0:
             raise ValueError(f"eps must be a positive float, got {eps!r}")
-        self.dim, self.eps, self.stop_gradient = dim, float(eps), bool(stop_gradient)
+        self.dim, self.eps, self.stop_gradient = int(dim), float(eps), bool(stop_gradient)
 
     def forward(self, x0, x1):
         check.tensor(x0, "x0")
@@ -373,10 +376,10 @@ class VICRegLoss(nn.Module):
                  gather_distributed: bool = False, eps: float = 1e-4, *, backend: Optional[str] = None):
         super().__init__()
         _check_gather_available(gather_distributed)
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        if isinstance(eps, bool) or not isinstance(eps, Real) or not eps >= 0:
             raise ValueError(f"eps must be a non-negative float, got {eps!r}")
         self.lambda_param, self.mu_param, self.nu_param = lambda_param, mu_param, nu_param
-        self.gather_distributed, self.eps, self.backend = gather_distributed, eps, backend
+        self.gather_distributed, self.eps, self.backend = gather_distributed, float(eps), backend
 
     def forward(self, z_a, z_b):
         check.tensor(z_a, "z_a")
@@ -437,7 +440,7 @@ class DINOLoss(_Loss):
         super().__init__(reduction, backend)
         second = args[1] if len(args) > 1 else None
         official = ("ncrops" in kwargs or "out_dim" in kwargs
-                    or (isinstance(second, int) and not isinstance(second, bool)))
+                    or (isinstance(second, Integral) and not isinstance(second, bool)))
         sig = inspect.signature(_official_dino if official else _lightly_dino)
         try:
             bound = sig.bind(*args, **kwargs)
@@ -450,13 +453,13 @@ class DINOLoss(_Loss):
         self.student_temp, self.center_momentum = a["student_temp"], a["center_momentum"]
         self.teacher_temp = a["teacher_temp"]
         self.warmup_teacher_temp_epochs = int(a["warmup_teacher_temp_epochs"])
-        warm = torch.linspace(a["warmup_teacher_temp"], a["teacher_temp"], self.warmup_teacher_temp_epochs,
-                              dtype=torch.float64).tolist()
         if official:
-            self.ncrops = a["ncrops"]
-            self.register_buffer("center", torch.zeros(1, a["out_dim"]))
-            # Linear warm-up of the teacher temperature, then constant (the official schedule).
-            self.teacher_temp_schedule = warm + [a["teacher_temp"]] * max(a["nepochs"] - len(warm), 1)
+            self.ncrops = int(a["ncrops"])
+            self.register_buffer("center", torch.zeros(1, int(a["out_dim"])))
+            # Linear warm-up of the teacher temperature, then constant: the official schedule, a numpy array.
+            self.teacher_temp_schedule = np.concatenate((
+                np.linspace(a["warmup_teacher_temp"], a["teacher_temp"], self.warmup_teacher_temp_epochs),
+                np.ones(max(int(a["nepochs"]) - self.warmup_teacher_temp_epochs, 0)) * a["teacher_temp"]))
         else:
             if a["center_mode"] != "mean":
                 raise ValueError(f"center_mode must be 'mean' (lightly's only mode), got {a['center_mode']!r}")
@@ -468,9 +471,9 @@ class DINOLoss(_Loss):
         self._pending = None
 
     def _temperature(self, epoch) -> float:
-        if epoch is None:
+        if epoch is None or len(self.teacher_temp_schedule) == 0:
             return self.teacher_temp
-        return self.teacher_temp_schedule[min(int(epoch), len(self.teacher_temp_schedule) - 1)]
+        return float(self.teacher_temp_schedule[min(int(epoch), len(self.teacher_temp_schedule) - 1)])
 
     def forward(self, *args, **kwargs):
         first = args[0] if args else kwargs.get("teacher_out", kwargs.get("student_output"))
@@ -536,8 +539,13 @@ class DINOLoss(_Loss):
         return loss
 
     @torch.no_grad()
-    def update_center(self, teacher_output) -> None:
-        """EMA of the centre towards the teacher output's mean row (over all ranks when distributed)."""
+    def update_center(self, teacher_output=None, *, teacher_out=None) -> None:
+        """EMA of the centre towards the teacher output's mean row (over all ranks when distributed).
+        The argument has the official DINO name (``teacher_output``) and lightly's (``teacher_out``)."""
+        if (teacher_output is None) == (teacher_out is None):
+            raise TypeError("update_center takes one teacher output: teacher_output (official DINO's name) or "
+                            "teacher_out (lightly's)")
+        teacher_output = teacher_out if teacher_output is None else teacher_output
         if isinstance(teacher_output, (list, tuple)):
             teacher_output = torch.cat(list(teacher_output))
         teacher_output = teacher_output.detach().reshape(-1, self.center.shape[-1])
@@ -600,7 +608,7 @@ def _one_value(x, name: str):
 
 def _rank_args(owner: str, rank, world_size) -> None:
     for name, v, low in (("rank", rank, 0), ("world_size", world_size, 1)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        if isinstance(v, bool) or not isinstance(v, Integral) or v < low:
             raise ValueError(f"{owner}: {name} must be an int >= {low}, got {v!r}")
     if rank >= world_size:
         raise ValueError(f"{owner}: rank {rank} is outside [0, world_size={world_size})")
@@ -710,7 +718,7 @@ class ClipLoss(_Loss):
             loss = self._distributed_loss(image_features, text_features, logit_scale)
         if isinstance(logit_bias, torch.Tensor):
             loss = loss + 0 * _one_value(logit_bias, "logit_bias").to(loss.dtype)  # gradient exactly 0: see the docstring
-        elif logit_bias is not None and (isinstance(logit_bias, bool) or not isinstance(logit_bias, (int, float))):
+        elif logit_bias is not None and (isinstance(logit_bias, bool) or not isinstance(logit_bias, Real)):
             raise TypeError(f"logit_bias must be None, a float or a tensor, got {type(logit_bias).__name__}")
         return {"contrastive_loss": loss} if output_dict else loss
 
@@ -829,9 +837,11 @@ def _stochastic_round_group_(pairs, weight, generator) -> None:
 
 
 def _unit_interval(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.is_floating_point():
+        value = value.item()  # timm takes a 0-d tensor decay too
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be a float in [0, 1], got {value!r}")
-    return value
+    return float(value)
 
 
 class ModelEmaV3(nn.Module):
@@ -867,7 +877,7 @@ class ModelEmaV3(nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.decay = _unit_interval(decay, "decay")
         self.min_decay = _unit_interval(min_decay, "min_decay")
-        if isinstance(update_after_step, bool) or not isinstance(update_after_step, int):
+        if isinstance(update_after_step, bool) or not isinstance(update_after_step, Integral):
             raise TypeError(f"update_after_step must be an int, got {update_after_step!r}")
         if not warmup_gamma > 0:
             raise ValueError(f"warmup_gamma must be positive, got {warmup_gamma!r}")

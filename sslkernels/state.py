@@ -34,8 +34,9 @@ class MemoryQueue(nn.Module):
     def __init__(self, size: int, dim: int, *, dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
         for name, v in (("size", size), ("dim", dim)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, Integral) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        size, dim = int(size), int(dim)
         if dtype not in check.FLOAT_DTYPES:
             raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
         init = F.normalize(torch.randn(size, dim, device=device, dtype=torch.float32), dim=1)
@@ -141,7 +142,7 @@ def scheduled_momentum(step: torch.Tensor, base: float, final: float, total_step
 
 
 def _check_positive_int(value, name: str, why: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
         need = f" ({why} needs one)" if why else ""
         raise ValueError(f"{name} must be a positive int{need}, got {value!r}")
 
@@ -182,7 +183,7 @@ class MomentumEncoder(nn.Module):
         self.final_momentum = check.momentum(final_momentum, "final_momentum")
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
+        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, Integral)
                                         or total_steps < 1):
             raise ValueError(f"total_steps must be a positive int or None, got {total_steps!r}")
         if schedule == "cosine_epoch" or steps_per_epoch is not None:
@@ -190,8 +191,9 @@ class MomentumEncoder(nn.Module):
                                 "schedule='cosine_epoch'" if schedule == "cosine_epoch" else "")
         if buffers not in BUFFER_MODES:
             raise ValueError(f"buffers must be one of {BUFFER_MODES}, got {buffers!r}")
-        self.schedule, self.total_steps, self.buffers = schedule, total_steps, buffers
-        self.steps_per_epoch = steps_per_epoch
+        self.schedule, self.buffers = schedule, buffers
+        self.total_steps = None if total_steps is None else int(total_steps)  # numpy ints are Integral too
+        self.steps_per_epoch = None if steps_per_epoch is None else int(steps_per_epoch)
         self.module = copy.deepcopy(module)
         for p in self.module.parameters():
             p.requires_grad_(False)

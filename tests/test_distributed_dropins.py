@@ -55,6 +55,35 @@ def _lightly_vs_ours(rank, world, g):
         assert abs(float(local) - float(ow)) > 1e-4, f"{name}: gathered loss equals the local one"
 
 
+def _solo_barlow(rank, world, g):
+    """solo-learn 1.0.2's barlow_loss_func all-reduces the cross-correlation: ours per rank, loss and gradients."""
+    import importlib.util
+    import os
+
+    from sslkernels.integrations import solo_learn as ours
+
+    spec = importlib.util.find_spec("solo")  # the loss file alone: solo/__init__.py imports its training stack
+    if spec is None:
+        return
+    path = os.path.join(list(spec.submodule_search_locations)[0], "losses", "barlow.py")
+    loader = importlib.util.spec_from_file_location("_solo_barlow", path)
+    theirs = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(theirs)
+    z1, z2 = (torch.randn(world, 7, 5, generator=g)[rank] * 2 for _ in range(2))
+    got = []
+    for fn in (theirs.barlow_loss_func, ours.barlow_loss_func):
+        a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+        loss = fn(a, b, lamb=0.05)
+        loss.backward()
+        got.append((loss.detach(), a.grad, b.grad))
+    for what, mine, want in zip(("loss", "grad of z1", "grad of z2"), got[1], got[0]):
+        _close(mine, want, f"solo barlow_loss_func {what}, rank {rank}")
+    import sslkernels
+
+    local = 0.025 * sslkernels.barlow_twins_loss(z1, z2, 0.05)  # this rank's rows alone
+    assert abs(float(local) - float(got[1][0])) > 1e-4, "the ranks' cross-correlations were not averaged"
+
+
 def _state(rank, world, g):
     import torch.distributed as dist
     import sslkernels.functional as SF
@@ -132,6 +161,7 @@ def _worker(rank: int, world: int, init_file: str) -> None:
                             timeout=datetime.timedelta(seconds=60))
     g = torch.Generator().manual_seed(4321)  # same stream on every rank: each takes its own slice
     _lightly_vs_ours(rank, world, g)
+    _solo_barlow(rank, world, g)
     _state(rank, world, g)
     dist.destroy_process_group()
 

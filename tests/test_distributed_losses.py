@@ -223,6 +223,29 @@ def _worker(rank: int, world: int, init_file: str) -> None:  # noqa: C901 (one p
             assert "feature dimension" in str(err), err
         else:
             raise AssertionError("a feature dim that differs across ranks must raise ValueError")
+        # bf16 on rank 0, fp16 elsewhere: gloo would move the bytes and each rank read the other's as its own
+        h = torch.randn(n, d).to(torch.bfloat16 if rank == 0 else torch.float16)
+        try:
+            SF.info_nce(h, h, **gd)
+        except ValueError as err:
+            assert "dtype differs across ranks: ['bfloat16', 'float16'" in str(err), err
+        else:
+            raise AssertionError("a dtype that differs across ranks must raise ValueError")
+        try:  # options that change the collectives (symmetric on rank 0 only) would leave a rank waiting
+            SF.info_nce(x, x, symmetric=rank == 0, **gd)
+        except ValueError as err:
+            assert "different calls" in str(err), err
+        else:
+            raise AssertionError("ranks calling with different options must raise ValueError")
+    try:  # the ring on rank 0, the all-gather elsewhere
+        SF.info_nce(x, x, **(dict(distributed="ring") if rank == 0 else dict(gather_distributed=True)))
+    except ValueError as err:
+        assert "different calls" in str(err), err
+    else:
+        raise AssertionError("the ring on one rank and the all-gather on another must raise ValueError")
+    # labels of another integer dtype on one rank are the same labels
+    lab = torch.arange(n) % 2
+    SF.supcon_loss(torch.randn(n, d), lab.int() if rank == 0 else lab, gather_distributed=True)
     dist.destroy_process_group()
 
 

@@ -210,12 +210,13 @@ class BlockwiseLoss(torch.autograd.Function):
         return None, None, None, None, da, ds, dk, db, None, None, None, None
 
 
-def keys_across_ranks(keys: torch.Tensor, ring_exchange: bool, group):
+def keys_across_ranks(keys: torch.Tensor, ring_exchange: bool, group, call: str = ""):
     """(the keys the engine starts from, the ring or None, every rank's key count).
 
-    All-gather (with the gradient) unless the ring is asked for; the key dims must agree across ranks (a
-    mismatch would otherwise surface as a failed or hung transfer)."""
-    sizes, dims = _dist.gather_sizes_and_dims(keys, group)
+    All-gather (with the gradient) unless the ring is asked for; the key dims, dtypes and ``call`` (the loss and
+    its options, the ring or not) must agree across ranks (a mismatch would otherwise surface as a failed or
+    hung transfer, or as one dtype's bytes read as another's)."""
+    sizes, dims = _dist.gather_sizes_and_dims(keys, group, f"{call} ring={bool(ring_exchange)}")
     if len(set(dims)) != 1:
         raise ValueError(f"the feature dimension differs across ranks: {dims}; every rank must pass the same D")
     if ring_exchange:

@@ -42,7 +42,7 @@ def info_nce(query, key, temperature, targets, symmetric, decoupled, reduction, 
                               reduction, group, backend, "info_nce")
     impl = dispatch("info_nce", backend, query.device)
     n = query.shape[0]
-    keys, _, sizes = blockwise.keys_across_ranks(key, False, group)
+    keys, _, sizes = blockwise.keys_across_ranks(key, False, group, _call("info_nce", targets, symmetric, decoupled))
     local = _row_ids(n, sizes, group, query.device)
     if targets is None:
         targets = local  # paired rows: local row i's positive is this rank's key i
@@ -70,13 +70,18 @@ def clip_loss(image_features, text_features, logit_scale, reduction, group, back
     return info_nce(image_features, text_features, 1.0 / logit_scale, None, True, False, reduction, group, backend)
 
 
+def _call(op: str, targets, symmetric: bool, decoupled: bool) -> str:
+    """What the ranks must agree on besides the keys: the loss and the options that shape its collectives."""
+    return f"{op} targets={targets is not None} symmetric={bool(symmetric)} decoupled={bool(decoupled)}"
+
+
 def _row_ids(n: int, sizes, group, device) -> torch.Tensor:
     """Global indices of this rank's n rows among every rank's (rank-major)."""
     return _offset(sizes, group) + torch.arange(n, device=device)
 
 
 def _ring_info_nce(query, key, s, targets, symmetric, decoupled, reduction, group, backend, op):
-    keys, ring, sizes = blockwise.keys_across_ranks(key, True, group)
+    keys, ring, sizes = blockwise.keys_across_ranks(key, True, group, _call(op, targets, symmetric, decoupled))
     if targets is None:
         targets = _row_ids(query.shape[0], sizes, group, query.device)  # local row i's positive: this rank's key i
     else:
@@ -91,7 +96,7 @@ def nt_xent(z1, z2, temperature, decoupled, reduction, group, backend=None, ring
     n = z1.shape[0]
     z = torch.cat([z1, z2])
     # Rank-major (z1_r, z2_r) blocks: another order of the single-process Z, same per-row losses.
-    keys, rg, sizes = blockwise.keys_across_ranks(z, ring, group)
+    keys, rg, sizes = blockwise.keys_across_ranks(z, ring, group, _call("nt_xent", None, False, decoupled))
     base = _offset(sizes, group)
     targets = base + (torch.arange(2 * n, device=z.device) + n) % (2 * n)
     rows, _ = blockwise.loss(blockwise.Spec(decoupled=decoupled, exclude_self=True), z, _scale(temperature, True, z),
@@ -100,7 +105,8 @@ def nt_xent(z1, z2, temperature, decoupled, reduction, group, backend=None, ring
 
 
 def supcon_loss(features, labels, temperature, reduction, group, backend=None, ring=False):
-    keys, rg, sizes = blockwise.keys_across_ranks(features, ring, group)
+    labels = labels.long()  # one label dtype on every rank: int32 here and int64 there would not transfer
+    keys, rg, sizes = blockwise.keys_across_ranks(features, ring, group, "supcon_loss")
     key_labels = labels if ring else _dist.all_gather_uneven(labels, sizes, group)
     rows, count = blockwise.loss(blockwise.Spec(exclude_self=True, supcon=True), features,
                                  _scale(temperature, True, features), keys, rg, row_base=_offset(sizes, group),
@@ -116,7 +122,7 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias, reductio
                 ring=False):
     # Image i's positive is its own text (global index = its own: row_base + i); every other rank's texts are
     # negatives, as OpenCLIP's SigLipLoss over ranks, whose per-rank loss is also the sum over pairs / local rows.
-    keys, rg, sizes = blockwise.keys_across_ranks(text_features, ring, group)
+    keys, rg, sizes = blockwise.keys_across_ranks(text_features, ring, group, "siglip_loss")
     rows, _ = blockwise.loss(blockwise.Spec(sigmoid=True), image_features, _scale(logit_scale, False, image_features),
                              keys, rg, bias=_scale(logit_bias, False, image_features),
                              row_base=_offset(sizes, group), backend=backend, op="siglip_loss")
