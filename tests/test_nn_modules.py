@@ -267,6 +267,37 @@ def test_dino_loss_async_center_matches_sync():
     assert_close(lazy.center, sync.center.double(), F32)
 
 
+def test_dino_loss_official_form_with_numpy_numbers_and_lightly_names():
+    # DINO's own code passes Python ints; a numpy one (from a config or an arange) is the same signature.
+    np = pytest.importorskip("numpy")
+    official = snn.DINOLoss(6, np.int64(4), 0.04, 0.07, 3, np.int64(5))
+    assert official.ncrops == 4 and official.center.shape == (1, 6) and official.student_temp == 0.1
+    assert isinstance(official.teacher_temp_schedule, np.ndarray)  # as DINO's: numpy ops on it work
+    np.testing.assert_allclose(official.teacher_temp_schedule, [0.04, 0.055, 0.07, 0.07, 0.07])
+    assert len(snn.DINOLoss(6, 4, 0.04, 0.07, 3, 3).teacher_temp_schedule) == 3  # nepochs == warm-up epochs
+    s, t = torch.randn(8, 6), torch.randn(4, 6)
+    official(s, t, 4)
+    lightly_style = snn.DINOLoss(6)
+    lightly_style.update_center(teacher_out=t)  # lightly's keyword
+    official.update_center(teacher_output=t)  # DINO's
+    with pytest.raises(TypeError, match="teacher_out"):
+        official.update_center()
+
+
+def test_constructors_take_numpy_scalars():
+    np = pytest.importorskip("numpy")
+    q, k = F.normalize(torch.randn(6, 5), dim=1), F.normalize(torch.randn(6, 5), dim=1)
+    for mod, ref in ((snn.NTXentLoss(np.float32(0.2)), snn.NTXentLoss(0.2)), (snn.DCLLoss(np.float64(0.2)), snn.DCLLoss(0.2)),
+                     (snn.DCLWLoss(sigma=np.float32(0.5)), snn.DCLWLoss(sigma=0.5)),
+                     (snn.NegativeCosineSimilarity(eps=np.float32(1e-8)), snn.NegativeCosineSimilarity()),
+                     (snn.VICRegLoss(eps=np.float32(1e-4)), snn.VICRegLoss())):
+        assert_close(mod(q, k), ref(q, k).double(), F32, name=type(mod).__name__)
+    bank = snn.NTXentLoss(memory_bank_size=(np.int64(8), 5))
+    assert bank.memory_bank.size == (8, 5) and all(type(v) is int for v in bank.memory_bank.size)
+    assert snn.ModelEmaV3(nn.Linear(2, 2), decay=np.float32(0.5)).decay == 0.5
+    assert snn.ModelEmaV3(nn.Linear(2, 2), decay=torch.tensor(0.5)).decay == 0.5
+
+
 def test_dino_loss_signature_errors():
     with pytest.raises(TypeError, match="lightly"):
         snn.DINOLoss(out_dim=5)  # official form without ncrops
