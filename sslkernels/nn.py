@@ -606,6 +606,11 @@ def _one_value(x, name: str):
     return x
 
 
+def _overrides(module: nn.Module, base: type, *hooks: str) -> bool:
+    """Whether ``module``'s class replaces any of ``base``'s ``hooks`` (OpenCLIP's get_logits and the like)."""
+    return any(getattr(type(module), h) is not getattr(base, h) for h in hooks)
+
+
 def _rank_args(owner: str, rank, world_size) -> None:
     for name, v, low in (("rank", rank, 0), ("world_size", world_size, 1)):
         if isinstance(v, bool) or not isinstance(v, Integral) or v < low:
@@ -692,7 +697,7 @@ class ClipLoss(_Loss):
 
     def get_logits(self, image_features, text_features, logit_scale, logit_bias=None):
         """OpenCLIP's (logits_per_image, logits_per_text), materialized: for inspection and subclasses;
-        ``forward`` never builds them."""
+        ``forward`` builds them only for a subclass that overrides this or ``get_ground_truth``."""
         logit_scale, logit_bias = _one_value(logit_scale, "logit_scale"), _one_value(logit_bias, "logit_bias")
         if self.world_size > 1:
             all_image, all_text = self._gathered(image_features, text_features)
@@ -710,6 +715,13 @@ class ClipLoss(_Loss):
         return per_image, per_text
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict: bool = False):
+        if _overrides(self, ClipLoss, "get_logits", "get_ground_truth"):
+            # A subclass customizes OpenCLIP's hooks: OpenCLIP's forward through them, the logits materialized.
+            per_image, per_text = self.get_logits(image_features, text_features, logit_scale, logit_bias=logit_bias)
+            labels = self.get_ground_truth(image_features.device, per_image.shape[0])
+            loss = (F.cross_entropy(per_image, labels, reduction=self.reduction)
+                    + F.cross_entropy(per_text, labels, reduction=self.reduction)) / 2
+            return {"contrastive_loss": loss} if output_dict else loss
         logit_scale = _one_value(logit_scale, "logit_scale")
         if self.world_size == 1:
             loss = Fn.clip_loss(image_features, text_features, logit_scale, reduction=self.reduction,
@@ -780,13 +792,27 @@ class SigLipLoss(_Loss):
         return labels
 
     def get_logits(self, image_features, text_features, logit_scale, logit_bias=None):
-        """OpenCLIP's logits, materialized (``forward`` never builds them)."""
+        """OpenCLIP's logits, materialized (``forward`` builds them only for a subclass overriding a hook)."""
         logits = _one_value(logit_scale, "logit_scale") * image_features @ text_features.T
         if logit_bias is not None:
             logits = logits + _one_value(logit_bias, "logit_bias")
         return logits
 
+    def _loss(self, image_features, text_features, logit_scale, logit_bias=None, negative_only: bool = False):
+        """OpenCLIP's per-pair loss through ``get_logits`` / ``get_ground_truth``, materialized: what ``forward``
+        runs when a subclass overrides one of these hooks."""
+        logits = self.get_logits(image_features, text_features, logit_scale, logit_bias)
+        labels = self.get_ground_truth(image_features.device, image_features.dtype, image_features.shape[0],
+                                       negative_only=negative_only)
+        return -F.logsigmoid(labels * logits).sum() / image_features.shape[0]
+
     def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict: bool = False):
+        if _overrides(self, SigLipLoss, "get_logits", "get_ground_truth", "_loss"):
+            if self.world_size > 1:
+                raise NotImplementedError("SigLipLoss: a subclass overriding get_logits / get_ground_truth / _loss "
+                                          "runs on one process here (OpenCLIP's exchanges are not reproduced)")
+            loss = self._loss(image_features, text_features, logit_scale, logit_bias)
+            return {"contrastive_loss": loss} if output_dict else loss
         logit_scale = _one_value(logit_scale, "logit_scale")
         logit_bias = 0.0 if logit_bias is None else _one_value(logit_bias, "logit_bias")
         across = {}

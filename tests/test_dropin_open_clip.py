@@ -95,6 +95,27 @@ def test_open_clip_helpers_match():
                            ref.get_ground_truth(img.device, img.dtype, 5, neg))
 
 
+@pytest.mark.parametrize("cls,hook", [("ClipLoss", "get_logits"), ("ClipLoss", "get_ground_truth"),
+                                      ("SigLipLoss", "get_logits"), ("SigLipLoss", "get_ground_truth"),
+                                      ("SigLipLoss", "_loss")])
+def test_open_clip_subclass_hooks_are_honoured(cls, hook):
+    """A subclass that overrides one of OpenCLIP's hooks gets it called, as OpenCLIP's forward does."""
+    img, txt, scale, bias = _inputs(37, 9, 5, bias=True)
+
+    def subclass(base):
+        def override(self, *args, **kwargs):
+            out = getattr(base, hook)(self, *args, **kwargs)
+            if hook == "get_ground_truth":  # ClipLoss: every row's positive one over; SigLipLoss: labels halved
+                return out.roll(1) if out.dtype == torch.long else out * 0.5
+            return tuple(x * 0.5 for x in out) if isinstance(out, tuple) else out * 0.5
+        return type(f"Custom{cls}", (base,), {hook: override})
+
+    theirs, ours = subclass(getattr(open_clip_loss, cls))(), subclass(getattr(snn, cls))()
+    want = theirs(img, txt, scale, bias)
+    assert_matches(ours(img, txt, scale, bias), want, f"{cls} with {hook} overridden")
+    assert abs(float(want) - float(getattr(open_clip_loss, cls)()(img, txt, scale, bias))) > 1e-3  # it mattered
+
+
 @pytest.mark.parametrize("cls", ["ClipLoss", "SigLipLoss"])
 def test_open_clip_signatures(cls):
     """OpenCLIP's parameters, in order and with its defaults; ours adds keyword-only extras only."""
