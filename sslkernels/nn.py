@@ -23,7 +23,8 @@ from torch import nn
 from . import _checks as check
 from . import functional as Fn
 from .backends import dispatch
-from .distributed import all_gather_rows, all_gather_with_grad
+from .distributed import all_gather_rows, all_gather_with_grad, is_distributed
+from .ops.cross_correlation_dist import barlow_twins_across_ranks
 
 __all__ = [
     "InfoNCELoss", "NTXentLoss", "ClipLoss", "MoCoLoss", "SupConLoss", "DCLLoss", "DINOLoss",
@@ -75,15 +76,6 @@ def _check_gather_available(gather_distributed: bool, name: str = "gather_distri
     if gather_distributed and not torch.distributed.is_available():
         raise ValueError(f"{name} is True but torch.distributed is not available; set {name}=False or install "
                          "a torch build with distributed support")
-
-
-def _multi_rank_unsupported(gather_distributed: bool, what: str) -> None:
-    """lightly's ``gather_distributed=True`` changes nothing on one process; across ranks sslkernels cannot
-    reproduce it for ``what`` yet, so it refuses instead of returning a different (local) loss."""
-    if gather_distributed and torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_world_size() > 1:
-        raise NotImplementedError(f"{what}(gather_distributed=True) across {torch.distributed.get_world_size()} "
-                                  "ranks is not implemented; use gather_distributed=False for each rank's local loss")
 
 
 class MemoryBankModule(nn.Module):
@@ -349,8 +341,8 @@ class BarlowTwinsLoss(nn.Module):
     each view batch-normalized on its own (F.batch_norm in training mode: biased variance, ε = 1e-5, as
     lightly 1.6.0), c = z_aᵀz_b / N, Σ(1 − c_ii)² + λ·Σ_{i≠j} c_ij².
 
-    ``gather_distributed=True`` is the same loss on one process; across several ranks (lightly all-reduces
-    c) it raises NotImplementedError rather than return the local loss."""
+    ``gather_distributed=True`` across several ranks: the ranks' c averaged before the loss through a
+    differentiable all-reduce, as lightly (plain torch: the D×D matrix is formed; one process: the fused op)."""
 
     def __init__(self, lambda_param: float = 5e-3, gather_distributed: bool = False, *, backend: Optional[str] = None):
         super().__init__()
@@ -358,7 +350,10 @@ class BarlowTwinsLoss(nn.Module):
         self.lambda_param, self.gather_distributed, self.backend = lambda_param, gather_distributed, backend
 
     def forward(self, z_a, z_b):
-        _multi_rank_unsupported(self.gather_distributed, "BarlowTwinsLoss")
+        if self.gather_distributed and is_distributed():
+            Fn._pair("z_a", z_a, "z_b", z_b, same_rows=True)
+            return barlow_twins_across_ranks(z_a, z_b, check.loss_weight(self.lambda_param, "lambda_param"),
+                                             differentiable_reduce=True)
         return Fn.barlow_twins_loss(z_a, z_b, self.lambda_param, backend=self.backend)
 
 
@@ -369,7 +364,8 @@ class VICRegLoss(nn.Module):
 
     As lightly's, inputs may be (batch, ..., dim): the invariance and variance terms average over every
     position, the covariance term is taken per position over ``dim`` and averaged, which is the mean over
-    positions of the 2-d loss. ``gather_distributed=True`` across several ranks raises NotImplementedError.
+    positions of the 2-d loss. ``gather_distributed=True`` across several ranks: as lightly, the invariance term
+    on this rank's rows, the variance and covariance terms on every rank's (all-gathered with their gradient).
     """
 
     def __init__(self, lambda_param: float = 25.0, mu_param: float = 25.0, nu_param: float = 1.0,
@@ -388,19 +384,23 @@ class VICRegLoss(nn.Module):
             raise ValueError(f"z_a and z_b must have the same shape, got {tuple(z_a.shape)} and {tuple(z_b.shape)}")
         if z_a.dim() < 2 or z_a.shape[0] < 2:
             raise ValueError(f"z_a and z_b must be (batch, ..., dim) with batch size > 1, got {tuple(z_a.shape)}")
-        _multi_rank_unsupported(self.gather_distributed, "VICRegLoss")
-        if z_a.dim() > 2:  # lightly's (batch, ..., dim) form: the mean of the 2-d loss over positions
-            a = z_a.reshape(z_a.shape[0], -1, z_a.shape[-1])
-            b = z_b.reshape(z_b.shape[0], -1, z_b.shape[-1])
-            return sum(self._loss(a[:, i], b[:, i]) for i in range(a.shape[1])) / a.shape[1]
-        return self._loss(z_a, z_b)
+        a = z_a.reshape(z_a.shape[0], -1, z_a.shape[-1])  # lightly's (batch, ..., dim) form: the mean of the
+        b = z_b.reshape(z_b.shape[0], -1, z_b.shape[-1])  # 2-d loss over positions
+        if self.gather_distributed and is_distributed():
+            all_a, all_b = all_gather_with_grad(a), all_gather_with_grad(b)
+            # lightly: the invariance term on this rank's rows, the rest on every rank's
+            terms = [Fn.vicreg_loss(a[:, i], b[:, i], self.lambda_param, 0.0, 0.0, backend=self.backend)
+                     + self._loss(all_a[:, i], all_b[:, i], 0.0) for i in range(a.shape[1])]
+        else:
+            terms = [self._loss(a[:, i], b[:, i], self.lambda_param) for i in range(a.shape[1])]
+        return terms[0] if len(terms) == 1 else sum(terms) / len(terms)
 
-    def _loss(self, z_a, z_b):
+    def _loss(self, z_a, z_b, sim_weight):
         if self.eps == 1e-4:  # the fused op's ε (VICReg's reference value)
-            return Fn.vicreg_loss(z_a, z_b, self.lambda_param, self.mu_param, self.nu_param, backend=self.backend)
+            return Fn.vicreg_loss(z_a, z_b, sim_weight, self.mu_param, self.nu_param, backend=self.backend)
         # Another ε: the fused op gives the invariance and covariance terms, the O(N·D) variance hinge is
         # added here with this ε.
-        loss = Fn.vicreg_loss(z_a, z_b, self.lambda_param, 0.0, self.nu_param, backend=self.backend)
+        loss = Fn.vicreg_loss(z_a, z_b, sim_weight, 0.0, self.nu_param, backend=self.backend)
         var = sum(F.relu(1 - torch.sqrt(z.var(dim=0) + self.eps)).mean() for z in (z_a, z_b)) / 2
         return loss + self.mu_param * var
 

@@ -1,8 +1,10 @@
 """lightly's drop-ins and the distributed training state over real gloo processes (world sizes 2 and 3).
 
 One process launch per world size runs every check (tests/test_distributed_losses.py's launcher):
-- lightly 1.6.0's NTXentLoss / DCLLoss / DCLWLoss(gather_distributed=True) against ours on the same per-rank
-  inputs: loss and input gradients per rank (lightly's GatherLayer sums gradients over ranks, as ours);
+- lightly 1.6.0's NTXentLoss / DCLLoss / DCLWLoss / BarlowTwinsLoss / VICRegLoss(gather_distributed=True) against
+  ours on the same per-rank inputs: loss and input gradients per rank (lightly's GatherLayer sums gradients over
+  ranks, as ours; Barlow Twins' all-reduce of the cross-correlation is differentiable there and here);
+- solo-learn 1.0.2's barlow_loss_func (its in-place all-reduce: each rank's own gradient term);
 - MemoryQueue.enqueue_ with uneven batches: every rank's keys in rank order, the same queue on every rank;
 - update_center_ (sync and async_op + wait) and sinkhorn_knopp(gather_distributed=True) against a float64
   single-process computation over all ranks' rows (uneven batches too).
@@ -34,7 +36,14 @@ def _lightly_vs_ours(rank, world, g):
              ("DCLLoss", lambda: L.DCLLoss(0.1, gather_distributed=True),
               lambda: snn.DCLLoss(0.1, gather_distributed=True)),
              ("DCLWLoss", lambda: L.DCLWLoss(0.1, sigma=0.5, gather_distributed=True),
-              lambda: snn.DCLWLoss(0.1, sigma=0.5, gather_distributed=True))]
+              lambda: snn.DCLWLoss(0.1, sigma=0.5, gather_distributed=True)),
+             # lightly averages the ranks' cross-correlations (a differentiable all-reduce) ...
+             ("BarlowTwinsLoss", lambda: L.BarlowTwinsLoss(0.05, gather_distributed=True),
+              lambda: snn.BarlowTwinsLoss(0.05, gather_distributed=True)),
+             # ... and takes VICReg's variance and covariance over every rank's rows, the invariance locally
+             ("VICRegLoss", lambda: L.VICRegLoss(gather_distributed=True), lambda: snn.VICRegLoss(gather_distributed=True)),
+             ("VICRegLoss eps", lambda: L.VICRegLoss(gather_distributed=True, eps=1e-2),
+              lambda: snn.VICRegLoss(gather_distributed=True, eps=1e-2))]
     for name, theirs, ours in cases:
         # unnormalized inputs of varied norms: both modules normalize inside
         x0 = torch.randn(world, n, d, generator=g)[rank] * 3
@@ -51,7 +60,9 @@ def _lightly_vs_ours(rank, world, g):
         _close(oa, la, f"{name} grad of out0, rank {rank}")
         _close(ob, lb, f"{name} grad of out1, rank {rank}")
         # the gather matters: the local (single-rank) loss differs
-        local = dict(NTXentLoss=L.NTXentLoss(0.5), DCLLoss=L.DCLLoss(0.1), DCLWLoss=L.DCLWLoss(0.1))[name](x0, x1)
+        local = dict(NTXentLoss=L.NTXentLoss(0.5), DCLLoss=L.DCLLoss(0.1), DCLWLoss=L.DCLWLoss(0.1),
+                     BarlowTwinsLoss=L.BarlowTwinsLoss(0.05), VICRegLoss=L.VICRegLoss(),
+                     **{"VICRegLoss eps": L.VICRegLoss(eps=1e-2)})[name](x0, x1)
         assert abs(float(local) - float(ow)) > 1e-4, f"{name}: gathered loss equals the local one"
 
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from .. import _checks as check
 from .. import functional as Fn
 from ..distributed import is_distributed
+from ..ops.cross_correlation_dist import barlow_twins_across_ranks
 
 __all__ = ["simclr_loss_func", "moco_loss_func", "mocov2plus_loss_func", "mocov3_loss_func", "byol_loss_func",
            "simsiam_loss_func", "barlow_loss_func", "vicreg_loss_func"]
@@ -196,27 +197,10 @@ def barlow_loss_func(z1: torch.Tensor, z2: torch.Tensor, lamb: float = 5e-3, sca
     the loss: that needs the D×D matrix itself, so there it is solo's own computation, not the fused op.
     """
     if is_distributed():
-        return scale_loss * _barlow_across_ranks(z1, z2, lamb)
+        Fn._pair("z1", z1, "z2", z2, same_rows=True)
+        return scale_loss * barlow_twins_across_ranks(z1, z2, check.loss_weight(lamb, "lamb"),
+                                                      differentiable_reduce=False)
     return scale_loss * Fn.barlow_twins_loss(z1, z2, lamb, backend=backend)
-
-
-def _barlow_across_ranks(z1: torch.Tensor, z2: torch.Tensor, lamb: float) -> torch.Tensor:
-    import torch.distributed as dist
-
-    Fn._pair("z1", z1, "z2", z2, same_rows=True)
-    lamb = check.loss_weight(lamb, "lamb")
-    n, d = z1.shape
-    if n < 2:
-        raise ValueError("z1 needs at least 2 rows: Barlow Twins normalizes each feature over the batch")
-    z1, z2 = (F.batch_norm(z, None, None, training=True, eps=1e-5) for z in (z1, z2))  # BatchNorm1d(affine=False)
-    corr = z1.T @ z2 / n
-    # solo's in-place all_reduce: the value of the ranks' mean, the gradient of the local term only (÷ world).
-    total = corr.detach().clone()
-    dist.all_reduce(total)
-    corr = (corr + (total - corr.detach())) / dist.get_world_size()
-    eye = torch.eye(d, dtype=corr.dtype, device=corr.device)
-    cdif = (corr - eye).pow(2)
-    return (cdif * eye).sum() + lamb * (cdif * (1 - eye)).sum()
 
 
 def vicreg_loss_func(z1: torch.Tensor, z2: torch.Tensor, sim_loss_weight: float = 25.0,
