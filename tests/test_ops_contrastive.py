@@ -425,6 +425,28 @@ def test_engine_variants(op, engine, tiles):
         _run_case(op, torch.float32)
 
 
+@pytest.mark.parametrize("engine", ["v1", "v2-online", "v2-fixed"])
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "key-split"])
+def test_a_nan_in_one_key_makes_every_loss_nan(engine, split, monkeypatch):
+    # NaN never passes: the online path's running max skips a NaN logit, and max(l, 1) must not turn the NaN
+    # sum back into a finite, wrong LSE (supcon_loss takes the online path always, moco with its key split).
+    if split:
+        monkeypatch.setattr(contrastive, "_SPLIT_PROGRAMS", 64)
+    q, k = _unit(8, 33, torch.float32)[0], _unit(8, 33, torch.float32)[0]
+    queue, f = _unit(150, 33, torch.float32)[0].detach(), _unit(37, 33, torch.float32)[0].detach()
+    with torch.no_grad():
+        k[5, 3] = queue[123, 4] = f[9, 0] = float("nan")
+    labels = torch.randint(0, 4, (37,)).to(DEVICE)
+    labels[9] = 99  # the NaN row alone in its class: only the denominators see it
+    with launch_config.use_engine(**ENGINES_ALL[engine]), launch_config.override(block_n=16):
+        losses = {"info_nce": _impl("info_nce")(q, k, 0.1, None, False, False, "none"),
+                  "moco_loss": _impl("moco_loss")(q, k.detach()[[0, 1, 2, 3, 4, 6, 7, 0]], queue, 0.2, "none"),
+                  "supcon_loss": _impl("supcon_loss")(f, labels, 0.1, "none")}
+    for op, rows in losses.items():
+        valid = rows if op != "supcon_loss" else rows[torch.arange(37, device=DEVICE) != 9]
+        assert valid.isnan().all(), f"{op}: {rows.tolist()}"
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("op", ["info_nce", "clip_loss", "nt_xent", "supcon_loss", "moco_loss"])
 def test_fixed_shift_alone_on_normalized_inputs(op, dtype, monkeypatch):

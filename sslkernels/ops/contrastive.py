@@ -182,6 +182,13 @@ def _softplus(y):
 
 
 @triton.jit
+def _at_least_one(l):
+    # max(l, 1) that keeps a NaN: the running max skips a NaN logit, but its exp makes l NaN, and the
+    # default maximum would turn that back into a finite (wrong) LSE instead of a NaN loss.
+    return tl.maximum(l, 1.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _sigmoid(x):
     return 1.0 / (1.0 + tl.exp2(-x * LOG2E))
 
@@ -282,7 +289,7 @@ def _fwd_kernel(a_ptr, b_ptr, bpos_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr, klab_
     if SIGMOID:
         tl.store(val_ptr + out_off + rows, l, mask=r_ok)
     elif REPAIR:
-        tl.store(val_ptr + rows, m + tl.log2(tl.maximum(l, 1.0)), mask=need)
+        tl.store(val_ptr + rows, m + tl.log2(_at_least_one(l)), mask=need)
     else:
         if FIXED:
             # −inf for a row with no entry (repaired); padding rows read l = 1, never stored.
@@ -290,7 +297,7 @@ def _fwd_kernel(a_ptr, b_ptr, bpos_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr, klab_
         else:
             # l ≥ 1 once a row has an entry (its maximum adds exp2(0)); a row with none (SupCon's lone
             # anchor, padding) keeps l = 0 and gets LSE = −1e30, finite, its loss masked on the host.
-            tl.store(val_ptr + out_off + rows, m + tl.log2(tl.maximum(l, 1.0)), mask=r_ok)
+            tl.store(val_ptr + out_off + rows, m + tl.log2(_at_least_one(l)), mask=r_ok)
         if POS != 0:
             tl.store(pos_ptr + out_off + rows, psum, mask=r_ok)
         if POS == 2:
