@@ -180,6 +180,18 @@ def test_knn_topk_bank_order(order):
     assert indices.cpu().tolist() == ([[0, 1, 2, 3]] if order == "best_first" else [[52, 51, 50, 49]])
 
 
+@pytest.mark.parametrize("normalize", [False, True])
+def test_knn_topk_ranks_a_nan_first_whatever_its_sign(normalize):
+    # torch.topk puts NaN first; a NaN with its sign bit set (0/0 on x86) must not sort below −inf instead.
+    query, bank = torch.randn(3, 8), torch.randn(40, 8)
+    bank[7, 2] = torch.tensor(0.0) / torch.tensor(0.0)
+    bank[23, 5] = float("nan")
+    assert bank[7, 2].view(torch.int32) < 0 and bank[23, 5].view(torch.int32) > 0  # both signs present
+    values, indices = _impl("knn_topk")(query.to(DEVICE), bank.to(DEVICE), 4, normalize)
+    assert sorted(indices[:, :2].cpu().flatten().tolist()) == [7, 7, 7, 23, 23, 23]
+    assert values[:, :2].isnan().all() and not values[:, 2:].isnan().any()
+
+
 @pytest.mark.parametrize("splits", [1, 3])
 def test_knn_topk_ties_lower_index_first(splits):
     # Every bank row appears three times (rows j, j + 11, j + 22) and scaled copies tie under cosine:

@@ -116,7 +116,9 @@ def _similarity_kernel(a_ptr, b_ptr, out_ptr, N, M, D, stride_a, stride_b, strid
 def _pack(s, cols):
     # int64 keys ordered as (value, −index): the fp32 bits made monotonic as a signed integer (negative
     # floats get their magnitude bits flipped) in the high word, 2³² − 1 − index in the low word.
-    bits = s.to(tl.int32, bitcast=True)
+    # A NaN of either sign is made the positive one, which sorts above +inf: first, as torch.topk ranks it
+    # (a negative NaN, as x86 makes for 0/0, would otherwise sort below −inf and drop out of the top k).
+    bits = tl.where(s == s, s, float("nan")).to(tl.int32, bitcast=True)
     mono = bits ^ ((bits >> 31) & 0x7FFFFFFF)
     return (mono.to(tl.int64) << 32) + (4294967295 - cols.to(tl.int64))
 
