@@ -100,11 +100,13 @@ def positive_scalar(value, name: str, device: torch.device, *, per_row: Optional
         raise TypeError(f"{name} must be a float or a torch.Tensor, got {type(value).__name__}")
     if not value.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
-    allowed = "a 0-d tensor" if per_row is None else f"a 0-d tensor or a 1-d tensor of length {per_row}"
     if value.dim() == 1 and per_row is not None:
         if value.shape[0] != per_row:
             raise ValueError(f"{name} has length {value.shape[0]}; a per-anchor {name} needs one value per row ({per_row})")
     elif value.dim() != 0:
+        # Formatted only here: under torch.compile per_row is the symbolic batch size, and formatting it would
+        # guard on its value (a recompile for every batch size).
+        allowed = "a 0-d tensor" if per_row is None else f"a 0-d tensor or a 1-d tensor of length {per_row}"
         raise ValueError(f"{name} must be {allowed}, got shape {tuple(value.shape)}")
     if value.device != device:
         raise ValueError(f"{name} is on {value.device} but the features are on {device}")
@@ -136,9 +138,14 @@ def finite_scalar(value, name: str, device: torch.device) -> Scalar:
         raise ValueError(f"{name} must be a 0-d tensor, got shape {tuple(value.shape)}")
     if value.device != device:
         raise ValueError(f"{name} is on {value.device} but the features are on {device}")
-    if _values_readable() and not bool(torch.isfinite(value.detach())):
-        raise ValueError(f"{name} must be finite, got {value.item()}")
+    finite_values(value, name)
     return value
+
+
+def finite_values(value: torch.Tensor, name: str) -> None:
+    """Every value of ``value`` finite (a host read; skipped where reads are not allowed)."""
+    if _values_readable() and not bool(torch.isfinite(value.detach()).all()):
+        raise ValueError(f"{name} must be finite, got {value.detach().flatten()[:4].tolist()}")
 
 
 def loss_weight(value, name: str) -> float:

@@ -94,6 +94,12 @@ def _positive(args: dict, *names: str) -> None:
             check.positive_values(args[name], name)
 
 
+def _siglip_values(args: dict) -> None:
+    _positive(args, "logit_scale")
+    if isinstance(args["logit_bias"], torch.Tensor):
+        check.finite_values(args["logit_bias"], "logit_bias")
+
+
 class _Loss:
     """One loss: its op schema, which arguments get gradients, and the shape of its result.
 
@@ -296,7 +302,7 @@ LOSSES: Dict[str, _Loss] = {loss.name: loss for loss in (
     _Loss("siglip_loss", "Tensor image_features, Tensor text_features, Tensor? logit_scale, float logit_scale_value, "
                          "Tensor? logit_bias, float logit_bias_value, str reduction",
           grads=("image_features", "text_features", "logit_scale", "logit_bias"),
-          rows=lambda a: a["image_features"].shape[0], values=lambda a: _positive(a, "logit_scale")),
+          rows=lambda a: a["image_features"].shape[0], values=_siglip_values),
     # The queue gets no gradient (shared/API.md).
     _Loss("moco_loss", "Tensor query, Tensor key, Tensor queue, Tensor? temperature, float temperature_value, "
                        "str reduction",

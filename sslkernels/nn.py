@@ -468,12 +468,15 @@ class DINOLoss(_Loss):
             # lightly's attribute: a float32 tensor over the warm-up epochs only (later epochs use teacher_temp).
             self.teacher_temp_schedule = torch.linspace(a["warmup_teacher_temp"], a["teacher_temp"],
                                                         self.warmup_teacher_temp_epochs)
+        # The schedule as Python floats for the lookups: a float() of an array element inside torch.compile is a
+        # data-dependent value (a graph break), a list element a constant.
+        self._temps = [float(t) for t in self.teacher_temp_schedule.tolist()]
         self._pending = None
 
     def _temperature(self, epoch) -> float:
-        if epoch is None or len(self.teacher_temp_schedule) == 0:
+        if epoch is None or not self._temps:
             return self.teacher_temp
-        return float(self.teacher_temp_schedule[min(int(epoch), len(self.teacher_temp_schedule) - 1)])
+        return self._temps[min(int(epoch), len(self._temps) - 1)]
 
     def forward(self, *args, **kwargs):
         first = args[0] if args else kwargs.get("teacher_out", kwargs.get("student_output"))
@@ -504,7 +507,7 @@ class DINOLoss(_Loss):
         if teacher_temp is not None:
             temp = teacher_temp
         elif epoch is not None and epoch < self.warmup_teacher_temp_epochs:
-            temp = float(self.teacher_temp_schedule[epoch])  # lightly's float32 schedule value, exactly
+            temp = self._temps[epoch]  # lightly's float32 schedule value, exactly
         else:
             temp = self.teacher_temp
         if torch.is_grad_enabled() and any(t.requires_grad for t in teacher_out):

@@ -16,6 +16,7 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.utils import counters
 
 import sslkernels
+from sslkernels import nn as snn
 from sslkernels.backends import triton_interpreted
 from sslkernels.state import MemoryQueue
 
@@ -163,6 +164,35 @@ def test_a_changing_batch_size_compiles_with_dynamic_shapes():
         x1, x2, targets = torch.randn(n, D_IN), torch.randn(9, D_IN), torch.randint(0, 9, (n,))
         close(step(x1, x2, targets).detach(), sslkernels.info_nce(embed(model, x1), embed(model, x2), targets=targets,
                                                                   reduction="none").detach(), f"loss at batch {n}")
+
+
+def test_a_tensor_temperature_and_a_changing_batch_size_compile_once_more():
+    # The argument checks must not guard on the symbolic batch size (formatting it in a message did: a
+    # recompile for every batch size, then fullgraph's recompile limit).
+    model, log_tau = encoder(), torch.nn.Parameter(torch.tensor(-2.0))
+    rec = Recorder()
+    step = torch.compile(lambda x1, x2: sslkernels.info_nce(embed(model, x1), embed(model, x2), log_tau.exp()),
+                         fullgraph=True, backend=rec)
+    for n in range(3, 12):
+        step(torch.randn(n, D_IN), torch.randn(n, D_IN)).backward()
+    assert rec.graphs <= 2, rec.graphs  # the first size, then one symbolic graph
+
+
+def test_a_non_finite_logit_bias_tensor_is_refused_when_the_op_runs():
+    step = torch.compile(lambda a, b, s, c: sslkernels.siglip_loss(a, b, s, c), fullgraph=True, backend="aot_eager")
+    with pytest.raises(ValueError, match="logit_bias"):
+        step(torch.randn(4, D_IN), torch.randn(4, D_IN), torch.tensor(10.0), torch.tensor(float("nan")))
+
+
+def test_dino_module_with_an_epoch_compiles_without_a_graph_break():
+    # The teacher-temperature schedule is read as a Python float (an array element would be data-dependent).
+    for crit in (snn.DINOLoss(8, 4, 0.04, 0.07, 3, 10), snn.DINOLoss(8, 0.04, 0.07, 3)):
+        s, t = torch.randn(12, 8, requires_grad=True), torch.randn(6, 8)
+        if crit.ncrops is None:  # lightly's form: lists of crops, epoch inside the warm-up
+            fn = lambda s, t: crit(list(t.chunk(2)), list(s.chunk(4)), epoch=1)  # noqa: E731
+        else:
+            fn = lambda s, t: crit(s, t, 1)  # noqa: E731
+        assert torch._dynamo.explain(fn)(s, t).graph_break_count == 0
 
 
 @pytest.mark.parametrize("learnable", [False, True])
