@@ -425,6 +425,28 @@ def test_engine_variants(op, engine, tiles):
         _run_case(op, torch.float32)
 
 
+@pytest.mark.parametrize("engine", ["v2-online", "v2-fixed"])
+@pytest.mark.parametrize("symmetric", [False, True], ids=["rows", "two-sided"])
+def test_fp16_gradients_keep_the_negatives_at_a_large_batchs_upstream(symmetric, engine):
+    # A mean over N = 32768 rows hands each row g = 2^-15; times P ≈ 1/M over 4096 keys, dS lies at fp16's
+    # smallest subnormals and below: cast as it is, the negatives' part of the gradient would vanish (the
+    # audit: 22% error at N = M = 32768). The fp16 passes scale dS before the cast and unscale the fp32 sums.
+    n, m = (8, 4096) if not symmetric else (256, 256)
+    q, q64 = _unit(n, 32, torch.float16)
+    k, k64 = _unit(m, 32, torch.float16)
+    targets = None if symmetric else torch.randint(0, m, (n,))
+    tau = torch.tensor(0.1, dtype=F64)
+    with launch_config.use_engine(**ENGINES_ALL[engine]):
+        out = _impl("info_nce")(q, k, 0.1, None if targets is None else targets.to(DEVICE), symmetric, False, "none")
+        want = info_nce64(q64, k64, tau, targets, symmetric, False)
+        cot = 2.0 ** -15 * (0.5 + torch.rand(want.shape, dtype=F64)) * (1 if not symmetric else 2.0 ** -3)
+        got = torch.autograd.grad(out, [q, k], cot.to(out.dtype).to(DEVICE))
+    wants = torch.autograd.grad(want, [q64, k64], cot)
+    for g, w, name in zip(got, wants, ("query", "key")):
+        # relative to the gradient's own scale (atol 0): it is ~1e-4 here, well inside fp16's normal range
+        assert_close(g, w, torch.float16, atol=0.0, rtol=1e-2, name=f"{name} grad (scale {float(w.abs().max()):.1e})")
+
+
 @pytest.mark.parametrize("engine", ["v1", "v2-online", "v2-fixed"])
 @pytest.mark.parametrize("split", [False, True], ids=["whole", "key-split"])
 def test_a_nan_in_one_key_makes_every_loss_nan(engine, split, monkeypatch):

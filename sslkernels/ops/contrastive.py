@@ -405,13 +405,14 @@ def _guard(flag_ptr, GUARD: tl.constexpr):
 @triton.jit
 def _bwd_rows_kernel(a_ptr, b_ptr, bpos_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr, klab_ptr,
                      rlse_ptr, rg_ptr, rgw_ptr, clse_ptr, cg_ptr, cgw_ptr, pos_ptr,
-                     da_ptr, dbpos_ptr, gs_ptr, gsum_ptr, shift_ptr, flag_ptr,
+                     da_ptr, dbpos_ptr, gs_ptr, gsum_ptr, shift_ptr, flag_ptr, hs_ptr,
                      N, M, D, stride_a, stride_b, stride_bpos, stride_da, stride_dbpos, s_stride,
                      cols_per_split, da_split_stride, diag_off,
                      HAS_COL: tl.constexpr, EXCL_DIAG: tl.constexpr, EXCL_TGT: tl.constexpr, POS: tl.constexpr,
                      SIGMOID: tl.constexpr, WANT_DBPOS: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DOUT: tl.constexpr,
-                     DOT_PREC: tl.constexpr, RESIDENT: tl.constexpr, ONE_EXP: tl.constexpr, GUARD: tl.constexpr):
+                     DOT_PREC: tl.constexpr, RESIDENT: tl.constexpr, ONE_EXP: tl.constexpr, GUARD: tl.constexpr,
+                     HALF_SCALE: tl.constexpr):
     # Program (row tile, feature chunk): dA for those rows and features; chunk 0 also writes per row
     # G_i = Σ_j dS_ij (a_i·b_j) (∂loss/∂s_i) and Σ_j dS_ij (∂loss/∂bias), summed from the fp32 tiles
     # (not from the low-precision dS that feeds the tensor cores).
@@ -450,6 +451,10 @@ def _bwd_rows_kernel(a_ptr, b_ptr, bpos_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr, 
         bias = tl.load(bias_ptr).to(tl.float32)
     else:
         bias = 0.0
+    if HALF_SCALE:
+        hs = tl.load(hs_ptr)  # fp16: dS scaled by 2^k before its cast (_half_scale), the sum unscaled after
+    else:
+        hs = 1.0
     acc = tl.zeros([BLOCK_M, BLOCK_DOUT], dtype=tl.float32)
     dsum = tl.zeros([BLOCK_M], dtype=tl.float32)
     gsv = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -488,8 +493,10 @@ def _bwd_rows_kernel(a_ptr, b_ptr, bpos_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr, 
         gsv += tl.sum(ds * S, axis=1)
         if SIGMOID:
             dsum += tl.sum(ds, axis=1)
-        # dS goes to the tensor cores in the input dtype (as flash attention's P); it lies in [−1, 1].
-        acc = tl.dot(ds.to(b.dtype), b, acc, input_precision=DOT_PREC)
+        # dS goes to the tensor cores in the input dtype (as flash attention's P).
+        acc = tl.dot((ds * hs).to(b.dtype), b, acc, input_precision=DOT_PREC)
+    if HALF_SCALE:
+        acc = acc * (1.0 / hs)
     out_mask = w_ok[:, None] & dc_ok[None, :]
     if POS == 3:
         # MoCo's positive column: dS_i0 = g_i (P_i0 − 1), with the key row k_i as its "b" (first split only).
@@ -511,12 +518,12 @@ def _bwd_rows_kernel(a_ptr, b_ptr, bpos_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr, 
 
 @triton.jit
 def _bwd_cols_kernel(a_ptr, b_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr, klab_ptr,
-                     rlse_ptr, rg_ptr, rgw_ptr, clse_ptr, cg_ptr, cgw_ptr, db_ptr, shift_ptr, flag_ptr,
+                     rlse_ptr, rg_ptr, rgw_ptr, clse_ptr, cg_ptr, cgw_ptr, db_ptr, shift_ptr, flag_ptr, hs_ptr,
                      N, M, D, stride_a, stride_b, stride_db, s_stride, diag_off,
                      HAS_COL: tl.constexpr, EXCL_DIAG: tl.constexpr, EXCL_TGT: tl.constexpr, POS: tl.constexpr,
                      SIGMOID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_DOUT: tl.constexpr, DOT_PREC: tl.constexpr, RESIDENT: tl.constexpr,
-                     ONE_EXP: tl.constexpr, GUARD: tl.constexpr):
+                     ONE_EXP: tl.constexpr, GUARD: tl.constexpr, HALF_SCALE: tl.constexpr):
     # Program (tile of BLOCK_M rows of b, feature chunk): dB_j = Σ_i dS_ij s_i a_i, streaming rows of a.
     # Tiles are transposed: [rows of b, rows of a]. RESIDENT / ONE_EXP / GUARD / diag_off / klab_ptr as in
     # the rows pass (row r of a is still the same sample as column r − diag_off of b).
@@ -551,6 +558,10 @@ def _bwd_cols_kernel(a_ptr, b_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr, klab_ptr,
         bias = tl.load(bias_ptr).to(tl.float32)
     else:
         bias = 0.0
+    if HALF_SCALE:
+        hs = tl.load(hs_ptr)  # as in the rows pass
+    else:
+        hs = 1.0
     acc = tl.zeros([BLOCK_M, BLOCK_DOUT], dtype=tl.float32)
     if RESIDENT:
         b_t = _tile(b_ptr, cols, c_ok, stride_b, D, BLOCK_D)
@@ -578,7 +589,9 @@ def _bwd_cols_kernel(a_ptr, b_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr, klab_ptr,
                            EXCL_DIAG, EXCL_TGT, POS)
         dst = _dlogits(z, x, own[None, :], cols[:, None], ok, keep, pos, r_lse[None, :], gr[None, :],
                        gw[None, :], c_lse, gc, gcw, shift, HAS_COL, SIGMOID, ONE_EXP)
-        acc = tl.dot((dst * s_r[None, :]).to(a.dtype), a, acc, input_precision=DOT_PREC)
+        acc = tl.dot((dst * (s_r * hs)[None, :]).to(a.dtype), a, acc, input_precision=DOT_PREC)
+    if HALF_SCALE:
+        acc = acc * (1.0 / hs)
     tl.store(db_ptr + cols.to(tl.int64)[:, None] * stride_db + dcols[None, :], acc.to(db_ptr.dtype.element_ty),
              mask=w_ok[:, None] & dc_ok[None, :])
 
@@ -935,6 +948,26 @@ class _BwdStats(NamedTuple):
     pos: torch.Tensor
 
 
+# fp16's normal range ends at 6.1e-5 and its subnormals at 6e-8, while dS = g·(P − y) with a mean's g = 1/N and
+# P ≈ 1/M is ~1e-9 at N = M = 32768: cast to fp16 for the tensor cores, the negatives' part of the gradient
+# would vanish. The fp16 passes scale dS by a power of two that puts its largest possible value at 2^12 (dS is
+# at most |g_r| + |g_w| + |g_c| + |g_cw|, times s in the columns pass) and unscale the fp32 sums. bf16 has
+# fp32's exponent range and fp32 is not cast: no scale there.
+_HALF_HEADROOM = 12
+
+
+def _half_scale(a: torch.Tensor, st: "_BwdStats", s: Optional[torch.Tensor], placeholder: torch.Tensor):
+    """(the scale as a device [1] tensor, True) for fp16 operands, else (placeholder, False); no host sync.
+    ``st``: the plain statistics (not the one-exp factors)."""
+    if a.dtype != torch.float16:
+        return placeholder, False
+    parts = [t.abs().amax() for t in (st.gr, st.gw, st.gc, st.gcw) if t is not None and t.numel()]
+    top = torch.stack(parts).sum()
+    if s is not None:
+        top = top * s.detach().float().abs().amax()
+    return torch.exp2(_HALF_HEADROOM - torch.ceil(torch.log2(top.clamp(min=1e-30)))).reshape(1), True
+
+
 def _guarded(launch, one_exp, version, *args, **kw):
     """One backward pass: plain; or (one-exp engine) the one-exp kernel and the two-exp fallback, each
     running only when the device flag says so, both writing the same outputs. ``kw``: the launcher's
@@ -943,7 +976,12 @@ def _guarded(launch, one_exp, version, *args, **kw):
         return launch(*args, version=version, **kw)
     shift, flag, fast_stats = one_exp
     fast_args = list(args)
-    fast_args[-2 if launch is _launch_bwd_rows else -1] = fast_stats
+    st = -2 if launch is _launch_bwd_rows else -1
+    fast_args[st] = fast_stats
+    # fp16's dS scale from the plain statistics: the one-exp factors fold 2^(shift − lse) into g, so they bound
+    # nothing (dS itself stays within the plain g's there too).
+    kw = {**kw, "half": (_half_scale(args[2], args[st], None, args[st].r_lse) if launch is _launch_bwd_rows
+                         else _half_scale(args[1], args[st], args[3], args[st].r_lse))}
     out = launch(*fast_args, version=version, one_exp=(shift, flag), **kw)
     launch(*args, version=version, fallback=flag, **{**kw, "out": out})
     return out
@@ -951,7 +989,7 @@ def _guarded(launch, one_exp, version, *args, **kw):
 
 def _launch_bwd_rows(mode, a, b, bpos, s, bias, targets, labels, st: _BwdStats, want_dbpos, *, version,
                      one_exp=None, fallback=None, out=None, cfg=None, diag_off: int = 0, key_labels=None,
-                     da_dtype=None):
+                     da_dtype=None, half=None):
     """dA (+ MoCo's dK), and the per-row partials of ∂loss/∂s and ∂loss/∂bias.
 
     ``diag_off`` / ``key_labels`` as in _launch_fwd; ``da_dtype``: dA's dtype (default a's; the block
@@ -963,7 +1001,7 @@ def _launch_bwd_rows(mode, a, b, bpos, s, bias, targets, labels, st: _BwdStats, 
         key = (mode, want_dbpos, one_exp is not None, fallback is not None)
         cfg = _config("bwd_rows", a, d, version, key, lambda c: _launch_bwd_rows(
             mode, a, b, bpos, s, bias, targets, labels, st, want_dbpos, version=version, one_exp=one_exp,
-            fallback=fallback, cfg=c, diag_off=diag_off, key_labels=key_labels, da_dtype=da_dtype))
+            fallback=fallback, cfg=c, diag_off=diag_off, key_labels=key_labels, da_dtype=da_dtype, half=half))
     if mode.pos == POS_EXTRA and _resident(cfg, d, version):
         # MoCo's epilogue holds two more [BLOCK_M, D] fp32 tiles (k_i, q_i): 32+ rows at D = 256 spill on sm_90.
         cfg = cfg._replace(block_m=min(cfg.block_m, 16))
@@ -986,6 +1024,7 @@ def _launch_bwd_rows(mode, a, b, bpos, s, bias, targets, labels, st: _BwdStats, 
         splits = gs.shape[0]
         per_split = cdiv(m, splits) if splits > 1 else max(m, 1)
     shift, flag = one_exp if one_exp is not None else (placeholder, fallback)
+    hs, half_scale = half if half is not None else _half_scale(b, st, None, placeholder)
     da_rows = da if da.dim() == 2 else da[0]
     _bwd_rows_kernel[(row_tiles, n_chunks, splits)](
         a, b, bpos if bpos is not None else a, s, bias if bias is not None else s,
@@ -993,7 +1032,7 @@ def _launch_bwd_rows(mode, a, b, bpos, s, bias, targets, labels, st: _BwdStats, 
         _first(key_labels, labels, placeholder),
         st.r_lse, st.gr, st.gw, st.c_lse if has_col else placeholder, st.gc if has_col else placeholder,
         st.gcw if has_col else placeholder, st.pos, da, dbpos if want_dbpos else da, gs, gsum,
-        shift, flag if flag is not None else placeholder,
+        shift, flag if flag is not None else placeholder, hs,
         n, m, d, a.stride(0), b.stride(0), bpos.stride(0) if bpos is not None else 0, da_rows.stride(0),
         dbpos.stride(0) if want_dbpos else 0, 1 if s.numel() > 1 else 0,
         per_split, da.stride(0) if da.dim() == 3 else 0, diag_off,
@@ -1001,7 +1040,7 @@ def _launch_bwd_rows(mode, a, b, bpos, s, bias, targets, labels, st: _BwdStats, 
         WANT_DBPOS=want_dbpos, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
         BLOCK_DOUT=cfg.block_dout, DOT_PREC=_dot_precision(a.dtype), RESIDENT=_resident(cfg, d, version),
         ONE_EXP=one_exp is not None, GUARD=1 if one_exp is not None else 2 if fallback is not None else 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        HALF_SCALE=half_scale, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return da, dbpos, gs, gsum
 
 
@@ -1013,7 +1052,7 @@ def _combine_bwd_rows(da, dbpos, gs, gsum, dtype: torch.dtype):
 
 
 def _launch_bwd_cols(mode, a, b, s, bias, targets, labels, st: _BwdStats, *, version, one_exp=None,
-                     fallback=None, out=None, cfg=None, diag_off: int = 0, key_labels=None):
+                     fallback=None, out=None, cfg=None, diag_off: int = 0, key_labels=None, half=None):
     """dB = dSᵀ·(s ⊙ A), written into ``out`` when given (any float dtype). ``diag_off`` / ``key_labels``
     as in _launch_fwd."""
     n, d = a.shape
@@ -1024,21 +1063,22 @@ def _launch_bwd_cols(mode, a, b, s, bias, targets, labels, st: _BwdStats, *, ver
         key = (mode, one_exp is not None, fallback is not None)
         cfg = _config("bwd_cols", a, d, version, key, lambda c: _launch_bwd_cols(
             mode, a, b, s, bias, targets, labels, st, version=version, one_exp=one_exp, fallback=fallback,
-            cfg=c, diag_off=diag_off, key_labels=key_labels))
+            cfg=c, diag_off=diag_off, key_labels=key_labels, half=half))
     db = _empty(b.shape, b.dtype, b.device) if out is None else out
     shift, flag = one_exp if one_exp is not None else (placeholder, fallback)
+    hs, half_scale = half if half is not None else _half_scale(a, st, s, placeholder)
     _bwd_cols_kernel[(cdiv(m, cfg.block_m), cdiv(d, cfg.block_dout))](
         a, b, s, bias if bias is not None else s,
         targets if targets is not None else placeholder, labels if labels is not None else placeholder,
         _first(key_labels, labels, placeholder),
         st.r_lse, st.gr, st.gw, st.c_lse if has_col else placeholder, st.gc if has_col else placeholder,
-        st.gcw if has_col else placeholder, db, shift, flag if flag is not None else placeholder,
+        st.gcw if has_col else placeholder, db, shift, flag if flag is not None else placeholder, hs,
         n, m, d, a.stride(0), b.stride(0), db.stride(0), 1 if s.numel() > 1 else 0, diag_off,
         HAS_COL=has_col, EXCL_DIAG=mode.excl_diag, EXCL_TGT=mode.excl_tgt, POS=mode.pos,
         SIGMOID=mode.sigmoid, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
         BLOCK_DOUT=cfg.block_dout, DOT_PREC=_dot_precision(a.dtype), RESIDENT=_resident(cfg, d, version),
         ONE_EXP=one_exp is not None, GUARD=1 if one_exp is not None else 2 if fallback is not None else 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        HALF_SCALE=half_scale, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return db
 
 
