@@ -425,6 +425,14 @@ def test_engine_variants(op, engine, tiles):
         _run_case(op, torch.float32)
 
 
+def test_siglip_loss_of_tiny_terms_keeps_its_digits():
+    # Every pair far on its right side: log(1 + e^−x) ≈ 4e-9 per term; computed as log(1 + t) it rounded to 0.
+    a = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], device=DEVICE)
+    got = _impl("siglip_loss")(a, a, 20.0, 0.0, "none")
+    want = 2 * torch.log1p(torch.exp(torch.tensor(-20.0, dtype=F64))) / 1  # two terms per row, summed
+    assert_close(got, want.expand(2), torch.float32, atol=0.0, rtol=1e-5, name="tiny SigLIP terms")
+
+
 @pytest.mark.parametrize("engine", ["v2-online", "v2-fixed"])
 @pytest.mark.parametrize("symmetric", [False, True], ids=["rows", "two-sided"])
 def test_fp16_gradients_keep_the_negatives_at_a_large_batchs_upstream(symmetric, engine):

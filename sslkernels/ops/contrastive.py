@@ -177,8 +177,10 @@ def _masks(r, c, ok, t_r, lab_r, lab_c, EXCL_DIAG: tl.constexpr, EXCL_TGT: tl.co
 
 @triton.jit
 def _softplus(y):
-    # log(1 + e^y) without overflow; log2/exp2 are the fast hardware forms.
-    return tl.maximum(y, 0.0) + tl.log2(1.0 + tl.exp2(-tl.abs(y) * LOG2E)) * LN2
+    # log(1 + e^y) without overflow; log2/exp2 are the fast hardware forms. log(1 + t) for t = e^−|y| < 0.01 by
+    # its series: 1 + t rounds away t's digits (to 0 below 6e-8), which made a sum of tiny terms 0.
+    t = tl.exp2(-tl.abs(y) * LOG2E)
+    return tl.maximum(y, 0.0) + tl.where(t < 0.01, t * (1.0 - t * (0.5 - t * (1.0 / 3.0))), tl.log2(1.0 + t) * LN2)
 
 
 @triton.jit
