@@ -19,8 +19,9 @@ export PATH="$PATH:/usr/local/cuda/bin"
 unset TRITON_INTERPRET
 # Peers and drop-in originals carried as wheels (scripts/peer_wheels.sh, `carry: [".whl"]`): installed into a
 # scratch folder without network, so the drop-in tests and the bench's peers run on the GPU too.
-if ls .whl/*.whl >/dev/null 2>&1; then
-  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+# (Once per machine: gpu_tune.sh, which runs this script, has installed them already.)
+if ls .whl/*.whl >/dev/null 2>&1 && [[ ":$PYTHONPATH:" != *":/tmp/site:"* ]]; then
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 

@@ -27,7 +27,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1; unset TR
 py="${PYTHON:-python3}"
 steps="${TUNE_STEPS:-tests autotune bench}"
 if ls .whl/*.whl >/dev/null 2>&1; then  # peers carried as wheels (scripts/peer_wheels.sh)
-  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 # The GPU's short name ("h100", "h200") names its results folder; tune.tgz carries it for gpu_parts.sh.
 gpu="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 | grep -oE '\b[A-Z][0-9]{2,4}\b' | head -n 1 | tr 'A-Z' 'a-z')"
