@@ -497,22 +497,20 @@ def _bwd_rows_kernel(a_ptr, b_ptr, bpos_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr, 
             dsum += tl.sum(ds, axis=1)
         # dS goes to the tensor cores in the input dtype (as flash attention's P).
         acc = tl.dot((ds * hs).to(b.dtype), b, acc, input_precision=DOT_PREC)
-    if HALF_SCALE:
-        acc = acc * (1.0 / hs)
     out_mask = w_ok[:, None] & dc_ok[None, :]
     if POS == 3:
         # MoCo's positive column: dS_i0 = g_i (P_i0 − 1), with the key row k_i as its "b" (first split only).
         pos2 = tl.load(pos_ptr + rows, mask=r_ok, other=0.0)
         dpos = tl.where(first, gr * (tl.exp2(pos2 - r_lse) - 1.0), 0.0)
         kp = tl.load(bpos_ptr + r64[:, None] * stride_bpos + dcols[None, :], mask=out_mask, other=0.0)
-        acc += dpos[:, None] * kp.to(tl.float32)
+        acc += (dpos * hs)[:, None] * kp.to(tl.float32)  # acc holds hs·dA until the store
         gsv += dpos * (pos2 / (s_r * LOG2E))
         if WANT_DBPOS:
             a = tl.load(a_ptr + r64[:, None] * stride_a + dcols[None, :], mask=out_mask, other=0.0).to(tl.float32)
             tl.store(dbpos_ptr + r64[:, None] * stride_dbpos + dcols[None, :],
                      ((s_r * dpos)[:, None] * a).to(dbpos_ptr.dtype.element_ty), mask=out_mask & first)
     tl.store(da_ptr + pid_s.to(tl.int64) * da_split_stride + r64[:, None] * stride_da + dcols[None, :],
-             (acc * s_r[:, None]).to(da_ptr.dtype.element_ty), mask=out_mask)
+             (acc * (s_r / hs)[:, None]).to(da_ptr.dtype.element_ty), mask=out_mask)
     tl.store(gs_ptr + out_off + rows, gsv, mask=w_ok & (pid_d == 0))
     if SIGMOID:
         tl.store(gsum_ptr + out_off + rows, dsum, mask=w_ok & (pid_d == 0))
@@ -592,10 +590,8 @@ def _bwd_cols_kernel(a_ptr, b_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr, klab_ptr,
         dst = _dlogits(z, x, own[None, :], cols[:, None], ok, keep, pos, r_lse[None, :], gr[None, :],
                        gw[None, :], c_lse, gc, gcw, shift, HAS_COL, SIGMOID, ONE_EXP)
         acc = tl.dot((dst * (s_r * hs)[None, :]).to(a.dtype), a, acc, input_precision=DOT_PREC)
-    if HALF_SCALE:
-        acc = acc * (1.0 / hs)
-    tl.store(db_ptr + cols.to(tl.int64)[:, None] * stride_db + dcols[None, :], acc.to(db_ptr.dtype.element_ty),
-             mask=w_ok[:, None] & dc_ok[None, :])
+    tl.store(db_ptr + cols.to(tl.int64)[:, None] * stride_db + dcols[None, :],
+             (acc * (1.0 / hs)).to(db_ptr.dtype.element_ty), mask=w_ok[:, None] & dc_ok[None, :])
 
 
 # -------------------------------------------------------------------------------------- host side
