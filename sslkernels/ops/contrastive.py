@@ -638,6 +638,9 @@ def _first(*tensors):
     return next(t for t in tensors if t is not None)
 
 
+_FLT_MAX = torch.finfo(torch.float32).max
+
+
 def _norm_bound(x: torch.Tensor, s: Optional[torch.Tensor]) -> torch.Tensor:
     """max_i |s_i|·‖x_i‖ (fp32 [1], on the device: no host sync)."""
     n, d = x.shape
@@ -646,7 +649,9 @@ def _norm_bound(x: torch.Tensor, s: Optional[torch.Tensor]) -> torch.Tensor:
     _norm_bound_kernel[(parts.numel(),)](x, s if s is not None else parts, parts, n, d, x.stride(0),
                                          1 if s is not None and s.numel() > 1 else 0, HAS_S=s is not None,
                                          BLOCK_R=block_r, BLOCK_D=block_d)
-    return parts.amax().reshape(1)
+    # A row of norm > 1.8e19 overflows its fp32 sum of squares to inf, and inf·0 (all-zero keys) or
+    # inf − inf later is NaN: a finite bound (NaN still propagates) sends such rows to the repair pass.
+    return parts.amax().clamp(max=_FLT_MAX).reshape(1)
 
 
 def _shift(a, b, bpos, s) -> torch.Tensor:
@@ -655,7 +660,7 @@ def _shift(a, b, bpos, s) -> torch.Tensor:
     nb = _norm_bound(b, None)
     if bpos is not None:
         nb = torch.maximum(nb, _norm_bound(bpos, None))
-    return _norm_bound(a, s) * nb * LOG2E.value
+    return (_norm_bound(a, s) * nb * LOG2E.value).clamp_(max=_FLT_MAX)
 
 
 def _launch_fwd(mode: _Mode, a, b, bpos, s, bias, targets, labels, *, columns: bool, version: str = "v1",
