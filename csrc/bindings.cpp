@@ -85,16 +85,19 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "queue_enqueue",
       [](std::uintptr_t queue, std::uintptr_t ptr, std::uintptr_t keys, int64_t size, int64_t dim, int64_t n_keys,
-         int64_t queue_stride, int64_t keys_stride, int queue_dtype, int keys_dtype, bool normalize,
+         int64_t queue_stride, int64_t keys_stride, int queue_dtype, int keys_dtype, bool normalize, bool cut,
          std::uintptr_t stream) {
-        sslkernels::EnqueueLaunch args{queue,        ptr,         keys,       size,      dim,       n_keys,
-                                       queue_stride, keys_stride, queue_dtype, keys_dtype, normalize, stream};
+        sslkernels::EnqueueLaunch args{queue,       ptr,        keys,      size,   dim,
+                                       n_keys,      queue_stride, keys_stride, queue_dtype, keys_dtype,
+                                       normalize,   cut,        stream};
         py::gil_scoped_release release;
         sslkernels::queue_enqueue(args);
       },
       py::arg("queue"), py::arg("ptr"), py::arg("keys"), py::arg("size"), py::arg("dim"), py::arg("n_keys"),
       py::arg("queue_stride"), py::arg("keys_stride"), py::arg("queue_dtype"), py::arg("keys_dtype"),
-      py::arg("normalize"), py::arg("stream"),
+      py::arg("normalize"), py::arg("cut"), py::arg("stream"),
       "Ring-buffer enqueue of the last min(n_keys, size) key rows at the device int64 *ptr (optionally\n"
-      "L2-normalized, cast to the queue dtype); advances *ptr by n_keys mod size on the device. One launch on `stream`.");
+      "L2-normalized, cast to the queue dtype); advances *ptr by n_keys mod size on the device. One launch on `stream`.\n"
+      "cut=True: lightly's memory bank instead: rows from *ptr up to the end, the rest dropped; *ptr becomes 0\n"
+      "when *ptr + n_keys >= size, else *ptr + n_keys.");
 }

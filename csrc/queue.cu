@@ -35,14 +35,15 @@ template <typename Q, typename K>
 __global__ void __launch_bounds__(kThreads)
 enqueue_kernel(Q* __restrict__ queue, unsigned long long* __restrict__ ptr, const K* __restrict__ keys,
                int64_t size, int64_t dim, int64_t n_keys, int64_t keep, int64_t queue_stride, int64_t keys_stride,
-               bool normalize) {
+               bool normalize, bool cut) {
   using C = typename ComputeType<K>::type;
   __shared__ int64_t start_shared;
   if (threadIdx.x == 0) {
     const unsigned long long old = atomicAdd(ptr, kArrival);
     const int64_t start = static_cast<int64_t>(old & kPositionMask);
     if ((old >> 32) == gridDim.x - 1) {
-      atomicExch(ptr, static_cast<unsigned long long>((start + n_keys) % size));
+      const int64_t next = cut ? (start + n_keys >= size ? 0 : start + n_keys) : (start + n_keys) % size;
+      atomicExch(ptr, static_cast<unsigned long long>(next));
     }
     start_shared = start;
   }
@@ -53,9 +54,10 @@ enqueue_kernel(Q* __restrict__ queue, unsigned long long* __restrict__ ptr, cons
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + warp;
   if (r >= keep) return;
   // A batch larger than the queue writes only its last `keep` rows, each where writing every row in order
-  // would have left it.
-  const int64_t skip = n_keys - keep;
-  const int64_t dst = (start_shared + skip + r) % size;
+  // would have left it. Cut (lightly's bank): the first rows, from ptr up to the end.
+  const int64_t skip = cut ? 0 : n_keys - keep;
+  const int64_t dst = cut ? start_shared + r : (start_shared + skip + r) % size;
+  if (dst >= size) return;
   const K* src_row = keys + (skip + r) * keys_stride;
   Q* dst_row = queue + dst * queue_stride;
 
@@ -107,7 +109,7 @@ void queue_enqueue(const EnqueueLaunch& a) {
       using K = decltype(k_tag);
       enqueue_kernel<Q, K><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(
           reinterpret_cast<Q*>(a.queue), ptr, reinterpret_cast<const K*>(a.keys), a.size, a.dim, a.n_keys, keep,
-          a.queue_stride, a.keys_stride, a.normalize);
+          a.queue_stride, a.keys_stride, a.normalize, a.cut);
     });
   });
   // Launch errors only (bad config, no device, no kernel image for this GPU); no synchronization.

@@ -18,6 +18,8 @@ struct EnqueueLaunch {
   int queue_dtype;       // DType codes (dtypes.h)
   int keys_dtype;
   bool normalize;        // divide each row by max(||row||, 1e-12) (F.normalize) before the cast
+  bool cut;              // lightly's memory bank instead of the ring: the first rows from ptr on, none past
+                         // the end; ptr becomes 0 when ptr + n_keys >= size, else ptr + n_keys
   std::uintptr_t stream; // cudaStream_t of the caller
 };
 

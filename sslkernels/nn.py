@@ -94,7 +94,9 @@ class MemoryBankModule(nn.Module):
       until real ones replace them.
     - lightly's write rule, which differs from MemoryQueue's ring buffer: rows are written from
       ``bank_ptr`` on; a batch that reaches the end of the bank is cut there (its remaining rows are
-      dropped, not wrapped to the start) and the pointer goes back to 0.
+      dropped, not wrapped to the start) and the pointer goes back to 0. Decided on the device (the enqueue
+      kernel's ``cut`` mode): unlike lightly's, the write reads nothing back to the host, so a step with a
+      bank stays sync-free and compiles into one graph.
     """
 
     def __init__(self, size: Union[int, Sequence[int]], gather_distributed: bool = False,
@@ -147,12 +149,11 @@ class MemoryBankModule(nn.Module):
             batch = all_gather_rows(batch)
         if batch.device != self.bank.device:  # lightly's slice assignment copies across devices
             batch = batch.to(self.bank.device)
-        # lightly's rule needs to know how many rows fit before the end: one host read of the pointer
-        # per update (lightly reads it too). The kernel then advances it to ptr + n, i.e. to 0 when cut.
-        n = min(batch.shape[0], self.size[0] - int(self.bank_ptr))
-        if n > 0:
-            dispatch("queue_enqueue_", self.backend, self.bank.device)(self.bank, self.bank_ptr.view(()), batch[:n],
-                                                                      False)
+        # lightly's rule (rows past the end dropped, ptr back to 0) decided on the device by the enqueue
+        # kernel's cut mode: no host read of the pointer (lightly reads it), so the step stays sync-free.
+        if batch.shape[0] > 0:
+            dispatch("queue_enqueue_", self.backend, self.bank.device)(self.bank, self.bank_ptr.view(()), batch,
+                                                                      False, True)
             torch.autograd.graph.increment_version(self.bank)  # an in-place write, as lightly's
 
     def extra_repr(self) -> str:

@@ -296,18 +296,32 @@ def ema_update_(targets: List[torch.Tensor], sources: List[torch.Tensor], moment
 
 
 @torch.no_grad()
-def queue_enqueue_(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor, normalize: bool) -> None:
+def queue_enqueue_(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor, normalize: bool,
+                   cut: bool = False) -> None:
     """Write ``keys`` into the ring buffer ``queue`` at the device index ``ptr``; advance ``ptr``.
 
     A batch larger than the queue leaves only its last ``size`` rows: only those are written, at the
     positions they would have reached, so the result equals writing every row in order.
+
+    ``cut=True`` is lightly's memory-bank rule instead: rows go from ``ptr`` on, those that would pass the
+    end are dropped, and ``ptr`` becomes 0 when the batch reaches the end (else ``ptr + n``).
     """
     size, b = queue.shape[0], keys.shape[0]
     keep = min(b, size)
-    rows = keys[b - keep:].to(compute_dtype(keys.dtype))
+    skip = 0 if cut else b - keep
+    rows = keys[skip:skip + keep].to(compute_dtype(keys.dtype))
     if normalize:
         rows = F.normalize(rows, dim=1)
-    idx = (ptr + (b - keep) + torch.arange(keep, device=keys.device)) % size
+    r = torch.arange(keep, device=keys.device)
+    if cut:
+        # Without reading ptr on the host: a dropped row rewrites row 0's value at ptr (row 0 always fits),
+        # so the duplicate indices carry equal values and the result does not depend on the write order.
+        fits = ptr + r < size
+        rows, idx = rows[torch.where(fits, r, 0)], torch.where(fits, ptr + r, ptr)
+        queue.index_copy_(0, idx, rows.to(queue.dtype))
+        ptr.copy_(torch.where(ptr + b >= size, 0, ptr + b))
+        return
+    idx = (ptr + skip + r) % size
     queue.index_copy_(0, idx, rows.to(queue.dtype))
     ptr.copy_((ptr + b) % size)
 

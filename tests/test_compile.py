@@ -7,6 +7,8 @@ step run eagerly. A recording backend (aot_eager that keeps the graphs' ops) che
 the graph as its sslkernels custom op: a step that silently fell back to eager, or traced into an
 implementation, fails. One test uses the default inductor backend (C++ codegen) end to end.
 """
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -217,6 +219,27 @@ def test_ntxent_module_with_lightly_signature_compiles():
 
     compare_compiled(forward, list(model.parameters()), (torch.randn(5, D_IN), torch.randn(5, D_IN)),
                      "nt_xent_with_grads")
+
+
+def test_ntxent_module_with_a_memory_bank_compiles_and_writes_the_bank():
+    # lightly's MoCo mode: the bank write (rows past the end dropped, ptr back to 0) is decided on the device,
+    # so the step is one graph; steps 3 and 6 reach the end of the 7-row bank.
+    model = encoder()
+    eager_loss = sslkernels.nn.NTXentLoss(temperature=0.5, memory_bank_size=(7, D))
+    compiled_loss = copy.deepcopy(eager_loss)
+    recorder = Recorder()
+    compiled = torch.compile(lambda x1, x2: compiled_loss(model(x1), model(x2)), fullgraph=True, backend=recorder)
+    for step in range(7):
+        x1, x2 = torch.randn(3, D_IN), torch.randn(3, D_IN)
+        loss_c, grads_c = train_step(compiled, list(model.parameters()), (x1, x2))
+        loss_e, grads_e = train_step(lambda a, b: eager_loss(model(a), model(b)), list(model.parameters()), (x1, x2))
+        close(loss_c, loss_e, f"loss, step {step}")
+        for gc, ge in zip(grads_c, grads_e):
+            close(gc, ge, f"grad, step {step}")
+        want_ptr = [3, 6, 0, 3, 6, 0, 3][step]
+        assert int(compiled_loss.memory_bank.bank_ptr) == int(eager_loss.memory_bank.bank_ptr) == want_ptr, step
+        assert torch.equal(compiled_loss.memory_bank.bank, eager_loss.memory_bank.bank), f"bank, step {step}"
+    recorder.expect("moco_loss_with_grads")
 
 
 def clip_setup():

@@ -6,6 +6,7 @@ GPU "triton" runs on CPU tensors under TRITON_INTERPRET=1 (tests/conftest.py) an
 extension) is skipped.
 """
 import contextlib
+import functools
 
 import pytest
 import torch
@@ -41,20 +42,33 @@ def ring_model(queue, ptr, keys, normalize):
     return q, p
 
 
+def bank_model(queue, ptr, keys, normalize):
+    """lightly's MemoryBankModule rule (cut=True), as lightly 1.6.0 writes it with a host-side pointer."""
+    q = queue.detach().to("cpu", torch.float64).clone()
+    p, size = int(ptr), q.shape[0]
+    rows = keys.detach().to("cpu", torch.float64)
+    rows = F.normalize(rows, dim=1) if normalize else rows
+    if p + rows.shape[0] >= size:
+        q[p:] = rows[:size - p]
+        return q, 0
+    q[p:p + rows.shape[0]] = rows
+    return q, p + rows.shape[0]
+
+
 def tol(queue_dtype, keys_dtype):
     # One rounding into the queue's dtype (plus the keys' own precision when normalizing).
     worst = max((queue_dtype, keys_dtype), key=lambda d: torch.finfo(d).eps)
     return {f64: 1e-12, f32: 1e-6, f16: 2e-3, bf16: 1e-2}[worst]
 
 
-def check_enqueue(kind, size, dim, start, batch, normalize, q_dtype, k_dtype, *, keys=None):
+def check_enqueue(kind, size, dim, start, batch, normalize, q_dtype, k_dtype, *, keys=None, cut=False):
     queue = torch.randn(size, dim, dtype=f64).to(DEVICE, q_dtype)
     ptr = torch.tensor(start, device=DEVICE)
     if keys is None:
         keys = (torch.randn(batch, dim, dtype=f64) * 3).to(DEVICE, k_dtype)
-    want, want_ptr = ring_model(queue, ptr, keys, normalize)
+    want, want_ptr = (bank_model if cut else ring_model)(queue, ptr, keys, normalize)
     ptr_addr, queue_addr = ptr.data_ptr(), queue.data_ptr()
-    runnable(kind)(queue, ptr, keys, normalize)
+    runnable(kind)(queue, ptr, keys, normalize, cut)
     assert ptr.dtype == torch.int64 and ptr.dim() == 0 and ptr.data_ptr() == ptr_addr
     assert queue.data_ptr() == queue_addr and queue.dtype == q_dtype
     assert int(ptr) == want_ptr
@@ -104,6 +118,21 @@ def test_enqueue_batch_equal_to_and_multiple_of_size(kind):
         check_enqueue(kind, 16, 4, start, batch, False, f32, f32)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("start,batch", [(0, 3), (2, 5), (2, 6), (6, 1), (3, 4), (5, 20), (0, 7), (0, 30)])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_enqueue_cut_matches_lightlys_bank(kind, start, batch, normalize):
+    # size 7: a batch that stops short of the end, ends on it (ptr back to 0), passes it (the rest dropped,
+    # not wrapped), and is larger than the bank (its first rows from ptr on).
+    check_enqueue(kind, 7, 9, start, batch, normalize, f32, f32, cut=True)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("q_dtype,k_dtype", [(f16, f32), (f32, bf16), (f64, f64)], ids=str)
+def test_enqueue_cut_dtypes(kind, q_dtype, k_dtype):
+    check_enqueue(kind, 13, 33, 11, 5, True, q_dtype, k_dtype, cut=True)
+
+
 def test_memory_queue_wraps_and_round_trips_state():
     q = sslkernels.MemoryQueue(8, 5, device=DEVICE)
     assert q.ptr.dtype == torch.long and q.ptr.dim() == 0 and q.ptr.device == q.queue.device
@@ -148,15 +177,16 @@ def test_cuda_backend_on_cpu_tensors_is_a_clear_error():
 @pytest.mark.parametrize("q_dtype,k_dtype", DTYPE_PAIRS, ids=str)
 @pytest.mark.parametrize("size,dim,start,batch", [(65536, 128, 65500, 256), (100, 1000, 37, 333),
                                                   (7, 3, 6, 1), (1, 64, 0, 5)])
-def test_csrc_matches_triton_and_reference(size, dim, start, batch, q_dtype, k_dtype, normalize):
+@pytest.mark.parametrize("cut", [False, True], ids=["ring", "cut"])
+def test_csrc_matches_triton_and_reference(size, dim, start, batch, q_dtype, k_dtype, normalize, cut):
     keys = (torch.randn(batch, dim, device="cuda", dtype=f64) * 3).to(k_dtype)
     init = torch.randn(size, dim, device="cuda", dtype=f64).to(q_dtype)
     out = {}
     for kind in KINDS:
         queue, ptr = init.clone(), torch.tensor(start, device="cuda")
-        available("queue_enqueue_")[kind](queue, ptr, keys, normalize)
+        available("queue_enqueue_")[kind](queue, ptr, keys, normalize, cut)
         out[kind] = (queue, ptr)
-    want_ptr = (start + batch) % size
+    want_ptr = (0 if start + batch >= size else start + batch) if cut else (start + batch) % size
     t = tol(q_dtype, k_dtype)
     for kind in ("cuda", "triton"):
         assert int(out[kind][1]) == want_ptr, kind
@@ -192,9 +222,10 @@ def sync_debug_error():
 
 
 @needs_gpu
+@pytest.mark.parametrize("cut", [False, True], ids=["ring", "cut"])
 @pytest.mark.parametrize("kind", ["triton", "cuda"])
-def test_gpu_enqueue_is_sync_free_and_graph_capturable(kind):
-    fn = runnable(kind)
+def test_gpu_enqueue_is_sync_free_and_graph_capturable(kind, cut):
+    fn = functools.partial(runnable(kind), cut=cut)
     size, dim, batch = 50, 32, 16
     queue = torch.randn(size, dim, device="cuda")
     ptr = torch.tensor(40, device="cuda")
@@ -217,7 +248,12 @@ def test_gpu_enqueue_is_sync_free_and_graph_capturable(kind):
     for _ in range(3):  # each replay reads the ptr the previous one left
         graph.replay()
     torch.cuda.synchronize()
-    want, want_ptr = ring_model(start_queue, start_ptr, torch.cat([keys] * 3), True)
+    if cut:  # lightly's rule, replay by replay: 40 -> 0 (6 rows written, 10 dropped) -> 16 -> 32
+        want, want_ptr = start_queue, start_ptr
+        for _ in range(3):
+            want, want_ptr = bank_model(want, want_ptr, keys, True)
+    else:
+        want, want_ptr = ring_model(start_queue, start_ptr, torch.cat([keys] * 3), True)
     assert int(ptr) == want_ptr
     torch.testing.assert_close(queue.double().cpu(), want, rtol=1e-6, atol=1e-6)
 
@@ -247,7 +283,7 @@ def test_csrc_enqueue_is_one_kernel_launch():
 def test_extension_enqueue_argument_checks():
     ext = cuda_extension()
     good = dict(queue=256, ptr=512, keys=1024, size=8, dim=4, n_keys=3, queue_stride=4, keys_stride=4,
-                queue_dtype=0, keys_dtype=0, normalize=False, stream=0)
+                queue_dtype=0, keys_dtype=0, normalize=False, cut=False, stream=0)
     for bad, match in (({"queue_dtype": 9}, "dtype"), ({"size": 0}, "size"), ({"n_keys": 0}, "n_keys"),
                        ({"queue_stride": 2}, "stride"), ({"ptr": 0}, "null"), ({"ptr": 516}, "aligned")):
         with pytest.raises(ValueError, match=match):

@@ -57,6 +57,23 @@ def test_every_momentum_schedule_stays_on_the_device(schedule):
     assert int(queue.ptr) == (3 * 50) % 40 and int(key_encoder.step) == 3
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+def test_lightly_memory_bank_step_makes_no_host_read(backend):
+    # NTXentLoss(memory_bank_size=...) is lightly's MoCo: its bank write (cut at the end, ptr back to 0)
+    # used to read the pointer on the host each step, as lightly does.
+    if backend == "triton" and not (HAS_CUDA or sslkernels.backends.triton_interpreted()):
+        pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
+    torch.manual_seed(0)
+    encoder = torch.nn.Linear(12, 16)
+    loss_fn = sslkernels.nn.NTXentLoss(memory_bank_size=(40, 16), backend=backend)
+    x1, x2 = torch.randn(24, 12), torch.randn(24, 12)
+    with forbid_host_reads():
+        for _ in range(3):  # 0 -> 24 -> 0 (16 of 24 rows fit) -> 24
+            loss = loss_fn(encoder(x1), encoder(x2))
+            loss.backward()
+    assert torch.isfinite(loss).all() and int(loss_fn.memory_bank.bank_ptr) == 24
+
+
 def test_forbid_host_reads_catches_item():
     with forbid_host_reads(), pytest.raises(AssertionError, match="host read"):
         torch.ones(()).item()

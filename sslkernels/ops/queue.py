@@ -2,7 +2,8 @@
 a single pass over the keys, with the write position read from the device-side ``ptr`` (no host sync, so a
 MoCo step can be captured in a CUDA graph).
 
-Implementations of op "queue_enqueue_" (signature ``(queue, ptr, keys, normalize) -> None``, in place):
+Implementations of op "queue_enqueue_" (signature ``(queue, ptr, keys, normalize, cut=False) -> None``, in
+place; ``cut``: lightly's memory-bank rule, see reference.queue_enqueue_):
 
   "triton"  one program per written row; ``ptr`` is advanced by a stream-ordered tensor op afterwards
   "cuda"    csrc/queue.cu (sslkernels._C): one warp per written row, and ``ptr`` advanced inside the same
@@ -27,13 +28,18 @@ from .ema import _C_CODE, _device_guard, csrc_call, csrc_module
 
 @triton.jit
 def _enqueue_kernel(keys_ptr, queue_ptr, ptr_ptr, n_keys, size, dim, skip, stride_k, stride_q,
-                    NORMALIZE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_D: tl.constexpr):
-    # One program per kept row: row r of keys[skip:] lands at (ptr + skip + r) mod size.
+                    NORMALIZE: tl.constexpr, CUT: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_D: tl.constexpr):
+    # One program per kept row: row r of keys[skip:] lands at (ptr + skip + r) mod size; with CUT (lightly's
+    # bank, skip = 0) at ptr + r, and not at all past the end.
     r = tl.program_id(0)
     start = tl.load(ptr_ptr)
-    dst = (start + skip + r) % size
     cols = tl.arange(0, BLOCK_D)
-    mask = cols < dim
+    if CUT:
+        dst = start + r
+        mask = (cols < dim) & (dst < size)
+    else:
+        dst = (start + skip + r) % size
+        mask = cols < dim
     x = tl.load(keys_ptr + (skip + r).to(tl.int64) * stride_k + cols, mask=mask, other=0.0).to(COMPUTE)
     if NORMALIZE:
         # F.normalize's convention: divide by max(||x||, 1e-12).
@@ -44,25 +50,28 @@ def _enqueue_kernel(keys_ptr, queue_ptr, ptr_ptr, n_keys, size, dim, skip, strid
 
 @register("queue_enqueue_", "triton")
 @torch.no_grad()
-def queue_enqueue_(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor, normalize: bool) -> None:
+def queue_enqueue_(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor, normalize: bool,
+                   cut: bool = False) -> None:
     size, dim = queue.shape
     b = keys.shape[0]
     keep = min(b, size)
+    skip = 0 if cut else b - keep
     keys = keys if keys.stride(1) == 1 else keys.contiguous()
     if queue.stride(1) != 1:
         raise ValueError("MemoryQueue.queue must have unit stride along its feature dimension")
     block_d = next_pow2(dim)
     compute = tl.float64 if compute_dtype(keys.dtype) == torch.float64 else tl.float32
-    _enqueue_kernel[(keep,)](keys, queue, ptr, b, size, dim, b - keep, keys.stride(0), queue.stride(0),
-                             NORMALIZE=bool(normalize), COMPUTE=compute, BLOCK_D=block_d,
+    _enqueue_kernel[(keep,)](keys, queue, ptr, b, size, dim, skip, keys.stride(0), queue.stride(0),
+                             NORMALIZE=bool(normalize), CUT=bool(cut), COMPUTE=compute, BLOCK_D=block_d,
                              num_warps=4 if block_d >= 1024 else 1)
     # Stream order puts this after the kernel: every program has read the old ptr before it moves.
-    ptr.copy_((ptr + b) % size)
+    ptr.copy_(torch.where(ptr + b >= size, 0, ptr + b) if cut else (ptr + b) % size)
 
 
 @register("queue_enqueue_", "cuda")
 @torch.no_grad()
-def queue_enqueue_cuda(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor, normalize: bool) -> None:
+def queue_enqueue_cuda(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor, normalize: bool,
+                       cut: bool = False) -> None:
     ext = csrc_module()
     size, dim = queue.shape
     keys = keys if keys.stride(1) == 1 or keys.shape[1] == 1 else keys.contiguous()
@@ -74,4 +83,5 @@ def queue_enqueue_cuda(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tenso
     with _device_guard(device):
         stream = torch.cuda.current_stream(device).cuda_stream
         csrc_call(ext, "queue_enqueue", queue.data_ptr(), ptr.data_ptr(), keys.data_ptr(), size, dim, keys.shape[0],
-                  queue.stride(0), keys.stride(0), _C_CODE[queue.dtype], _C_CODE[keys.dtype], bool(normalize), stream)
+                  queue.stride(0), keys.stride(0), _C_CODE[queue.dtype], _C_CODE[keys.dtype], bool(normalize), bool(cut),
+                  stream)
