@@ -269,9 +269,10 @@ def drive_queue(rec: Recorder, quick: bool):
         for kd in _dtypes():
             for dim in ((128,) if quick else (128, 2048)):
                 for normalize in (False, True):
-                    rec.label = f"queue {qd} keys {kd} dim={dim} normalize={normalize}"
-                    impl(torch.zeros(64, dim, dtype=qd), torch.zeros((), dtype=torch.int64),
-                         torch.randn(8, dim).to(kd), normalize)
+                    for cut in (False, True):  # cut: lightly's memory bank
+                        rec.label = f"queue {qd} keys {kd} dim={dim} normalize={normalize} cut={cut}"
+                        impl(torch.zeros(64, dim, dtype=qd), torch.zeros((), dtype=torch.int64),
+                             torch.randn(8, dim).to(kd), normalize, cut)
 
 
 def drive_similarity(rec: Recorder, quick: bool):
