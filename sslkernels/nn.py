@@ -25,6 +25,7 @@ from . import functional as Fn
 from .backends import dispatch
 from .distributed import all_gather_rows, all_gather_with_grad, is_distributed
 from .ops.cross_correlation_dist import barlow_twins_across_ranks
+from .reference import compute_dtype
 
 __all__ = [
     "InfoNCELoss", "NTXentLoss", "ClipLoss", "MoCoLoss", "SupConLoss", "DCLLoss", "DINOLoss",
@@ -348,13 +349,13 @@ class BarlowTwinsLoss(nn.Module):
     def __init__(self, lambda_param: float = 5e-3, gather_distributed: bool = False, *, backend: Optional[str] = None):
         super().__init__()
         _check_gather_available(gather_distributed)
-        self.lambda_param, self.gather_distributed, self.backend = lambda_param, gather_distributed, backend
+        self.lambda_param = check.loss_weight(lambda_param, "lambda_param")  # at construction, by the module's name
+        self.gather_distributed, self.backend = gather_distributed, backend
 
     def forward(self, z_a, z_b):
         if self.gather_distributed and is_distributed():
             Fn._pair("z_a", z_a, "z_b", z_b, same_rows=True)
-            return barlow_twins_across_ranks(z_a, z_b, check.loss_weight(self.lambda_param, "lambda_param"),
-                                             differentiable_reduce=True)
+            return barlow_twins_across_ranks(z_a, z_b, self.lambda_param, differentiable_reduce=True)
         return Fn.barlow_twins_loss(z_a, z_b, self.lambda_param, backend=self.backend)
 
 
@@ -375,7 +376,9 @@ class VICRegLoss(nn.Module):
         _check_gather_available(gather_distributed)
         if isinstance(eps, bool) or not isinstance(eps, Real) or not eps >= 0:
             raise ValueError(f"eps must be a non-negative float, got {eps!r}")
-        self.lambda_param, self.mu_param, self.nu_param = lambda_param, mu_param, nu_param
+        # checked here by the module's names (the functional op calls them sim/var/cov_weight)
+        self.lambda_param, self.mu_param, self.nu_param = (check.loss_weight(w, name) for w, name in (
+            (lambda_param, "lambda_param"), (mu_param, "mu_param"), (nu_param, "nu_param")))
         self.gather_distributed, self.eps, self.backend = gather_distributed, float(eps), backend
 
     def forward(self, z_a, z_b):
@@ -522,8 +525,11 @@ class DINOLoss(_Loss):
         self.apply_center_update()
         if self.center.device != teacher_out[0].device:
             self.center = self.center.to(teacher_out[0].device)
-        t = torch.softmax((torch.stack(teacher_out) - self.center.detach()) / teacher_temp, dim=-1)
-        s = torch.log_softmax(torch.stack(student_out) / self.student_temp, dim=-1)
+        # fp32 at least (the fp32 centre would promote only the teacher side, and einsum refuses the mix;
+        # s/τs overflows fp16 above ~6.5e3); the loss comes back in fp32 as on the fused path.
+        ct = compute_dtype(teacher_out[0].dtype)
+        t = torch.softmax((torch.stack(teacher_out).to(ct) - self.center.detach()) / teacher_temp, dim=-1)
+        s = torch.log_softmax(torch.stack(student_out).to(ct) / self.student_temp, dim=-1)
         pairs = -torch.einsum("tbd,sbd->tsb", t, s)  # (teacher crop, student crop, sample)
         keep = ~torch.eye(len(teacher_out), len(student_out), dtype=torch.bool, device=pairs.device)
         if not keep.any():

@@ -232,6 +232,27 @@ def test_lightly_DINOLoss_teacher_gradient_matches(device, backend):
         close(ours.center, theirs.center, f"center after epoch {epoch}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_lightly_DINOLoss_teacher_gradient_in_half_precision(dtype, backend):
+    """Half-precision outputs with a teacher that requires grad (outside autocast): lightly's einsum gets an fp32
+    teacher (promoted by its fp32 centre) and a half student and raises; ours computes in fp32, and matches
+    lightly run on the same values in fp32."""
+    ours, theirs = snn.DINOLoss(11, warmup_teacher_temp_epochs=2), L.DINOLoss(11, warmup_teacher_temp_epochs=2)
+    teacher = [torch.randn(5, 11).to(dtype) for _ in range(2)]
+    student = [(torch.randn(5, 11) * 2).to(dtype) for _ in range(3)]
+    ours_in, _ = twins(*teacher, *student)
+    theirs_in, _ = twins(*(x.float() for x in teacher + student))
+    loss_o = ours(ours_in[:2], ours_in[2:], epoch=1)
+    loss_t = theirs(theirs_in[:2], theirs_in[2:], epoch=1)
+    assert loss_o.dtype == torch.float32
+    assert_close(loss_o, loss_t, rtol=1e-5, atol=0.0, name="loss")
+    g_o = torch.autograd.grad(loss_o, ours_in)
+    g_t = torch.autograd.grad(loss_t, theirs_in)
+    for i, (a, b) in enumerate(zip(g_o, g_t)):
+        assert a.dtype == dtype
+        assert_close(a, b, dtype, name=f"gradient of input {i}")
+
+
 def _prototype_scores(b, p, device):
     # SwaV's inputs: cosine similarities of normalized features with normalized prototypes.
     return F.normalize(torch.randn(b, 6, device=device), dim=1) @ F.normalize(torch.randn(p, 6, device=device), dim=1).T

@@ -215,6 +215,17 @@ def test_vicreg_loss_lightly_signature(args, dtype):
     check(out, want, [z1, z2], [z1_64, z2_64], dtype)
 
 
+@pytest.mark.parametrize("build,name", [
+    (lambda: snn.BarlowTwinsLoss(lambda_param=-1.0), "lambda_param"),
+    (lambda: snn.VICRegLoss(lambda_param=float("nan")), "lambda_param"),
+    (lambda: snn.VICRegLoss(mu_param=-2.0), "mu_param"),
+    (lambda: snn.VICRegLoss(nu_param=float("inf")), "nu_param")])
+def test_barlow_and_vicreg_modules_check_their_weights_by_their_own_names(build, name):
+    # At construction, named as the module's argument (the functional op calls them lambda_offdiag, sim/var/cov_weight).
+    with pytest.raises(ValueError, match=f"^{name} "):
+        build()
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_dino_loss_official_signature(dtype):
     """DINOLoss(out_dim, ncrops, warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs,

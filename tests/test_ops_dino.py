@@ -199,6 +199,19 @@ def test_update_center_flat_and_noncontiguous_center():
     assert_close(strided, want, torch.float32)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch", "auto"])
+def test_update_center_counts_as_an_in_place_write(backend):
+    # A graph that saved the centre must raise on backward after the update, on the kernel path too (it
+    # writes through a raw pointer), instead of differentiating against the new centre.
+    dev = DEVICE["triton"] if backend == "triton" else "cpu"
+    center = torch.randn(1, 33, device=dev)
+    x = torch.randn(1, 33, device=dev, requires_grad=True)
+    y = (x * center).sum()
+    sslkernels.update_center_(center, torch.randn(12, 33, device=dev), 0.9, backend=backend)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
 def test_update_center_public_api():
     dev = DEVICE["triton"]
     teacher, center = torch.randn(12, 33, device=dev), torch.randn(1, 33, device=dev)

@@ -334,4 +334,8 @@ def update_center_(center, teacher_output, momentum, async_op=False, group=None)
                          BLOCK_P=block_p)
     if flat.data_ptr() != center.data_ptr():
         center.copy_(flat.view(center.shape))
+    else:
+        # The kernel wrote through a raw pointer: tell autograd, as copy_ would (host-side, no sync), so a
+        # graph that saved the centre raises instead of differentiating against the new one.
+        torch.autograd.graph.increment_version(center)
     return center
