@@ -56,9 +56,10 @@ def dino64(student, teacher, center, student_temp, teacher_temp, n_global, reduc
     return {"mean": rows.mean(), "sum": rows.sum(), "none": rows}[reduction]
 
 
-def check(kind, G, S, B, P, dtype, reduction, teacher_temp=0.04, scale=1.0, student_temp=0.1, grad_rtol=None):
-    student = (torch.randn(S * B, P) * scale).to(dtype)
-    teacher = (torch.randn(G * B, P) * scale).to(dtype)
+def check(kind, G, S, B, P, dtype, reduction, teacher_temp=0.04, scale=1.0, student_temp=0.1, grad_rtol=None,
+          offset=0.0):
+    student = (torch.randn(S * B, P) * scale + offset).to(dtype)
+    teacher = (torch.randn(G * B, P) * scale + offset).to(dtype)
     center = torch.randn(1, P) * 0.3 * scale
     s64 = student.double().requires_grad_()
     want = dino64(s64, teacher, center, student_temp, teacher_temp, G, reduction)
@@ -105,6 +106,14 @@ def test_dino_loss_bf16_cuda(kind):
     (want_grad,) = torch.autograd.grad(want, s64)
     assert_close(got, want, torch.bfloat16)
     assert_close(grad, want_grad, torch.bfloat16, atol=0.0)
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_dino_loss_logits_with_a_common_offset(kind):
+    # Softmaxes do not see an offset, and neither may the loss: the fused kernel's n_b·lse − Σ t·s/τs leaned on
+    # Σ_p t = 1, which its separately rounded teacher LSE misses, by an error times |s|/τs (6e-4 relative here).
+    # The gradient's bound is the exponents' own fp32 rounding, as in the extreme-logits test.
+    check(kind, 2, 4, 3, 97, torch.float32, "none", offset=100.0, grad_rtol=2.0 ** -24 * 4 * 104.0 / 0.04)
 
 
 @pytest.mark.parametrize("kind", ALL_KINDS)

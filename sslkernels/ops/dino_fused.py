@@ -159,13 +159,16 @@ def _dino_fused_kernel(s_ptr, t_ptr, c_ptr, tt_ptr, tpart_ptr, g_ptr, lse_t_ptr,
             smask = b_ok[:, None] & ok[None, :]
             s = tl.load(s_ptr + s_rows[:, None] + cols[None, :], mask=smask, other=0.0,
                         eviction_policy="evict_first").to(tl.float32)
-            sp = tl.exp(s * inv_ts - lse_b[:, None])
-            cross += t_other * s
+            ls = s * inv_ts - lse_b[:, None]  # log-softmax, as the reference takes it
+            sp = tl.exp(ls)
+            # −Σ t·log-softmax, not n_b·lse − Σ t·s/τs: that form leans on Σ_p t = 1, which the rounded
+            # teacher LSE misses by ~1e-4, an error times |s|/τs (1.1 on a loss of 28 at logits ~1000).
+            cross -= t_other * ls
             grad = coef * (n_b[:, None] * sp - t_other)
             tl.store(g_ptr + g_rows[:, None] + cols[None, :], grad.to(g_ptr.dtype.element_ty), mask=smask,
                      eviction_policy="evict_first")
 
-        tl.store(loss_ptr + i * S + bv, n_b * lse_b - inv_ts * tl.sum(cross, axis=1), mask=b_ok)
+        tl.store(loss_ptr + i * S + bv, tl.sum(cross, axis=1), mask=b_ok)
         tl.store(lse_s_ptr + i * SP + bv, lse_b, mask=b_ok)
         tl.store(lse_t_ptr + i * GP + ga, lse_t, mask=(ga < GP) & (item % NG == 0))
 
