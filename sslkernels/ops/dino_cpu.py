@@ -143,8 +143,11 @@ def sinkhorn_potentials(scores, epsilon, iterations, distributed=False, group=No
     u[p] = −LSE_b(scores/ε + w) (every prototype's mass equal), then w[b] = −LSE_p(scores/ε + u) (every
     sample's mass 1/B, times B at the end). With ``distributed`` the sums over samples, the only ones
     spanning ranks, are log-sum-exps combined over ranks.
+
+    In float64 whatever the scores' dtype: u and w are as large as |scores|/ε and cancel it in every
+    exponent, so float32 would put an ulp of |scores|/ε (2e-3 at 2e4) into each log Q.
     """
-    dtype = compute_dtype(scores.dtype)
+    dtype = torch.float64
     b, p = scores.shape
     chunks = _row_chunks(b, p)
     u = torch.zeros(p, dtype=dtype, device=scores.device)
@@ -178,10 +181,12 @@ def sinkhorn_potentials(scores, epsilon, iterations, distributed=False, group=No
 def sinkhorn_knopp(scores, epsilon, iterations, distributed=False, group=None):
     u, w = sinkhorn_potentials(scores, epsilon, iterations, distributed, group)
     b, p = scores.shape
-    out = torch.empty(b, p, dtype=u.dtype, device=scores.device)
+    out = torch.empty(b, p, dtype=compute_dtype(scores.dtype), device=scores.device)
+    floor = math.log(torch.finfo(out.dtype).tiny) + 1.0  # _exp_'s floor, in the result's dtype
     for i, j in _row_chunks(b, p):
-        # Written in place in the result's rows (upcast first), no temporary.
-        _exp_(out[i:j].copy_(scores[i:j]).div_(epsilon).add_(u).add_(w[i:j, None]))
+        # log Q in float64 (one chunk), then the exp in the result's rows.
+        x = scores[i:j].to(torch.float64, copy=True).div_(epsilon).add_(u).add_(w[i:j, None]).clamp_min_(floor)
+        out[i:j].copy_(x).exp_()
     return out
 
 
@@ -200,7 +205,8 @@ def swav_via_dino(high, low, temperature, epsilon, iterations, queue, distribute
             scores = torch.cat([scores, queue[i].detach().to(scores.dtype)])
         u, _ = potentials(scores, epsilon, iterations, distributed, group)
         # q_i = softmax((z_i + ε·u)/ε): DINO's teacher probabilities at teacher_temp = ε, centre 0.
-        teachers.append(z.detach().to(u.dtype) + epsilon * u)
+        dtype = compute_dtype(z.dtype)
+        teachers.append(z.detach().to(dtype) + (epsilon * u).to(dtype))
     student = torch.cat(list(high) + list(low))
     center = torch.zeros(student.shape[1], dtype=teachers[0].dtype, device=student.device)
     return dino(student, torch.cat(teachers), center, temperature, epsilon, len(high), "mean")
