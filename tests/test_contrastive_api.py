@@ -484,3 +484,42 @@ def test_distributed_keywords_without_process_group_give_the_local_loss(kwargs):
     ]
     for i, (got, want) in enumerate(pairs):
         assert_close(got, want, F64, name=f"loss {i}")
+
+
+def test_the_chunked_cpu_path_never_makes_an_n_by_n_tensor(monkeypatch):
+    """Every op of each CPU loss, forward and backward, stays within a chunk of logits or the inputs' size
+    (supcon's positive counts were an N×N comparison)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from sslkernels.ops import contrastive_cpu
+
+    n, d = 64, 8
+    monkeypatch.setattr(contrastive_cpu, "CHUNK_ELEMENTS", 8 * n)  # 8 rows of logits per chunk: N·N is 8×
+    biggest = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    biggest.append((t.numel(), str(func)))
+            return out
+
+    labels = torch.arange(n) % 5
+    calls = {
+        "info_nce": lambda a, b, t: sslkernels.info_nce(a, b, t, symmetric=True),
+        "nt_xent": lambda a, b, t: sslkernels.nt_xent(a, b, t),
+        "moco_loss": lambda a, b, t: sslkernels.moco_loss(a, b, b.detach() * 2, t),
+        "supcon_loss": lambda a, b, t: sslkernels.supcon_loss(a, labels, t),
+        "siglip_loss": lambda a, b, t: sslkernels.siglip_loss(a, b, t, t),
+    }
+    for name, call in calls.items():
+        a, b = torch.randn(n, d, requires_grad=True), torch.randn(n, d, requires_grad=True)
+        t = torch.tensor(0.5, requires_grad=True)
+        biggest.clear()
+        with Record():
+            call(a, b, t).backward()
+        assert a.grad is not None and t.grad is not None, name
+        worst = max(biggest)
+        assert worst[0] <= 2 * 8 * n, f"{name}: {worst}"  # nt_xent's chunks span 2N keys
+
