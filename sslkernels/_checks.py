@@ -216,13 +216,14 @@ def tensor_list(xs, name: str) -> list:
 
 
 def _meta(t: torch.Tensor) -> tuple:
-    return t.data_ptr(), t.dtype, t.shape, t.stride()
+    # The device too: a zero-size tensor has address 0 on every device.
+    return t.data_ptr(), t.dtype, t.shape, t.stride(), t.device
 
 
 def tensors_signature(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> tuple:
-    """What validation and kernel planning of a tensor-list op depend on: (address, dtype, shape, strides)
-    of every tensor. Addresses are unique across devices (CUDA's unified addressing), so a repeat of the
-    signature is the same set of memory regions with the same layout: cached results stay valid."""
+    """What validation and kernel planning of a tensor-list op depend on: (address, dtype, shape, strides,
+    device) of every tensor. Addresses are unique across devices (CUDA's unified addressing), so a repeat of
+    the signature is the same set of memory regions with the same layout: cached results stay valid."""
     last = _last_signature
     if last is not None and last[0] is targets and last[1] is sources:
         return last[2]
@@ -252,34 +253,71 @@ class remember_signature:
 _validated_ema: "collections.OrderedDict[tuple, None]" = collections.OrderedDict()
 
 
-def ema_pairs_cached(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor], signature: tuple) -> None:
+def ema_pairs_cached(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor], signature: tuple,
+                     names: Optional[Sequence[str]] = None) -> None:
+    """ema_lists and ema_disjoint_targets, once per signature (``names``: what errors call the pairs)."""
     if signature in _validated_ema:
         _validated_ema.move_to_end(signature)
         return
-    ema_lists(targets, sources)
+    ema_lists(targets, sources, names)
+    ema_disjoint_targets(targets, names)
     _validated_ema[signature] = None
     while len(_validated_ema) > 64:
         _validated_ema.popitem(last=False)
 
 
-def ema_lists(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
-    """ema_pairs and one device for all (what ema_pairs_cached checks on a new signature)."""
-    ema_pairs(targets, sources)
+def _label(side: str, i: int, names: Optional[Sequence[str]]) -> str:
+    """``target[3]``, or ``target '0.weight'`` when the pairs have names (the module form)."""
+    return f"{side}[{i}]" if names is None else f"{side} {names[i]!r}"
+
+
+def ema_lists(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor],
+              names: Optional[Sequence[str]] = None) -> None:
+    """ema_pairs and one device for all (what ema_pairs_cached checks on a new signature, with the overlap check)."""
+    ema_pairs(targets, sources, names)
     if targets:
         device = targets[0].device
         for i, t in enumerate(targets):
             if t.device != device:
-                raise ValueError(f"target[{i}] is on {t.device} but target[0] is on {device}; ema_update_ takes "
-                                 "one device")
+                raise ValueError(f"{_label('target', i, names)} is on {t.device} but {_label('target', 0, names)} "
+                                 f"is on {device}; ema_update_ takes one device")
 
 
-def ema_pairs(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
+def ema_pairs(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor],
+              names: Optional[Sequence[str]] = None) -> None:
     if len(targets) != len(sources):
         raise ValueError(f"target has {len(targets)} tensors but source has {len(sources)}; they must pair up")
     for i, (t, s) in enumerate(zip(targets, sources)):
+        tl, sl = _label("target", i, names), _label("source", i, names)
         if t.shape != s.shape:
-            raise ValueError(f"target[{i}] has shape {tuple(t.shape)} but source[{i}] has {tuple(s.shape)}")
+            raise ValueError(f"{tl} has shape {tuple(t.shape)} but {sl} has {tuple(s.shape)}")
         if not t.is_floating_point() or not s.is_floating_point():
-            raise TypeError(f"target[{i}] and source[{i}] must be floating-point, got {t.dtype} and {s.dtype}")
+            raise TypeError(f"{tl} and {sl} must be floating-point, got {t.dtype} and {s.dtype}")
         if t.device != s.device:
-            raise ValueError(f"target[{i}] is on {t.device} but source[{i}] is on {s.device}")
+            raise ValueError(f"{tl} is on {t.device} but {sl} is on {s.device}")
+
+
+def ema_disjoint_targets(targets: Sequence[torch.Tensor], names: Optional[Sequence[str]] = None) -> None:
+    """No two targets share memory: one fused launch would update such elements twice at once (a race on the
+    GPU, while the eager paths apply both updates in turn). Byte ranges [first, last element] per device;
+    views of one buffer that do not overlap are fine. Needs addresses: not for Dynamo's fake tensors."""
+    spans = []
+    for i, t in enumerate(targets):
+        if t.numel() == 0:
+            continue  # no memory
+        size = t.element_size()
+        start = t.data_ptr()
+        end = start + size * (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n > 1))
+        spans.append((t.device, start, end, i))
+    spans.sort(key=lambda x: (str(x[0]), x[1], x[2]))
+    reach = None  # (device, furthest end so far, its index)
+    for device, start, end, i in spans:
+        if reach is not None and reach[0] == device and start < reach[1]:
+            a, b = sorted((reach[2], i))
+            same = targets[a].data_ptr() == targets[b].data_ptr() and targets[a].shape == targets[b].shape
+            what = "are the same tensor" if same else "overlap in memory"
+            raise ValueError(f"{_label('target', a, names)} and {_label('target', b, names)} {what}; one ema_update_ "
+                             "call must not update an element twice (list a tied tensor once, or pass momentum**k "
+                             "for k updates)")
+        if reach is None or reach[0] != device or end > reach[1]:
+            reach = (device, end, i)

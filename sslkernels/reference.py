@@ -291,8 +291,12 @@ def vicreg_loss(z1, z2, sim_weight, var_weight, cov_weight):
 def ema_update_(targets: List[torch.Tensor], sources: List[torch.Tensor], momentum: Scalar) -> None:
     for t, s in zip(targets, sources):
         ct = compute_dtype(t.dtype)
-        m = momentum.to(device=t.device, dtype=ct) if isinstance(momentum, torch.Tensor) else momentum
-        t.copy_(t.to(ct) * m + s.to(ct) * (1 - m))
+        # 1 - m formed in fp64 (m near 1 keeps its complement's precision).
+        w = ((1 - momentum.to(torch.float64)).to(device=t.device, dtype=ct) if isinstance(momentum, torch.Tensor)
+             else 1.0 - float(momentum))
+        # Lerp form t + w*(s - t), not m*t + w*s: the latter rounds m*t on its own and walks away from
+        # t == s (frozen layers of a teacher drift); lerp stays exactly at s, as the kernels' fma does.
+        t.copy_(t.to(ct).lerp_(s.to(ct), w))
 
 
 @torch.no_grad()

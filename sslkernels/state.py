@@ -89,6 +89,13 @@ class MemoryQueue(nn.Module):
         # dtype (nn.Module copies into the existing buffers). ptr may also come as a 1-element tensor (the
         # official MoCo code's queue_ptr layout) or another integer dtype. Not a hot path: checking the
         # value here (a host read) is what lets the kernels trust ptr in [0, size).
+        saved = state_dict.get(prefix + "queue")
+        if isinstance(saved, torch.Tensor) and saved.shape != self.queue.shape:
+            # Reported first: with another size, a ptr outside [0, size) is a symptom, not the cause.
+            error_msgs.append(f"size mismatch for {prefix}queue: the checkpoint's queue has shape "
+                              f"{tuple(saved.shape)}, this MemoryQueue's {tuple(self.queue.shape)} "
+                              f"(size={self.size}, dim={self.dim})")
+            return
         key = prefix + "ptr"
         ptr = state_dict.get(key)
         if isinstance(ptr, torch.Tensor):

@@ -311,3 +311,23 @@ def test_extension_info_and_no_crash_without_gpu():
         ext.ema_update(16, 16, 1, 1024, 0, 0, 0, 0, 0.5, 0)
     with pytest.raises(ValueError, match="chunk_size"):
         ext.ema_update(16, 16, 1, 1022, 0, 0, 0, 0, 0.5, 0)
+
+
+# ------------------------------------------------------------------------------------------ autograd
+
+
+@pytest.mark.parametrize("kind", ["triton", "cpu", "cuda"])
+def test_every_kind_bumps_the_targets_version_counters(small_chunks, kind):
+    # The kernels write through raw addresses, invisible to autograd: the impls bump the counters themselves
+    # (kernel pairs and eager-fallback pairs alike), as the eager ops do.
+    if kind == "triton" and not (HAS_CUDA or triton_interpreted()):
+        pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
+    if kind == "cuda" and (not HAS_CUDA or cuda_extension() is None):
+        pytest.skip("needs a GPU and the built sslkernels._C extension")
+    device = "cpu" if kind == "cpu" else TRITON_DEVICE
+    targets, sources = make_pairs([(5000,), (7,)], f32, f16, device)
+    targets.append(torch.randn(6, 10, device=device)[:, ::2])  # not dense: the eager path
+    sources.append(torch.randn(6, 5, device=device))
+    before = [t._version for t in targets]
+    impl(kind)(targets, sources, torch.tensor(0.5, device=device))
+    assert all(t._version > v for t, v in zip(targets, before)), [(t._version, v) for t, v in zip(targets, before)]

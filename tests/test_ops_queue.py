@@ -292,3 +292,46 @@ def test_extension_enqueue_argument_checks():
         # A kernel call without a GPU (or driver) is a Python error, not a crash.
         with pytest.raises(RuntimeError, match="sslkernels._C"):
             ext.queue_enqueue(**good)
+
+
+# ------------------------------------------------------------------------------ compiled numerics
+
+
+_PTX_SCRIPT = r"""
+import sys, triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from sslkernels.ops import queue as Q
+
+fn = Q._enqueue_kernel
+ptx = []
+for cut in (False, True):
+    const = {"NORMALIZE": True, "CUT": cut, "COMPUTE": tl.float32, "BLOCK_D": 128}
+    sig = {n: "constexpr" if n in const else {"keys_ptr": "*fp32", "queue_ptr": "*fp32", "ptr_ptr": "*i64"}.get(n, "i32")
+           for n in fn.arg_names}
+    try:
+        src = ASTSource(fn=fn, signature=sig, constexprs=const)
+    except TypeError:  # older keyword
+        src = ASTSource(fn=fn, signature=sig, constants=const)
+    ptx.append(triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1)).asm["ptx"])
+print("\n".join(l.strip() for p in ptx for l in p.splitlines() if "sqrt" in l or "div" in l or "rcp" in l))
+"""
+
+
+def test_triton_enqueue_normalizes_with_ieee_sqrt_and_division():
+    # fp32 tl.sqrt and / compile to sqrt.approx and div.full (~2 ulp); csrc/queue.cu and F.normalize round
+    # both to nearest. Checked in the sm_90 PTX (compiled offline: no GPU needed; the interpreter hides it).
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", _PTX_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert any("sqrt.rn.f32" in l for l in lines) and any("div.rn.f32" in l for l in lines), lines
+    assert not any(".approx" in l or "div.full" in l for l in lines), lines

@@ -564,3 +564,230 @@ def test_momentum_encoder_update_takes_a_backend():
         assert_close(a, b.double(), torch.float32)
     with pytest.raises(ValueError, match="backend"):
         encs[0].update_(net, backend="nope")
+
+
+# ------------------------------------------------------------------- ema_update_: autograd, aliasing, state
+
+
+def _kernel_marks(backend):
+    if backend == "cuda":
+        from sslkernels.backends import cuda_extension
+
+        return pytest.mark.skipif(not HAS_CUDA or cuda_extension() is None,
+                                  reason="needs a GPU and the built sslkernels._C extension")
+    if backend == "triton":
+        return pytest.mark.skipif(not HAS_CUDA and not triton_interpreted(),
+                                  reason="Triton needs a GPU or TRITON_INTERPRET=1")
+    return ()
+
+
+_EVERY_BACKEND = [pytest.param(b, marks=_kernel_marks(b)) for b in ("torch", "auto", "triton", "cuda")]
+
+
+def _device_for(backend):
+    return "cuda" if HAS_CUDA or backend == "cuda" else "cpu"
+
+
+@pytest.mark.parametrize("backend", _EVERY_BACKEND)
+def test_ema_update_before_backward_is_an_error_not_a_stale_gradient(backend):
+    # The kernels write through raw addresses: they must bump the version counters as lerp_ does, so a graph
+    # that saved a target raises autograd's in-place error instead of using the updated values.
+    dev = _device_for(backend)
+    dense = torch.randn(4, 5, device=dev)
+    strided = torch.randn(4, 10, device=dev)[:, ::2]  # the eager fallback of the kernel backends
+    for target in (dense, strided):
+        x = torch.randn(4, 5, device=dev, requires_grad=True)
+        loss = (x * target).sum()  # saves target for the backward
+        sslkernels.ema_update_([dense, strided], [torch.zeros(4, 5, device=dev)] * 2, 0.5, backend=backend)
+        with pytest.raises(RuntimeError, match="inplace"):
+            loss.backward()
+
+
+@pytest.mark.parametrize("backend", _EVERY_BACKEND)
+def test_model_ema_forward_then_update_before_backward_raises(backend):
+    # nn.ModelEmaV3.forward runs with grad (as timm's): timm raises here, so must every backend.
+    from sslkernels.nn import ModelEmaV3
+
+    dev = _device_for(backend)
+    model = nn.Linear(5, 3).to(dev)
+    ema = ModelEmaV3(model, decay=0.5, backend=backend)
+    loss = ema(torch.randn(2, 5, device=dev, requires_grad=True)).sum()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("backend", _EVERY_BACKEND)
+def test_ema_update_rejects_a_target_listed_twice_or_overlapping(backend):
+    dev = _device_for(backend)
+    a, b = torch.randn(64, device=dev), torch.randn(8, 8, device=dev)
+    src = [torch.randn(64, device=dev), torch.randn(8, 8, device=dev), torch.randn(64, device=dev)]
+    before = [a.clone(), b.clone()]
+    with pytest.raises(ValueError, match=r"target\[0\] and target\[2\] are the same tensor"):
+        sslkernels.ema_update_([a, b, a], src, 0.9, backend=backend)
+    flat = torch.randn(100, device=dev)
+    with pytest.raises(ValueError, match=r"target\[1\] and target\[2\] overlap"):  # [10, 40) and [39, 59)
+        sslkernels.ema_update_([b, flat[10:40], flat[39:59]], [src[1], src[0][:30], src[0][:20]], 0.9,
+                               backend=backend)
+    with pytest.raises(ValueError, match=r"target\[0\] and target\[1\] overlap"):  # another view of b's memory
+        sslkernels.ema_update_([b, b.view(64)[60:]], [src[1], src[0][:4]], 0.9, backend=backend)
+    assert torch.equal(a, before[0]) and torch.equal(b, before[1]), "a rejected call changed a target"
+    # Views of one flat buffer that do not overlap are separate targets (as a flat-parameter layout has).
+    views = [flat[0:10], flat[10:40].view(5, 6), flat[40:41], flat[41:41], flat[41:100]]
+    srcs = [torch.randn(v.shape, device=dev) for v in views]
+    want = [0.9 * v.double() + 0.1 * s.double() for v, s in zip(views, srcs)]
+    sslkernels.ema_update_(views, srcs, 0.9, backend=backend)
+    for v, w in zip(views, want):
+        assert_close(v, w, torch.float32)
+
+
+def test_ema_overlap_check_runs_once_per_signature(monkeypatch):
+    from sslkernels import _checks
+
+    targets, sources = [torch.randn(5), torch.randn(3)], [torch.randn(5), torch.randn(3)]
+    sslkernels.ema_update_(targets, sources, 0.9)
+    monkeypatch.setattr(_checks, "ema_disjoint_targets", lambda *a: pytest.fail("re-checked a known signature"))
+    sslkernels.ema_update_(targets, sources, 0.9)
+
+
+@pytest.mark.parametrize("backend", _EVERY_BACKEND)
+def test_model_ema_with_tied_weights_passes_the_overlap_check(backend):
+    # ModelEmaV3 lists a tied weight once, with decay**2 (its state dict has it twice).
+    from sslkernels.nn import ModelEmaV3
+
+    dev = _device_for(backend)
+    model = nn.Sequential(nn.Linear(6, 6, bias=False), nn.Linear(6, 6, bias=False)).to(dev)
+    model[1].weight = model[0].weight
+    ema = ModelEmaV3(model, decay=0.9, backend=backend)
+    t0 = ema.module[0].weight.detach().double().clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    ema.update(model)
+    assert_close(ema.module[0].weight, 0.81 * t0 + 0.19 * model[0].weight.double(), torch.float32)
+    assert ema.module[1].weight is ema.module[0].weight
+
+
+@pytest.mark.parametrize("backend", _EVERY_BACKEND)
+def test_ema_update_stays_at_the_fixed_point(backend):
+    # source == target is a fixed point of t <- m*t + (1-m)*s: computed as m*t + w*s with m*t rounded on
+    # its own it drifts (hundreds of ulp); lerp and fma keep it exactly (frozen layers stay identical).
+    dev = _device_for(backend)
+    x = torch.randn(3000, device=dev) * 3
+    for m in (0.9995, 0.996, torch.tensor(0.996, dtype=F64, device=dev), torch.tensor(0.99, device=dev)):
+        t = x.clone()
+        for _ in range(200):
+            sslkernels.ema_update_([t], [x], m, backend=backend)
+        assert torch.equal(t, x), f"momentum {m}: {(t != x).sum().item()} elements moved"
+
+
+def test_ema_update_empty_lists_need_no_extension(monkeypatch):
+    import sslkernels.ops.ema as ema
+
+    monkeypatch.setattr(ema, "cuda_extension", lambda: None)  # as where sslkernels._C was not built
+    available("ema_update_")["cuda"]([], [], 0.5)  # nothing to launch: no extension needed
+    with pytest.raises(RuntimeError, match="not built"):
+        available("ema_update_")["cuda"]([torch.randn(3)], [torch.randn(3)], 0.5)
+
+
+def test_ema_validation_cache_tells_devices_apart():
+    # A zero-size tensor has address 0 on every device: the device must be part of the cached signature.
+    x, s = torch.randn(3), torch.randn(3)
+    sslkernels.ema_update_([torch.empty(0), x], [torch.empty(0), s], 0.5)
+    with pytest.raises(ValueError, match="one device"):
+        sslkernels.ema_update_([torch.empty(0, device="meta"), x], [torch.empty(0, device="meta"), s], 0.5)
+
+
+def _state(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _assert_unchanged(module, saved):
+    for k, v in module.state_dict().items():
+        assert torch.equal(v, saved[k]), f"a rejected call changed {k}"
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_ema_update_modules_validates_before_writing(backend):
+    target, source = _net(), _perturbed_copy(_net())
+    saved = _state(target)
+    with pytest.raises(ValueError, match="momentum must be in"):
+        sslkernels.ema_update_(target, source, 1.5, backend=backend)
+    _assert_unchanged(target, saved)
+    # A parameter of another shape: named, and nothing written (buffers included).
+    bad = _perturbed_copy(target)
+    bad[3] = nn.Linear(13, 4)
+    with pytest.raises(ValueError, match=r"'3\.weight' has shape \(3, 13\) but source '3\.weight' has \(4, 13\)"):
+        sslkernels.ema_update_(target, bad, 0.9, backend=backend)
+    _assert_unchanged(target, saved)
+    # A buffer of another shape, after others that would have been copied first.
+    bad = _perturbed_copy(target)
+    bad[1].running_var = torch.ones(14)
+    with pytest.raises(ValueError, match=r"buffer '1\.running_var' has shape \(13,\) in the target but \(14,\)"):
+        sslkernels.ema_update_(target, bad, 0.9, backend=backend)
+    _assert_unchanged(target, saved)
+    bad = _perturbed_copy(target)
+    bad[1].weight = nn.Parameter(torch.ones(13, dtype=torch.int64), requires_grad=False)
+    with pytest.raises(TypeError, match=r"target '1\.weight' and source '1\.weight' must be floating-point"):
+        sslkernels.ema_update_(target, bad, 0.9, backend=backend)
+    _assert_unchanged(target, saved)
+
+
+class _Wrapped(nn.Module):
+    def __init__(self, attr, inner):
+        super().__init__()
+        setattr(self, attr, inner)
+
+
+@pytest.mark.parametrize("attr,hint", [("module", "DDP"), ("_orig_mod", "torch.compile")])
+def test_ema_update_modules_names_a_wrapper_prefix(attr, hint):
+    target, source = _net(), _perturbed_copy(_net())
+    saved = _state(target)
+    with pytest.raises(ValueError, match=rf"source's names carry a wrapper prefix \('{attr}\.' from {hint}.*unwrapped"):
+        sslkernels.ema_update_(target, _Wrapped(attr, source), 0.9)
+    with pytest.raises(ValueError, match=rf"target's names carry a wrapper prefix \('{attr}\.'"):
+        sslkernels.ema_update_(_Wrapped(attr, target), source, 0.9)
+    _assert_unchanged(target, saved)
+    # Two unrelated architectures: which side has which names, no wrapper hint.
+    only = r"only the target has \['3\.bias', '3\.weight'\], only the source has \[\]"
+    with pytest.raises(ValueError, match=only) as err:
+        sslkernels.ema_update_(target, nn.Sequential(*list(_net())[:3]), 0.9)
+    assert "wrapper" not in str(err.value)
+
+
+@pytest.mark.parametrize("buffers", ["copy", "ema", "skip"])
+def test_ema_update_modules_copies_buffers_with_foreach(monkeypatch, buffers):
+    # One grouped foreach copy per (device, dtype) group instead of a copy_ per buffer; same values.
+    calls = []
+    real = torch._foreach_copy_
+
+    def spy(ts, ss, *a, **k):
+        calls.append(len(ts))
+        return real(ts, ss, *a, **k)
+
+    target = nn.Sequential(*[nn.BatchNorm1d(5) for _ in range(6)])
+    source = copy.deepcopy(target).to(torch.bfloat16)
+    with torch.no_grad():
+        for k, b in source.named_buffers():
+            b.copy_(torch.randn(b.shape) * 3 if b.is_floating_point() else torch.randint(0, 99, b.shape))
+    monkeypatch.setattr(torch, "_foreach_copy_", spy)
+    sslkernels.ema_update_(target, source, 0.9, buffers=buffers)
+    s_bufs = dict(source.named_buffers())
+    for k, b in target.named_buffers():
+        if not b.is_floating_point():
+            assert torch.equal(b, s_bufs[k]), k
+        elif buffers == "copy":
+            assert torch.equal(b, s_bufs[k].float()), k
+    # copy: fp32 <- bf16 running stats in one group, int64 counters in another; otherwise the counters only.
+    assert sorted(calls) == ([6, 12] if buffers == "copy" else [6])
+
+
+def test_memory_queue_load_reports_a_size_mismatch_before_ptr():
+    a = MemoryQueue(10, 4)
+    a.enqueue_(torch.randn(8, 4))  # ptr = 8: outside a 5-row queue, but the size is the cause
+    for other in (MemoryQueue(5, 4), MemoryQueue(10, 3)):
+        with pytest.raises(RuntimeError, match="size mismatch") as err:
+            other.load_state_dict(a.state_dict())
+        assert str(tuple(a.queue.shape)) in str(err.value) and str(tuple(other.queue.shape)) in str(err.value)
+        assert "outside" not in str(err.value)

@@ -17,7 +17,8 @@ key, so a reused address can never make it stale. A CUDA-graph capture must be p
 call with the same tensors (as every warm-up does): building a table copies it to the device.
 
 Arithmetic: fp32 for fp32/fp16/bf16 targets, fp64 for fp64 targets (reference.compute_dtype); sources
-are read in their own dtype. ``momentum`` is a float or a 0-d tensor read on the device (no host sync).
+are read in their own dtype; the update is fma(m, t, (1-m)*s), rounded once into the target (source ==
+target stays fixed). ``momentum`` is a float or a 0-d tensor read on the device (no host sync).
 
 Layouts: a pair goes to the kernels when target and source occupy dense memory with the same strides
 (contiguous, channels_last, transposed...): then the element order in memory is the same for both and
@@ -60,9 +61,24 @@ _C_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64:
 
 
 @triton.jit
+def _ema_step(m, w, t, s, COMPUTE: tl.constexpr, EMULATE_FMA: tl.constexpr):
+    # fma(m, t, w*s), as csrc/ema.cu: m*t is not rounded on its own, so t == s stays fixed (a separate
+    # rounding of m*t walks away from it, by hundreds of ulp over a run).
+    # (tl.fma does not broadcast: m goes to t's shape.)
+    r = tl.fma(tl.broadcast_to(m, t.shape), t, w * s)
+    if EMULATE_FMA:
+        if COMPUTE == tl.float32:
+            # The interpreter's tl.fma rounds m*t first (numpy a*b + c). Through fp64 the product of two
+            # fp32 values is exact: one rounding, as on the GPU. (fp64 has no wider type: not emulated.)
+            r = (m.to(tl.float64) * t.to(tl.float64) + (w * s).to(tl.float64)).to(COMPUTE)
+    return r
+
+
+@triton.jit
 def _ema_multi_tensor_kernel(tensors_ptr, chunks_ptr, m_ptr, m_hi, m_lo, w_hi, w_lo, chunk_size,
                              T_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, COMPUTE: tl.constexpr,
-                             M_FROM_PTR: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+                             M_FROM_PTR: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+                             EMULATE_FMA: tl.constexpr = False):
     c = tl.program_id(0).to(tl.int64)
     idx = tl.load(chunks_ptr + 2 * c)
     start = tl.load(chunks_ptr + 2 * c + 1)
@@ -96,13 +112,13 @@ def _ema_multi_tensor_kernel(tensors_ptr, chunks_ptr, m_ptr, m_hi, m_lo, w_hi, w
         p = start + off + cols
         t = tl.load(t_ptr + p).to(COMPUTE)
         s = tl.load(s_ptr + p).to(COMPUTE)
-        tl.store(t_ptr + p, (m * t + w * s).to(T_DTYPE))
+        tl.store(t_ptr + p, _ema_step(m, w, t, s, COMPUTE, EMULATE_FMA).to(T_DTYPE))
     if n_full < n:
         p = start + n_full + cols
         mask = cols < n - n_full
         t = tl.load(t_ptr + p, mask=mask, other=0.0).to(COMPUTE)
         s = tl.load(s_ptr + p, mask=mask, other=0.0).to(COMPUTE)
-        tl.store(t_ptr + p, (m * t + w * s).to(T_DTYPE), mask=mask)
+        tl.store(t_ptr + p, _ema_step(m, w, t, s, COMPUTE, EMULATE_FMA).to(T_DTYPE), mask=mask)
 
 
 # ---------------------------------------------------------------------------------- pairs and tables
@@ -317,6 +333,13 @@ def ema_update_cpu(targets: List[torch.Tensor], sources: List[torch.Tensor], mom
 # ------------------------------------------------------------------------------------- fused impls
 
 
+def _bump_versions(groups) -> None:
+    """Tell autograd the kernels wrote the targets (they write through raw addresses): a graph that saved a
+    target raises the in-place error on backward, as on the eager paths, instead of using the new values.
+    A host-side counter: no sync, fine under graph capture. (The eager pairs are bumped by their own ops.)"""
+    torch.autograd.graph.increment_version([t for pairs, _ in groups.values() for t, _ in pairs])
+
+
 @register("ema_update_", "triton")
 @torch.no_grad()
 def ema_update_triton(targets: List[torch.Tensor], sources: List[torch.Tensor], momentum: Scalar) -> None:
@@ -340,7 +363,10 @@ def ema_update_triton(targets: List[torch.Tensor], sources: List[torch.Tensor], 
             _ema_multi_tensor_kernel[(tables.n_chunks,)](
                 tables.tensors, tables.chunks, m_ptr, *m_split, *w_split, CHUNK_SIZE,
                 T_DTYPE=_TL_DTYPE[t_dtype], S_DTYPE=_TL_DTYPE[s_dtype], COMPUTE=_TL_DTYPE[compute_dtype(t_dtype)],
-                M_FROM_PTR=from_ptr, ALIGNED=aligned, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
+                M_FROM_PTR=from_ptr, ALIGNED=aligned, BLOCK=_BLOCK, EMULATE_FMA=triton_interpreted(),
+                num_warps=_NUM_WARPS)
+        if groups:
+            _bump_versions(groups)
     if rest:
         _eager_ema_(rest, momentum)
 
@@ -348,9 +374,9 @@ def ema_update_triton(targets: List[torch.Tensor], sources: List[torch.Tensor], 
 @register("ema_update_", "cuda")
 @torch.no_grad()
 def ema_update_cuda(targets: List[torch.Tensor], sources: List[torch.Tensor], momentum: Scalar) -> None:
-    ext = csrc_module()
     if not targets:
-        return
+        return  # nothing to launch: no need for the extension
+    ext = csrc_module()
     device = targets[0].device
     # The kernel checks alignment per tensor, so groups need not split on it.
     groups, rest = _plan(targets, sources, False, device, CHUNK_SIZE)
@@ -365,5 +391,7 @@ def ema_update_cuda(targets: List[torch.Tensor], sources: List[torch.Tensor], mo
                 m_addr, m_code, m_value = 0, 0, float(momentum)
             csrc_call(ext, "ema_update", tables.tensors.data_ptr(), tables.chunks.data_ptr(), tables.n_chunks,
                       CHUNK_SIZE, _C_CODE[t_dtype], _C_CODE[s_dtype], m_addr, m_code, m_value, stream)
+        if groups:
+            _bump_versions(groups)
     if rest:
         _eager_ema_(rest, momentum)

@@ -42,9 +42,14 @@ def _enqueue_kernel(keys_ptr, queue_ptr, ptr_ptr, n_keys, size, dim, skip, strid
         mask = cols < dim
     x = tl.load(keys_ptr + (skip + r).to(tl.int64) * stride_k + cols, mask=mask, other=0.0).to(COMPUTE)
     if NORMALIZE:
-        # F.normalize's convention: divide by max(||x||, 1e-12).
-        norm = tl.sqrt(tl.sum(x * x, axis=0))
-        x = x / tl.maximum(norm, 1e-12)
+        # F.normalize's convention: divide by max(||x||, 1e-12). IEEE-rounded sqrt and division, as
+        # csrc/queue.cu and torch: fp32 tl.sqrt and / compile to approximate instructions (~2 ulp).
+        norm = tl.sum(x * x, axis=0)
+        if COMPUTE == tl.float32:
+            denom = tl.maximum(tl.sqrt_rn(norm), 1e-12)
+            x = tl.div_rn(x, tl.broadcast_to(denom, x.shape))
+        else:
+            x = x / tl.maximum(tl.sqrt(norm), 1e-12)  # fp64: both are IEEE already
     tl.store(queue_ptr + dst.to(tl.int64) * stride_q + cols, x.to(queue_ptr.dtype.element_ty), mask=mask)
 
 
