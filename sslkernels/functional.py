@@ -5,6 +5,7 @@ Every function takes ``backend=None`` ("auto" unless set_backend / SSLKERNELS_BA
 from __future__ import annotations
 
 import functools
+import operator
 import sys
 from typing import Iterable, Optional, Union
 
@@ -15,6 +16,7 @@ from . import _checks as check
 from . import distributed as _dist
 from .backends import dispatch
 from .ops import contrastive_dist as _contrastive_dist
+from .reference import compute_dtype
 
 Scalar = Union[float, torch.Tensor]
 
@@ -561,25 +563,52 @@ def ema_update_(target, source, momentum: Scalar, *, buffers: str = "copy", back
 # ----------------------------------------------------------------------------- similarity and eval
 
 
+@_outside_autocast  # as the losses: fp32 features keep fp32 similarities (and the same neighbours) under autocast
 def similarity(a, b, *, normalize: bool = True, backend: Optional[str] = None) -> torch.Tensor:
     """Cosine (``normalize=True``) or dot-product similarity matrix a @ b.T."""
     _pair("a", a, "b", b, same_rows=False)
     return dispatch("similarity", backend, a.device)(a, b, bool(normalize))
 
 
+@_outside_autocast
 def knn_topk(query, bank, k: int = 20, *, normalize: bool = True, backend: Optional[str] = None):
-    """(values, indices) of the ``k`` most similar rows of ``bank`` per query, without the N×M matrix."""
+    """(values, indices) of the ``k`` most similar rows of ``bank`` per query, without the N×M matrix.
+
+    The search itself is not differentiable (indices), the values are: when ``query`` or ``bank`` requires
+    grad, they are recomputed from the indices with autograd (O(N·k·D), as NNCLR-style losses need).
+    """
     _pair("query", query, "bank", bank, same_rows=False)
-    if isinstance(k, bool) or not isinstance(k, int) or not (1 <= k <= bank.shape[0]):
-        raise ValueError(f"k must be an int in [1, {bank.shape[0]}] (the bank's rows), got {k!r}")
-    return dispatch("knn_topk", backend, query.device)(query, bank, k, bool(normalize))
+    if isinstance(k, bool):
+        raise TypeError("k must be an int, got bool")
+    try:
+        k = operator.index(k)  # ints, numpy integers, 0-d integer tensors
+    except TypeError:
+        raise TypeError(f"k must be an int, got {type(k).__name__}") from None
+    if not 1 <= k <= bank.shape[0]:
+        raise ValueError(f"k must be in [1, {bank.shape[0]}] (the bank's rows), got {k}")
+    values, indices = dispatch("knn_topk", backend, query.device)(query, bank, k, bool(normalize))
+    if torch.is_grad_enabled() and (query.requires_grad or bank.requires_grad):
+        values = _knn_values(query, bank, indices, bool(normalize)).to(values.dtype)
+    return values, indices
+
+
+def _knn_values(query, bank, indices, normalize: bool) -> torch.Tensor:
+    """sim(query_i, bank_{indices_ij}) with autograd, in the compute dtype (F.normalize's convention)."""
+    dtype = compute_dtype(query.dtype)
+    q, b = query.to(dtype), bank.to(dtype)
+    if normalize:
+        q, b = torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(b, dim=1)
+    return torch.bmm(b[indices], q[:, :, None])[:, :, 0]
 
 
 def rankme(embeddings, eps: float = 1e-7, *, backend: Optional[str] = None) -> float:
-    """RankMe (Garrido et al. 2023): exp of the entropy of the normalized singular values."""
+    """RankMe (Garrido et al. 2023): exp of the entropy of the normalized singular values.
+
+    One implementation (an SVD, on any device): a process-wide default backend does not apply to it.
+    """
     check.features(embeddings, "embeddings")
     if not (isinstance(eps, (int, float)) and eps >= 0):
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
     if not bool(torch.isfinite(embeddings).all()):  # rankme returns a float: the host read is paid anyway
         raise ValueError("embeddings contain NaN or infinite values; RankMe's singular values are undefined")
-    return dispatch("rankme", backend, embeddings.device)(embeddings, float(eps))
+    return dispatch("rankme", "auto" if backend is None else backend, embeddings.device)(embeddings, float(eps))

@@ -348,5 +348,6 @@ def knn_topk(query, bank, k, normalize):
 @torch.no_grad()
 def rankme(embeddings, eps):
     s = torch.linalg.svdvals(_up(embeddings))
-    p = s / s.sum() + eps
+    # All-zero embeddings (total collapse) have Σs = 0: RankMe's minimum, 1, not 0/0.
+    p = s / s.sum().clamp_min(torch.finfo(s.dtype).tiny) + eps
     return float(torch.exp(-(p * torch.log(p)).sum()))

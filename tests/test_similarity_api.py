@@ -2,6 +2,8 @@
 written here."""
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -114,3 +116,74 @@ def test_rankme_eps_and_known_values(backend):
     z = torch.randn(20, 6, dtype=F64)
     assert_close(torch.tensor(sslkernels.rankme(z, eps=1e-3, backend=backend)), torch.tensor(expected_rankme(z, 1e-3)),
                  F64)
+
+
+# ------------------------------------------------------------------------- autocast, gradients, edge cases
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_similarity_and_knn_keep_fp32_under_autocast(backend):
+    # A kNN monitor runs inside the training's precision context (e.g. bf16-mixed validation): fp32 features
+    # keep fp32 similarities and the same neighbours, as the losses do.
+    query, bank = torch.randn(9, 16), torch.randn(300, 16)
+    sim = sslkernels.similarity(query, bank, backend=backend)
+    values, indices = sslkernels.knn_topk(query, bank, 7, backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sim_ac = sslkernels.similarity(query, bank, backend=backend)
+        values_ac, indices_ac = sslkernels.knn_topk(query, bank, 7, backend=backend)
+    assert sim_ac.dtype == torch.float32 and values_ac.dtype == torch.float32
+    torch.testing.assert_close(sim_ac, sim)
+    torch.testing.assert_close(values_ac, values)
+    assert torch.equal(indices_ac, indices)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_knn_topk_values_carry_gradients(normalize, dtype, backend):
+    # API.md: every differentiable input gets its gradient. The values are similarities of the chosen rows
+    # (a bank row chosen by several queries gathers all their gradients).
+    query, q64 = leaves(torch.randn(6, 5, dtype=F64), dtype)
+    bank, b64 = leaves(torch.randn(11, 5, dtype=F64) * (0.5 + torch.rand(11, 1, dtype=F64)), dtype)
+    values, indices = sslkernels.knn_topk(query, bank, 4, normalize=normalize, backend=backend)
+    want = expected_similarity(q64, b64, normalize).gather(1, indices)
+    assert_close(values, want, dtype, name="values")
+    cot = torch.randn(6, 4, dtype=F64)
+    got = torch.autograd.grad(values, [query, bank], cot.to(dtype))
+    exp = torch.autograd.grad(want, [q64, b64], cot)
+    for g, e, name in zip(got, exp, ("query", "bank")):
+        assert g.dtype == dtype
+        assert_close(g, e, dtype, name=f"grad {name}")
+    with torch.no_grad():  # the monitor's usual call: the kernel's values, no graph
+        assert not sslkernels.knn_topk(query, bank, 4, normalize=normalize, backend=backend)[0].requires_grad
+
+
+@pytest.mark.parametrize("k", [np.int64(3), torch.tensor(3)], ids=["numpy", "tensor"])
+def test_knn_topk_takes_any_integer_k(k):
+    query, bank = torch.randn(4, 6), torch.randn(10, 6)
+    values, indices = sslkernels.knn_topk(query, bank, k)
+    assert values.shape == indices.shape == (4, 3)
+
+
+def test_knn_topk_k_errors():
+    query, bank = torch.randn(4, 6), torch.randn(10, 6)
+    for bad, exc in ((2.0, TypeError), (True, TypeError), (0, ValueError), (11, ValueError)):
+        with pytest.raises(exc, match="^k must"):
+            sslkernels.knn_topk(query, bank, bad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rankme_of_a_total_collapse_is_one(backend):
+    # All-zero embeddings: Σs = 0; RankMe's minimum (1), not 0/0.
+    assert abs(sslkernels.rankme(torch.zeros(8, 4), backend=backend) - 1.0) < 1e-5
+
+
+def test_rankme_under_a_process_wide_kernel_backend():
+    # rankme has one implementation (an SVD): set_backend("triton") for the losses must not break it.
+    z = torch.randn(20, 6, dtype=F64)
+    sslkernels.set_backend("triton")
+    try:
+        out = sslkernels.rankme(z)
+    finally:
+        sslkernels.set_backend(None)
+    assert_close(torch.tensor(out), torch.tensor(expected_rankme(z)), F64)
