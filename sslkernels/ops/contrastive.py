@@ -116,9 +116,9 @@ def _row_dots(a_ptr, b_ptr, rows, r_ok, stride_a, stride_b, D, BLOCK_M: tl.const
 
 
 @triton.jit
-def _norm_bound_kernel(x_ptr, s_ptr, out_ptr, N, D, stride, s_stride, HAS_S: tl.constexpr,
+def _norm_bound_kernel(x_ptr, s_ptr, out_ptr, N, D, stride, s_stride, scale, HAS_S: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    # Pre-pass of the fixed shift: max_i |s_i|·‖x_i‖ over a block of rows, one float per program (the
+    # Pre-pass of the fixed shift: scale·max_i |s_i|·‖x_i‖ over a block of rows, one float per program (the
     # host takes the max of these on the device: no sync). O(N·D) reads, ~1% of one logits pass at D=256.
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ok = rows < N
@@ -131,6 +131,10 @@ def _norm_bound_kernel(x_ptr, s_ptr, out_ptr, N, D, stride, s_stride, HAS_S: tl.
     nrm = tl.sqrt(ss)
     if HAS_S:
         nrm = nrm * tl.abs(tl.load(s_ptr + rows * s_stride, mask=ok, other=0.0).to(tl.float32))
+    # A row of norm > 1.8e19 overflows its fp32 sum of squares to inf, and inf·0 (all-zero keys) or inf − inf
+    # later is NaN: a finite bound sends such rows to the repair pass (NaN fails the test and stays NaN).
+    nrm = nrm * scale
+    nrm = tl.where(nrm > 3.4028234663852886e38, 3.4028234663852886e38, nrm)
     tl.store(out_ptr + tl.program_id(0), tl.max(nrm, axis=0))
 
 
@@ -641,26 +645,25 @@ def _first(*tensors):
 _FLT_MAX = torch.finfo(torch.float32).max
 
 
-def _norm_bound(x: torch.Tensor, s: Optional[torch.Tensor]) -> torch.Tensor:
-    """max_i |s_i|·‖x_i‖ (fp32 [1], on the device: no host sync)."""
+def _norm_bound(x: torch.Tensor, s: Optional[torch.Tensor], scale: float = 1.0) -> torch.Tensor:
+    """min(scale·max_i |s_i|·‖x_i‖, FLT_MAX) (fp32 [1], on the device: no host sync)."""
     n, d = x.shape
     block_r, block_d = 32, min(128, launch_config._pad(d))
     parts = torch.empty((cdiv(n, block_r),), dtype=torch.float32, device=x.device)
     _norm_bound_kernel[(parts.numel(),)](x, s if s is not None else parts, parts, n, d, x.stride(0),
-                                         1 if s is not None and s.numel() > 1 else 0, HAS_S=s is not None,
+                                         1 if s is not None and s.numel() > 1 else 0, scale, HAS_S=s is not None,
                                          BLOCK_R=block_r, BLOCK_D=block_d)
-    # A row of norm > 1.8e19 overflows its fp32 sum of squares to inf, and inf·0 (all-zero keys) or
-    # inf − inf later is NaN: a finite bound (NaN still propagates) sends such rows to the repair pass.
-    return parts.amax().clamp(max=_FLT_MAX).reshape(1)
+    return parts.amax().reshape(1)
 
 
 def _shift(a, b, bpos, s) -> torch.Tensor:
     """The fixed shift in base 2: log2(e)·max_i |s_i|‖a_i‖·max_j ‖b_j‖ ≥ every z_ij (Cauchy–Schwarz), so
-    exp2(z − shift) ≤ 1 for any inputs; for L2-normalized ones it is s·log2(e), i.e. |S| ≤ 1/τ."""
+    exp2(z − shift) ≤ 1 for any inputs; for L2-normalized ones it is s·log2(e), i.e. |S| ≤ 1/τ. Kept finite
+    (the product of two finite bounds can overflow): rows past it take the repair pass."""
     nb = _norm_bound(b, None)
     if bpos is not None:
         nb = torch.maximum(nb, _norm_bound(bpos, None))
-    return (_norm_bound(a, s) * nb * LOG2E.value).clamp_(max=_FLT_MAX)
+    return torch.mul(_norm_bound(a, s, LOG2E.value), nb).clamp_(max=_FLT_MAX)
 
 
 def _launch_fwd(mode: _Mode, a, b, bpos, s, bias, targets, labels, *, columns: bool, version: str = "v1",
