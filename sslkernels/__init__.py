@@ -1,6 +1,6 @@
 """sslkernels: fused GPU kernels for self-supervised learning losses and training-state ops.
 
-The public API is shared/API.md; this module re-exports it.
+The public API is docs/API.md; this module re-exports it.
 """
 from . import nn
 from .backends import get_backend, set_backend

@@ -1,4 +1,4 @@
-"""Public functional API (shared/API.md): validate arguments once, pick a backend, call the op.
+"""Public functional API (docs/API.md): validate arguments once, pick a backend, call the op.
 
 Every function takes ``backend=None`` ("auto" unless set_backend / SSLKERNELS_BACKEND say otherwise).
 """
@@ -79,7 +79,13 @@ def _pair(a_name, a, b_name, b, *, same_rows: bool) -> None:
 def info_nce(query, key, temperature: Scalar = 0.1, *, targets=None, symmetric: bool = False, decoupled: bool = False,
              reduction: str = "mean", gather_distributed: bool = False, distributed: Optional[str] = None,
              process_group=None, backend: Optional[str] = None) -> torch.Tensor:
-    """InfoNCE over logits = query @ key.T / τ (never materialized on the fused paths); see shared/API.md.
+    """InfoNCE over logits = query @ key.T / τ (N×M, never materialized on the fused paths); docs/API.md.
+
+    Row i's loss is LSE_j(logits[i, j]) − logits[i, t_i] with t_i = ``targets[i]`` (a LongTensor [N]), or i
+    when ``targets`` is None (then N must equal M). ``decoupled=True`` (DCL) leaves the positive out of the
+    LSE; ``symmetric=True`` (CLIP-style, N == M, no targets) averages the row and the column losses.
+    ``temperature``: a float, a 0-d tensor (learnable: it gets a gradient) or a [N] tensor (per-anchor τ_i).
+    Inputs are used as given (not L2-normalized): pass normalized features where the method does.
 
     ``gather_distributed=True`` on several ranks (of ``process_group``): this rank's queries against every
     rank's keys (and, with ``symmetric``, its keys against every rank's queries); ``targets`` index the
@@ -120,7 +126,8 @@ def nt_xent(z1, z2, temperature: Scalar = 0.5, *, decoupled: bool = False, reduc
             backend: Optional[str] = None) -> torch.Tensor:
     """SimCLR's NT-Xent over Z = cat([z1, z2]); the positive of row i is row (i + N) mod 2N.
 
-    ``gather_distributed=True``: this rank's 2n rows against all ranks' 2N (own row left out); the
+    Inputs are used as given (not L2-normalized, unlike lightly's NTXentLoss module, which normalizes):
+    SimCLR passes normalized projections. ``gather_distributed=True``: this rank's 2n rows against all ranks' 2N (own row left out); the
     reduction runs over the local 2n rows."""
     _pair("z1", z1, "z2", z2, same_rows=True)
     temperature = check.positive_scalar(temperature, "temperature", z1.device)
@@ -141,7 +148,9 @@ def nt_xent(z1, z2, temperature: Scalar = 0.5, *, decoupled: bool = False, reduc
 def clip_loss(image_features, text_features, logit_scale: Scalar, *, reduction: str = "mean",
               gather_distributed: bool = False, distributed: Optional[str] = None, process_group=None,
               backend: Optional[str] = None) -> torch.Tensor:
-    """CLIP's symmetric loss; ``logit_scale`` is already exponentiated (OpenCLIP passes logit_scale.exp()).
+    """CLIP's symmetric loss; ``logit_scale`` is already exponentiated (OpenCLIP passes logit_scale.exp()):
+    the raw parameter (log(1/0.07) ≈ 2.66 at CLIP's init) would train at τ ≈ 0.38 without any error.
+    Features are used as given: CLIP passes L2-normalized ones.
 
     ``gather_distributed=True``: OpenCLIP's ``local_loss=True, gather_with_grad=True`` (each rank's images
     and texts against every rank's texts and images, mean over the local pairs)."""
@@ -187,6 +196,9 @@ def moco_loss(query, key, queue, temperature: Scalar = 0.2, *, reduction: str = 
               gather_distributed: bool = False, distributed: Optional[str] = None, process_group=None,
               backend: Optional[str] = None) -> torch.Tensor:
     """MoCo v1/v2: positive q·k at index 0, the K rows of ``queue`` (a tensor or MemoryQueue) as negatives.
+
+    ``queue`` is K×D, rows are negatives (solo-learn's D×K queue needs ``.T``: with K == D it would pass
+    unnoticed). Inputs are used as given: MoCo passes L2-normalized q and k.
 
     ``gather_distributed=True`` leaves the loss per rank (the queue already holds every rank's keys)."""
     if isinstance(queue, nn.Module) and hasattr(queue, "queue"):
@@ -268,7 +280,8 @@ def dino_loss(student_output, teacher_output, center, *, student_temp: float = 0
     b = t_rows // n_global_crops
     if s_rows % b:
         raise ValueError(f"student_output has {s_rows} rows, not a multiple of the batch size {b} "
-                         f"(= teacher rows {t_rows} / n_global_crops {n_global_crops})")
+                         f"(= teacher rows {t_rows} / n_global_crops {n_global_crops}); dino_loss takes the student "
+                         "first, then the teacher (lightly's DINOLoss.forward takes the teacher first)")
     if s_rows // b == 1 and n_global_crops == 1:
         raise ValueError("dino_loss needs at least one (teacher crop, student crop) pair with different crops; "
                          f"got {s_rows // b} student crop(s) and {n_global_crops} teacher crop(s)")

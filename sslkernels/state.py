@@ -175,7 +175,7 @@ class MomentumEncoder(nn.Module):
     :func:`scheduled_momentum`: ``"cosine"``, ``"cosine_epoch"``, ``"constant"``); the step counter is a
     device tensor, so the schedule costs no host sync.
 
-    Keyword arguments beyond shared/API.md:
+    Keyword arguments beyond docs/API.md:
       steps_per_epoch  needed by ``schedule="cosine_epoch"`` (MoCo v3: the momentum changes once per epoch).
       buffers          what :func:`ema_update_` does with floating-point buffers: "copy" (default), "ema", "skip".
     """

@@ -77,7 +77,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, epochs: int, batch_
     parser.add_argument("--batch-size", type=int, default=batch_size, help="images per step")
     parser.add_argument("--lr", type=float, default=lr, help="AdamW peak learning rate (cosine decay to 0)")
     parser.add_argument("--weight-decay", type=float, default=weight_decay, help="AdamW weight decay")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (None: cuda when available)")
     parser.add_argument("--out", default=None,
                         help="run directory (default runs/<method>-<time>; with --resume, the checkpoint's directory)")
     parser.add_argument("--seed", type=int, default=0, help="seeds init, shuffling and augmentations (not the split)")

@@ -1,6 +1,6 @@
 """SimCLR (Chen et al. 2020) with sslkernels.nt_xent as the loss.
 
-    python -m sslkernels.train simclr            # --impl reference: the same loop through the eager ops
+    python -m sslkernels.train simclr [--impl reference]   # reference: the same loop through the eager ops
 
 Two augmented views per image -> encoder -> projection head -> L2-normalize -> NT-Xent over the 2N views.
 The evaluation looks at the encoder's representation (before the head), as the SimCLR paper does.
