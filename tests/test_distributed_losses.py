@@ -183,6 +183,45 @@ def _worker(rank: int, world: int, init_file: str) -> None:  # noqa: C901 (one p
                 exp = factor * r.grad[sl].double()
                 torch.testing.assert_close(m.grad.double(), exp, rtol=half_tol, atol=half_tol * float(exp.abs().max()),
                                            msg=lambda msg: f"{how} {name} {half} grad: {msg}")
+        # symmetric info_nce with a learnable per-anchor τ (fp32, as a master weight) on half features: bf16 and
+        # fp16 (fp16 alone under the interpreter). The oracle takes the same rounded features and τ, so the loss
+        # rows and τ's (fp32) gradient hold to fp32's tolerance; only the features' gradients come back in the
+        # half dtype (its tolerance). Folding τ into the queries in the half dtype before the gather was ~1e-3
+        # (bf16) / ~1e-4 (fp16) off, relative, in the rows and in τ's gradient.
+        for hd, hd_tol in ((half, half_tol),) + (() if kernels else ((torch.float16, 1e-3),)):
+            xq, xk = feats(total).to(hd).double(), feats(total).to(hd).double()
+            tv = (0.05 + 0.1 * torch.rand(total, generator=g, dtype=torch.float64)).float().double()
+            rq, rk, rt = (x.clone().requires_grad_() for x in (xq, xk, tv))
+            mq, mk = xq[sl].to(hd).requires_grad_(), xk[sl].to(hd).requires_grad_()
+            mt = tv[sl].float().requires_grad_()
+            what = f"{how} info_nce symmetric per-anchor τ {hd}"
+            rows = SF.info_nce(rq, rk, rt, symmetric=True, reduction="none", backend="torch")
+            _close(SF.info_nce(mq, mk, mt, symmetric=True, reduction="none", **gd), rows[sl].detach(), f"{what} rows")
+            rows.mean().backward()
+            (SF.info_nce(mq, mk, mt, symmetric=True, **gd) * weight).backward()
+            assert mt.grad.dtype == torch.float32, f"{what}: τ gradient dtype {mt.grad.dtype}"
+            _close(mt.grad, factor * rt.grad[sl], f"{what} τ grad")
+            for r, m in ((rq, mq), (rk, mk)):
+                assert m.grad.dtype == hd, f"{what}: gradient dtype {m.grad.dtype}"
+                exp = factor * r.grad[sl].double()
+                torch.testing.assert_close(m.grad.double(), exp, rtol=hd_tol, atol=hd_tol * float(exp.abs().max()),
+                                           msg=lambda msg: f"{what} grad: {msg}")
+            # clip_loss with the logit_scale itself in the half dtype (a bf16 / fp16 model's): the gathered path
+            # inverted it in that dtype (1/s rounded: ~1e-2 (bf16) off in the rows; fp16 τ-gradients overflow).
+            s_h = torch.tensor(97.3).to(hd)
+            rs, ms = s_h.double().requires_grad_(), s_h.clone().requires_grad_()
+            what = f"{how} clip_loss logit_scale {hd}"
+            rows = SF.clip_loss(rq.detach(), rk.detach(), rs, reduction="none", backend="torch")
+            _close(SF.clip_loss(mq.detach(), mk.detach(), ms, reduction="none", **gd), rows[sl].detach(), f"{what} rows")
+            rows.mean().backward()
+            (SF.clip_loss(mq.detach(), mk.detach(), ms, **gd) * weight).backward()
+            total_grad, top = ms.grad.double().clone(), ms.grad.double().abs()  # each rank's is rounded to hd
+            dist.all_reduce(total_grad)
+            dist.all_reduce(top, op=dist.ReduceOp.MAX)
+            if even:
+                total_grad, top = total_grad / world, top / world
+            torch.testing.assert_close(total_grad, rs.grad, rtol=hd_tol, atol=hd_tol * float(top),
+                                       msg=lambda msg: f"{what} grad: {msg}")
 
     # process_group=: a subgroup of the first and last ranks spans only their rows (the rest stay out)
     members = [0, world - 1]

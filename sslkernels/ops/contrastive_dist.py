@@ -9,8 +9,9 @@ is world_size × its gradient under the single-process mean over the concatenate
 of parameter gradients gives back the single-process step.
 
 All-gather: info_nce and clip_loss run the single-process implementation (fused kernels included) on the
-gathered keys with global targets; nt_xent, supcon_loss and siglip_loss leave each anchor's own column at a
-global offset (or pair it there), which the block engine (contrastive_blockwise.py) takes.
+gathered keys with global targets (symmetric info_nce with a per-anchor τ takes the ring: see info_nce);
+nt_xent, supcon_loss and siglip_loss leave each anchor's own column at a global offset (or pair it there),
+which the block engine (contrastive_blockwise.py) takes.
 Ring: every loss runs the block engine on one rank's block at a time (memory flat in the world size).
 The engine gets the raw features and the logit scale s (1/τ or logit_scale, [1] or per anchor), so the
 scale's gradient comes from it, and runs Triton per block where ``backend`` says so (on CUDA by default).
@@ -37,6 +38,16 @@ def _offset(sizes, group) -> int:
 
 
 def info_nce(query, key, temperature, targets, symmetric, decoupled, reduction, group, backend, ring=False):
+    if symmetric and isinstance(temperature, torch.Tensor) and temperature.dim() == 1:
+        # Symmetric with a per-anchor τ, all-gather asked for or not, takes the block engine around the ring. The
+        # column view needs each query's own τ_i; folding it into the queries before the gather (q_i / τ_i) would
+        # round τ and q/τ to bf16 / fp16 (~1e-2 off in the loss and in τ's gradient), and keeping q/τ exact would
+        # gather it in fp32 (twice the bytes, each way) and run the column kernels in fp32 (TF32 where allowed,
+        # which rounds it again). The engine keeps s_i = 1/τ_i in fp32 beside the raw features, and the ring moves
+        # fewer bytes than the two gathers with their gradient all-reduces: the keys each way plus an fp32 key-
+        # gradient carry, no queries. (A rank passing a 0-d τ meanwhile makes another call: the ranks' call check
+        # raises on every rank.)
+        ring = True
     if ring:
         return _ring_info_nce(query, key, _scale(temperature, True, query), targets, symmetric, decoupled,
                               reduction, group, backend, "info_nce")
@@ -51,14 +62,9 @@ def info_nce(query, key, temperature, targets, symmetric, decoupled, reduction, 
     rows = impl(query, keys, temperature, targets, False, decoupled, "none")
     if symmetric:
         # Column loss of local key j: against every rank's queries (n == m on every rank, so query and key
-        # offsets agree). A per-anchor τ belongs to the query rows; dividing the queries by it before the
-        # gather keeps logits[i, j] = q_i·k_j / τ_i in the column view, which then runs at τ = 1.
-        if isinstance(temperature, torch.Tensor) and temperature.dim() == 1:
-            scaled = (query / temperature[:, None].to(query.dtype)).to(query.dtype)
-            queries, col_t = _dist.all_gather_with_grad(scaled, sizes, group), 1.0
-        else:
-            queries, col_t = _dist.all_gather_with_grad(query, sizes, group), temperature
-        rows = 0.5 * (rows + impl(key, queries, col_t, local, False, decoupled, "none"))
+        # offsets agree) at the one τ (a per-anchor τ went around the ring above).
+        queries = _dist.all_gather_with_grad(query, sizes, group)
+        rows = 0.5 * (rows + impl(key, queries, temperature, local, False, decoupled, "none"))
     return ref.reduce(rows, reduction)
 
 
@@ -66,8 +72,13 @@ def clip_loss(image_features, text_features, logit_scale, reduction, group, back
     if ring:
         return _ring_info_nce(image_features, text_features, _scale(logit_scale, False, image_features), None,
                               True, False, reduction, group, backend, "clip_loss")
-    # logits = s · image @ text.T is InfoNCE at τ = 1/s (a 0-d tensor scale keeps its gradient through 1/s).
-    return info_nce(image_features, text_features, 1.0 / logit_scale, None, True, False, reduction, group, backend)
+    # logits = s · image @ text.T is InfoNCE at τ = 1/s (a 0-d tensor scale keeps its gradient through 1/s). A
+    # bf16 / fp16 scale is inverted in fp32 (as _scale and contrastive_cpu._inverse do): its own dtype would round
+    # 1/s (up to 2⁻⁹ off in bf16, and every logit with it) and pass τ's gradient, s²·∂L/∂s, through fp16 (inf once
+    # it passes 65504: at s = 100 when |∂L/∂s| > 6.5).
+    tau = 1.0 / (logit_scale.to(torch.promote_types(logit_scale.dtype, torch.float32))
+                 if isinstance(logit_scale, torch.Tensor) else logit_scale)
+    return info_nce(image_features, text_features, tau, None, True, False, reduction, group, backend)
 
 
 def _call(op: str, targets, symmetric: bool, decoupled: bool) -> str:
