@@ -29,6 +29,9 @@ def _values_readable() -> bool:
     return not (torch.compiler.is_compiling() or _capturing())
 
 
+values_readable = _values_readable  # for checks made elsewhere (distributed.gather_sizes_and_dims)
+
+
 def tensor(x, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")

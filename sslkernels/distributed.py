@@ -10,6 +10,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from . import _checks as check
+
 
 def is_distributed(group=None) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
@@ -64,23 +66,35 @@ def gather_sizes(n: int, device: torch.device, group=None) -> list:
 _DTYPE_CODES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def gather_sizes_and_dims(x: torch.Tensor, group=None, call: str = ""):
+def gather_sizes_and_dims(x: torch.Tensor, group=None, call: str = "", targets: Optional[torch.Tensor] = None):
     """(every rank's row count, every rank's feature dim) of a 2-d ``x``, rank order (one small all-gather).
 
     ``x``'s dtype and ``call`` (the op and the options that decide its collectives) ride along and must agree
     across ranks: a ValueError on every rank otherwise. gloo checks only byte counts, so bf16 on one rank and
     fp16 on another would read each other's bits as their own; other mismatches abort a rank or wait forever.
+    ``targets`` (indices into every rank's rows of ``x``): their range rides along too, so a bad index on one
+    rank is the same ValueError on every rank, not an error there while the others wait in the next collective.
     """
     if not is_distributed(group):
+        if targets is not None:
+            check.index_range(targets, "targets", x.shape[0])
         return [x.shape[0]], [x.shape[1]]
     dtype = _DTYPE_CODES.index(x.dtype) if x.dtype in _DTYPE_CODES else -1
-    rows = _gather_ints([x.shape[0], x.shape[1], dtype, zlib.crc32(call.encode())], x.device, group)
+    lo, hi = 0, -1  # nothing to check (no targets, or values not readable: under torch.compile / graph capture)
+    if targets is not None and targets.numel() and check.values_readable():
+        lo, hi = (int(v) for v in torch.stack([targets.min(), targets.max()]).tolist())
+    rows = _gather_ints([x.shape[0], x.shape[1], dtype, zlib.crc32(call.encode()), lo, hi], x.device, group)
     if len({r[2] for r in rows}) != 1:
         names = [str(_DTYPE_CODES[r[2]]).replace("torch.", "") if r[2] >= 0 else "other" for r in rows]
         raise ValueError(f"the features' dtype differs across ranks: {names} (rank order); every rank must pass one")
     if len({r[3] for r in rows}) != 1:
         raise ValueError(f"the ranks made different calls (this rank: {call}); every rank must call the same loss "
                          "with the same options (symmetric, decoupled, targets, distributed='ring' or not)")
+    total = sum(r[0] for r in rows)
+    bad = [(i, r[4], r[5]) for i, r in enumerate(rows) if r[4] <= r[5] and (r[4] < 0 or r[5] >= total)]
+    if bad:
+        where = ", ".join(f"rank {i}: [{a}, {b}]" for i, a, b in bad)
+        raise ValueError(f"targets must lie in [0, {total}) (every rank's keys); got values in {where}")
     return [r[0] for r in rows], [r[1] for r in rows]
 
 

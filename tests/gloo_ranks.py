@@ -41,6 +41,11 @@ def run_rank(worker) -> None:
         sys.stdout.flush()
         os._exit(1)
     print(f"rank {rank} ok", flush=True)
+    sys.stderr.flush()
+    # Done: skip the interpreter's teardown. A process group's threads still being destroyed there can end the
+    # process in "terminate called without an active exception" (SIGABRT) after every check passed (about 1
+    # run in 10 of test_distributed_dropins.py on 2 cores).
+    os._exit(0)
 
 
 def skip_without_gloo() -> None:

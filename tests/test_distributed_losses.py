@@ -255,6 +255,14 @@ def _worker(rank: int, world: int, init_file: str) -> None:  # noqa: C901 (one p
             assert "targets" in str(err)
         else:
             raise AssertionError("targets beyond the global keys must raise ValueError")
+        # ... and on one rank only: that rank's range rides along with the row counts, so every rank raises the
+        # same error (not that rank alone while the others wait in the next collective)
+        try:
+            SF.info_nce(x, x, targets=torch.full((n,), total if rank == 0 else 0, dtype=torch.long), **gd)
+        except ValueError as err:
+            assert f"targets must lie in [0, {total})" in str(err) and f"rank 0: [{total}, {total}]" in str(err), err
+        else:
+            raise AssertionError("a bad target on rank 0 must raise ValueError on every rank")
         y = torch.randn(n, d + rank)  # rank 0 has d, the others more
         try:
             SF.clip_loss(y, y, 10.0, **gd)

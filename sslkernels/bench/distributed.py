@@ -549,6 +549,11 @@ def _worker_main(argv: List[str]) -> None:
         traceback.print_exc()
         sys.stdout.flush()
         os._exit(1)  # a process group's teardown would wait for the other ranks
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Results are on disk: skip the interpreter's teardown, where a process group's threads can still end the
+    # process in "terminate called without an active exception" (SIGABRT: a rank reported dead).
+    os._exit(0)
 
 
 # --------------------------------------------------------------------------------- targets and tables

@@ -210,13 +210,14 @@ class BlockwiseLoss(torch.autograd.Function):
         return None, None, None, None, da, ds, dk, db, None, None, None, None
 
 
-def keys_across_ranks(keys: torch.Tensor, ring_exchange: bool, group, call: str = ""):
+def keys_across_ranks(keys: torch.Tensor, ring_exchange: bool, group, call: str = "", targets=None):
     """(the keys the engine starts from, the ring or None, every rank's key count).
 
     All-gather (with the gradient) unless the ring is asked for; the key dims, dtypes and ``call`` (the loss and
     its options, the ring or not) must agree across ranks (a mismatch would otherwise surface as a failed or
-    hung transfer, or as one dtype's bytes read as another's)."""
-    sizes, dims = _dist.gather_sizes_and_dims(keys, group, f"{call} ring={bool(ring_exchange)}")
+    hung transfer, or as one dtype's bytes read as another's), and ``targets`` (indices into every rank's keys)
+    must lie in range on every rank: each of these is the same ValueError on every rank."""
+    sizes, dims = _dist.gather_sizes_and_dims(keys, group, f"{call} ring={bool(ring_exchange)}", targets)
     if len(set(dims)) != 1:
         raise ValueError(f"the feature dimension differs across ranks: {dims}; every rank must pass the same D")
     if ring_exchange:

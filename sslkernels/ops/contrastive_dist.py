@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import torch
 
-from .. import _checks as check
 from .. import distributed as _dist
 from .. import reference as ref
 from ..backends import dispatch
@@ -53,12 +52,11 @@ def info_nce(query, key, temperature, targets, symmetric, decoupled, reduction, 
                               reduction, group, backend, "info_nce")
     impl = dispatch("info_nce", backend, query.device)
     n = query.shape[0]
-    keys, _, sizes = blockwise.keys_across_ranks(key, False, group, _call("info_nce", targets, symmetric, decoupled))
+    keys, _, sizes = blockwise.keys_across_ranks(key, False, group, _call("info_nce", targets, symmetric, decoupled),
+                                                 targets)
     local = _row_ids(n, sizes, group, query.device)
     if targets is None:
         targets = local  # paired rows: local row i's positive is this rank's key i
-    else:
-        check.index_range(targets, "targets", keys.shape[0])
     rows = impl(query, keys, temperature, targets, False, decoupled, "none")
     if symmetric:
         # Column loss of local key j: against every rank's queries (n == m on every rank, so query and key
@@ -92,11 +90,10 @@ def _row_ids(n: int, sizes, group, device) -> torch.Tensor:
 
 
 def _ring_info_nce(query, key, s, targets, symmetric, decoupled, reduction, group, backend, op):
-    keys, ring, sizes = blockwise.keys_across_ranks(key, True, group, _call(op, targets, symmetric, decoupled))
+    keys, ring, sizes = blockwise.keys_across_ranks(key, True, group, _call(op, targets, symmetric, decoupled),
+                                                    targets)
     if targets is None:
         targets = _row_ids(query.shape[0], sizes, group, query.device)  # local row i's positive: this rank's key i
-    else:
-        check.index_range(targets, "targets", sum(sizes))
     # logits = s_i·(q_i·k_j): a per-anchor scale stays with its row in the column view of symmetric losses.
     rows, _ = blockwise.loss(blockwise.Spec(symmetric=symmetric, decoupled=decoupled), query, s, keys, ring,
                              targets=targets, row_base=_offset(sizes, group), backend=backend, op=op)
