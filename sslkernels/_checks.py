@@ -7,6 +7,7 @@ fake and a read would break the graph (the custom ops of library.py run them whe
 """
 from __future__ import annotations
 
+import bisect
 import collections
 
 import math
@@ -263,7 +264,7 @@ def ema_pairs_cached(targets: Sequence[torch.Tensor], sources: Sequence[torch.Te
         _validated_ema.move_to_end(signature)
         return
     ema_lists(targets, sources, names)
-    ema_disjoint_targets(targets, names)
+    ema_disjoint_targets(targets, names, sources)
     _validated_ema[signature] = None
     while len(_validated_ema) > 64:
         _validated_ema.popitem(last=False)
@@ -300,19 +301,26 @@ def ema_pairs(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor],
             raise ValueError(f"{tl} is on {t.device} but {sl} is on {s.device}")
 
 
-def ema_disjoint_targets(targets: Sequence[torch.Tensor], names: Optional[Sequence[str]] = None) -> None:
-    """No two targets share memory: one fused launch would update such elements twice at once (a race on the
-    GPU, while the eager paths apply both updates in turn). Byte ranges [first, last element] per device;
-    views of one buffer that do not overlap are fine. Needs addresses: not for Dynamo's fake tensors."""
+def _spans(tensors: Sequence[torch.Tensor]) -> list:
+    """(device, first byte, end byte, index) of every non-empty tensor, sorted by device and address."""
     spans = []
-    for i, t in enumerate(targets):
+    for i, t in enumerate(tensors):
         if t.numel() == 0:
             continue  # no memory
-        size = t.element_size()
         start = t.data_ptr()
-        end = start + size * (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n > 1))
+        end = start + t.element_size() * (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n > 1))
         spans.append((t.device, start, end, i))
-    spans.sort(key=lambda x: (str(x[0]), x[1], x[2]))
+    return sorted(spans, key=lambda x: (str(x[0]), x[1], x[2]))
+
+
+def ema_disjoint_targets(targets: Sequence[torch.Tensor], names: Optional[Sequence[str]] = None,
+                         sources: Optional[Sequence[torch.Tensor]] = None) -> None:
+    """No two targets share memory: one fused launch would update such elements twice at once (a race on the
+    GPU, while the eager paths apply both updates in turn). Nor does a target share memory with another pair's
+    source (read by one program while another writes it; the eager result would depend on the list's order).
+    Byte ranges [first, last element] per device; views of one buffer that do not overlap are fine. Needs
+    addresses: not for Dynamo's fake tensors."""
+    spans = _spans(targets)
     reach = None  # (device, furthest end so far, its index)
     for device, start, end, i in spans:
         if reach is not None and reach[0] == device and start < reach[1]:
@@ -324,3 +332,17 @@ def ema_disjoint_targets(targets: Sequence[torch.Tensor], names: Optional[Sequen
                              "for k updates)")
         if reach is None or reach[0] != device or end > reach[1]:
             reach = (device, end, i)
+    if sources is None:
+        return
+    # Targets are disjoint now: sorted by start, they are sorted by end too, and the ones a source range meets
+    # are consecutive.
+    keys = [(str(d), st) for d, st, _, _ in spans]
+    for device, start, end, j in _spans(sources):
+        k = bisect.bisect_right(keys, (str(device), start)) - 1
+        k = max(k, 0)
+        while k < len(spans) and (str(spans[k][0]), spans[k][1]) < (str(device), end):
+            t_dev, t_start, t_end, i = spans[k]
+            if t_dev == device and t_start < end and start < t_end and i != j:
+                raise ValueError(f"{_label('target', i, names)} shares memory with {_label('source', j, names)}; one "
+                                 "ema_update_ call cannot write a tensor that another pair reads")
+            k += 1

@@ -643,6 +643,22 @@ def test_ema_update_rejects_a_target_listed_twice_or_overlapping(backend):
         assert_close(v, w, torch.float32)
 
 
+@pytest.mark.parametrize("backend", _EVERY_BACKEND)
+def test_ema_update_rejects_a_target_that_another_pair_reads(backend):
+    # ema_update_([a, b], [b, c]): one launch would read b for a's update while another program writes it (the
+    # eager result would depend on the list's order). A pair's own source may be its target (t = t, no race).
+    dev = _device_for(backend)
+    a, b, c = (torch.randn(40, device=dev) for _ in range(3))
+    with pytest.raises(ValueError, match=r"target\[1\] shares memory with source\[0\]"):
+        sslkernels.ema_update_([a, b], [b, c], 0.9, backend=backend)
+    flat = torch.randn(100, device=dev)
+    with pytest.raises(ValueError, match=r"target\[0\] shares memory with source\[1\]"):  # [0, 50) and [45, 60)
+        sslkernels.ema_update_([flat[:50], a], [c[:50].repeat(2)[:50], flat[45:85]], 0.9, backend=backend)
+    before = a.clone()
+    sslkernels.ema_update_([a, flat[:50]], [a, flat[50:]], 0.9, backend=backend)  # allowed: own source; disjoint
+    assert_close(a, before.double(), torch.float32)
+
+
 def test_ema_overlap_check_runs_once_per_signature(monkeypatch):
     from sslkernels import _checks
 
