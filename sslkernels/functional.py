@@ -526,6 +526,10 @@ def ema_update_(target, source, momentum: Scalar, *, buffers: str = "copy", back
     """In place, for every pair: t ← m·t + (1 − m)·s. ``target``/``source``: tensor iterables or nn.Modules.
 
     DTensors (FSDP2 / tensor-parallel parameters) are updated through their local shards, on every rank.
+    Computed in fp32 and rounded once into the target: a bf16 / fp16 target loses every update smaller than
+    half its ulp (in bf16, (1 − m)·|s − t| < 2⁻⁹·|t|), so a bf16 teacher at m = 0.996 nearly stops moving.
+    Keep EMA copies in fp32 (``sslkernels.nn.ModelEmaV3`` rounds a bf16 copy stochastically, as timm's).
+    A target may not share memory with another target or with another pair's source (ValueError).
     """
     if buffers not in BUFFER_MODES:  # checked for tensor lists too, where it has no effect: a typo is still one
         raise ValueError(f"buffers must be one of {BUFFER_MODES}, got {buffers!r}")
