@@ -117,6 +117,20 @@ def test_dino_loss_logits_with_a_common_offset(kind):
 
 
 @pytest.mark.parametrize("kind", ALL_KINDS)
+def test_dino_loss_rows_to_a_few_fp32_ulps(kind):
+    # Σ_p t must be 1 to fp32's rounding, not to the rounding of the teacher's LSE (an ulp of |t − c|/τt ≈ 8e-6,
+    # which every t of the row inherits, and the loss with it): the fused kernel's t = exp(u − lse) had rows
+    # 8e-6 off here (now 3e-7, as the two-pass kernel). The loss rows against float64 to 1e-6 relative.
+    G, S, B, P = 2, 3, 8, 2053  # 16 teacher rows: each has its own LSE rounding
+    student, teacher = torch.randn(S * B, P) * 3, torch.randn(G * B, P) * 3
+    center = torch.randn(1, P) * 0.3
+    want = dino64(student.double(), teacher, center, 0.1, 0.04, G, "none")
+    dev = DEVICE[kind]
+    got = KINDS[kind](student.to(dev).requires_grad_(), teacher.to(dev), center.to(dev), 0.1, 0.04, G, "none")
+    assert_close(got, want, torch.float32, rtol=1e-6, atol=0.0, name="loss rows")
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_dino_loss_tensor_teacher_temp(kind):
     check(kind, 2, 3, 2, 90, torch.float32, "none", teacher_temp=torch.tensor(0.07))
 

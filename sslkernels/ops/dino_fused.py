@@ -138,6 +138,9 @@ def _dino_fused_kernel(s_ptr, t_ptr, c_ptr, tt_ptr, tpart_ptr, g_ptr, lse_t_ptr,
         mt = tl.max(pm, axis=1)
         zt = tl.sum(pz * tl.exp(pm - mt[:, None]), axis=1)
         lse_t = tl.where(t_ok, mt + tl.log(tl.where(t_ok, zt, 1.0)), 0.0)
+        # Walk 2 takes t = exp(u − mt)/zt, not exp(u − lse_t): lse_t's own fp32 rounding (an ulp of |u|, 8e-6 at
+        # τt = 0.04) would scale every t of the row by the same factor, Σ_p t = 1 + δ, and the loss with it.
+        rz_t = 1.0 / tl.where(t_ok, zt, 1.0)
 
         # Walk 2: gradient (n_b·softmax(s_b/τs) − Σ_{a≠b} t_a)·coef, and Σ_p (Σ_{a≠b} t_a)·s_b for the loss.
         # Crop b < G leaves its own teacher crop out (n_b = G − 1); the others pair with all G.
@@ -153,7 +156,7 @@ def _dino_fused_kernel(s_ptr, t_ptr, c_ptr, tt_ptr, tpart_ptr, g_ptr, lse_t_ptr,
             t = tl.load(t_ptr + t_rows[:, None] + cols[None, :], mask=tmask, other=0.0,
                         eviction_policy="evict_last").to(tl.float32)
             c = tl.load(c_ptr + cols, mask=ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
-            tp = tl.where(tmask, tl.exp((t - c[None, :]) * inv_tt - lse_t[:, None]), 0.0)
+            tp = tl.where(tmask, tl.exp((t - c[None, :]) * inv_tt - mt[:, None]) * rz_t[:, None], 0.0)
             # Each crop's own sum over its partners (not Σ_a t_a − t_b, which cancels when t_b ≈ 1).
             t_other = tl.sum(tl.where(other[:, :, None], tp[None, :, :], 0.0), axis=1)
             smask = b_ok[:, None] & ok[None, :]
@@ -161,8 +164,8 @@ def _dino_fused_kernel(s_ptr, t_ptr, c_ptr, tt_ptr, tpart_ptr, g_ptr, lse_t_ptr,
                         eviction_policy="evict_first").to(tl.float32)
             ls = s * inv_ts - lse_b[:, None]  # log-softmax, as the reference takes it
             sp = tl.exp(ls)
-            # −Σ t·log-softmax, not n_b·lse − Σ t·s/τs: that form leans on Σ_p t = 1, which the rounded
-            # teacher LSE misses by ~1e-4, an error times |s|/τs (1.1 on a loss of 28 at logits ~1000).
+            # −Σ t·log-softmax, not n_b·lse − Σ t·s/τs: any error in Σ_p t would come times |s|/τs there (1.1 on
+            # a loss of 28 at logits ~1000), here times the loss.
             cross -= t_other * ls
             grad = coef * (n_b[:, None] * sp - t_other)
             tl.store(g_ptr + g_rows[:, None] + cols[None, :], grad.to(g_ptr.dtype.element_ty), mask=smask,
