@@ -313,11 +313,17 @@ def _spans(tensors: Sequence[torch.Tensor]) -> list:
     return sorted(spans, key=lambda x: (str(x[0]), x[1], x[2]))
 
 
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same elements in the same places (t = m·t + (1 − m)·t: each element read and written by one program)."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+
+
 def ema_disjoint_targets(targets: Sequence[torch.Tensor], names: Optional[Sequence[str]] = None,
                          sources: Optional[Sequence[torch.Tensor]] = None) -> None:
     """No two targets share memory: one fused launch would update such elements twice at once (a race on the
     GPU, while the eager paths apply both updates in turn). Nor does a target share memory with another pair's
-    source (read by one program while another writes it; the eager result would depend on the list's order).
+    source, or with its own unless that is the very same view (read by one program while another writes it;
+    the eager result would depend on the list's order).
     Byte ranges [first, last element] per device; views of one buffer that do not overlap are fine. Needs
     addresses: not for Dynamo's fake tensors."""
     spans = _spans(targets)
@@ -342,7 +348,9 @@ def ema_disjoint_targets(targets: Sequence[torch.Tensor], names: Optional[Sequen
         k = max(k, 0)
         while k < len(spans) and (str(spans[k][0]), spans[k][1]) < (str(device), end):
             t_dev, t_start, t_end, i = spans[k]
-            if t_dev == device and t_start < end and start < t_end and i != j:
+            if t_dev == device and t_start < end and start < t_end and not (i == j and _same_view(targets[i],
+                                                                                                sources[j])):
+                what = "another pair reads" if i != j else "its own source overlaps without being it"
                 raise ValueError(f"{_label('target', i, names)} shares memory with {_label('source', j, names)}; one "
-                                 "ema_update_ call cannot write a tensor that another pair reads")
+                                 f"ema_update_ call cannot write a tensor that {what}")
             k += 1

@@ -527,7 +527,7 @@ class DINOLoss(_Loss):
             self.center = self.center.to(teacher_out[0].device)
         # fp32 at least (the fp32 centre would promote only the teacher side, and einsum refuses the mix;
         # s/τs overflows fp16 above ~6.5e3); the loss comes back in fp32 as on the fused path.
-        ct = compute_dtype(teacher_out[0].dtype)
+        ct = torch.promote_types(compute_dtype(teacher_out[0].dtype), compute_dtype(student_out[0].dtype))
         t = torch.softmax((torch.stack(teacher_out).to(ct) - self.center.detach()) / teacher_temp, dim=-1)
         s = torch.log_softmax(torch.stack(student_out).to(ct) / self.student_temp, dim=-1)
         pairs = -torch.einsum("tbd,sbd->tsb", t, s)  # (teacher crop, student crop, sample)

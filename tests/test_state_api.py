@@ -654,6 +654,8 @@ def test_ema_update_rejects_a_target_that_another_pair_reads(backend):
     flat = torch.randn(100, device=dev)
     with pytest.raises(ValueError, match=r"target\[0\] shares memory with source\[1\]"):  # [0, 50) and [45, 60)
         sslkernels.ema_update_([flat[:50], a], [c[:50].repeat(2)[:50], flat[45:85]], 0.9, backend=backend)
+    with pytest.raises(ValueError, match=r"target\[0\] shares memory with source\[0\]"):  # [0, 50) and [10, 60)
+        sslkernels.ema_update_([flat[:50]], [flat[10:60]], 0.9, backend=backend)
     before = a.clone()
     sslkernels.ema_update_([a, flat[:50]], [a, flat[50:]], 0.9, backend=backend)  # allowed: own source; disjoint
     assert_close(a, before.double(), torch.float32)
