@@ -12,6 +12,7 @@ user asked for "auto"; an explicit choice that cannot be honoured is an error, n
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable, Dict, Optional
 
@@ -132,4 +133,16 @@ def resolve(op: str, backend: Optional[str], device: torch.device) -> str:
 
 
 def dispatch(op: str, backend: Optional[str], device: torch.device) -> Callable:
-    return available(op)[resolve(op, backend, device)]
+    """The implementation of ``op`` for tensors on ``device``; on a CUDA device that is not the current one it
+    runs with that device made current (Triton and csrc launch on the current device and its stream: tensors on
+    cuda:1 under a current cuda:0 would be read across devices, or fault)."""
+    fn = available(op)[resolve(op, backend, device)]
+    if (device.type == "cuda" and device.index is not None and not torch.compiler.is_compiling()
+            and device.index != torch.cuda.current_device()):
+        return functools.partial(_on_device, fn, device)
+    return fn
+
+
+def _on_device(fn: Callable, device: torch.device, *args, **kwargs):
+    with torch.cuda.device(device):
+        return fn(*args, **kwargs)

@@ -252,3 +252,27 @@ def test_backend_triton_on_cpu(op):
 def test_backend_cuda_on_cpu_tensors_raises(op):
     with pytest.raises(ValueError, match="cuda"):
         CASES[op]("cuda")
+
+
+def test_dispatch_makes_the_tensors_cuda_device_current(monkeypatch):
+    # Triton and csrc launch on the current device: an op on cuda:1 tensors under a current cuda:0 runs with
+    # cuda:1 made current (checked here without a GPU: the CUDA device calls are stand-ins).
+    import contextlib
+
+    from sslkernels import backends
+
+    entered = []
+
+    @contextlib.contextmanager
+    def device(d):
+        entered.append(torch.device(d))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setitem(backends._registry, "_probe", {"torch": lambda x: ("ran", x)})
+    assert backends.dispatch("_probe", "torch", torch.device("cuda", 1))(7) == ("ran", 7)
+    assert entered == [torch.device("cuda", 1)]
+    assert backends.dispatch("_probe", "torch", torch.device("cuda", 0))(8) == ("ran", 8)
+    assert backends.dispatch("_probe", "torch", torch.device("cpu"))(9) == ("ran", 9)
+    assert entered == [torch.device("cuda", 1)], "the current device (or the CPU) needs no switch"
