@@ -62,3 +62,49 @@ def test_wrong_attribute_names_fail_before_training():
                              enable_progress_bar=False, enable_model_summary=False,
                              callbacks=[MomentumUpdate(teacher="student", student="student")])
         trainer.fit(model, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 6)), batch_size=8))
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_a_resumed_fit_gives_the_teacher_of_an_uninterrupted_one(accumulate, tmp_path):
+    # With gradient accumulation the first micro-batch after a resume takes no optimizer step: it must not
+    # repeat the last update (the callback's marker is not in the checkpoint; global_step is).
+    steps = []
+
+    class Spy(sslkernels.MomentumEncoder):
+        def update_(self, module, step=None, **kw):
+            steps.append(int(step))
+            return super().update_(module, step, **kw)
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.student = nn.Linear(4, 4)
+            self.teacher = Spy(self.student, 0.9, total_steps=20)
+
+        def training_step(self, batch, batch_idx):
+            (x,) = batch
+            return self.student(x).pow(2).mean() + 0.1 * self.teacher(x).detach().sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.student.parameters(), lr=0.1)
+
+    data = torch.utils.data.TensorDataset(torch.randn(16, 4, generator=torch.Generator().manual_seed(1)))
+    kw = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, accumulate_grad_batches=accumulate, num_sanity_val_steps=0)
+
+    def fit(model, epochs, ckpt_path=None):
+        trainer = pl.Trainer(max_epochs=epochs, callbacks=[MomentumUpdate("teacher", "student")], **kw)
+        trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=2), ckpt_path=ckpt_path)
+        return trainer
+
+    whole = Module()
+    fit(whole, 2)
+    want_steps, steps[:] = list(steps), []
+    first = Module()
+    fit(first, 1).save_checkpoint(str(tmp_path / "epoch1.ckpt"))
+    resumed = Module()
+    fit(resumed, 2, ckpt_path=str(tmp_path / "epoch1.ckpt"))
+    assert steps == want_steps, "the updates of both halves are the uninterrupted run's, once each"
+    for a, b in zip(whole.teacher.parameters(), resumed.teacher.parameters()):
+        assert torch.equal(a, b)

@@ -61,6 +61,12 @@ class MomentumUpdate(Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         self._modules(pl_module)  # a wrong attribute name fails before the first step, not after it
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        # The optimizer steps already taken (a resumed fit restores global_step before this): the teacher has had
+        # their updates, and the first micro-batch after a resume with gradient accumulation must not repeat the
+        # last one (a checkpoint does not hold this callback's marker).
+        self._last_step = trainer.global_step
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step  # optimizer steps taken so far
         if step == self._last_step or step == 0:
