@@ -572,6 +572,28 @@ class DINOLoss(_Loss):
             pending, self._pending = self._pending, None
             pending.wait()
 
+    # A pending asynchronous update belongs to the centre: it is applied before the centre is saved, replaced
+    # by a loaded one, converted (.to / .double / .half, which would leave it writing into the old tensor) or
+    # copied (deepcopy / pickle, which cannot take its in-flight collective). Each only waits for a collective
+    # every rank has already issued.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self.apply_center_update()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        self.apply_center_update()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _apply(self, fn, *args, **kwargs):
+        self.apply_center_update()
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):
+        self.apply_center_update()
+        return dict(self.__dict__)
+
 
 class SwaVLoss(nn.Module):
     """SwaV with lightly's signature: SwaVLoss(temperature=0.1, sinkhorn_iterations=3, sinkhorn_epsilon=0.05,

@@ -316,3 +316,35 @@ def test_dino_loss_signature_errors():
         snn.DINOLoss(8, center_mode="median")
     with pytest.raises(ValueError, match="ncrops"):
         snn.DINOLoss(5, 3)(torch.randn(8, 5), torch.randn(4, 5))
+
+
+def test_dino_loss_async_centre_is_part_of_the_modules_state():
+    # A pending asynchronous centre update is applied before the centre is saved, loaded over, converted or
+    # copied: a resumed / converted / copied loss continues as an uninterrupted synchronous one.
+    import copy
+
+    torch.manual_seed(0)
+    p, b = 8, 4
+    data = [(torch.randn(2 * b, p), torch.randn(2 * b, p) + 1) for _ in range(4)]
+
+    def make(async_center):
+        return snn.DINOLoss(p, 2, 0.04, 0.04, 0, 10, async_center=async_center)
+
+    sync, pending = make(False), make(True)
+    for s, t in data[:3]:
+        sync(s, t, 0)
+        pending(s, t, 0)
+    assert torch.equal(pending.state_dict()["center"], sync.center), "state_dict saved the centre one update behind"
+    stale = make(True)
+    stale(*data[0], 0)  # an update pending ...
+    stale.load_state_dict(sync.state_dict())  # ... must not land on top of the loaded centre
+    assert torch.equal(stale.center, sync.center)
+    twin = make(True)
+    for s, t in data[:3]:
+        twin(s, t, 0)
+    converted = twin.double()  # the pending update must reach the converted centre, not the old tensor
+    assert torch.equal(converted.center, sync.center.double())
+    copied = make(True)
+    for s, t in data[:3]:
+        copied(s, t, 0)
+    assert torch.equal(copy.deepcopy(copied).center, sync.center)
