@@ -101,7 +101,8 @@ class MemoryBankModule(nn.Module):
     """
 
     def __init__(self, size: Union[int, Sequence[int]], gather_distributed: bool = False,
-                 feature_dim_first: bool = True, *, backend: Optional[str] = None):
+                 feature_dim_first: bool = True, *, backend: Optional[str] = None,
+                 generator: Optional[torch.Generator] = None):
         super().__init__()
         size_tuple = (size,) if isinstance(size, Integral) and not isinstance(size, bool) else tuple(size)
         for v in size_tuple:
@@ -121,12 +122,13 @@ class MemoryBankModule(nn.Module):
         self.register_buffer("bank", torch.empty(size_tuple, dtype=torch.float), persistent=False)
         self.register_buffer("bank_ptr", torch.empty(1, dtype=torch.long), persistent=False)
         if len(size_tuple) > 1:
-            self._init_memory_bank(size_tuple)
+            self._init_memory_bank(size_tuple, generator)
 
     @torch.no_grad()
-    def _init_memory_bank(self, size) -> None:
-        # Drawn on the CPU with the global RNG before moving, as lightly does: seeds reproduce its bank.
-        self.bank = F.normalize(torch.randn(size).to(self.bank), dim=-1)
+    def _init_memory_bank(self, size, generator: Optional[torch.Generator] = None) -> None:
+        # Drawn on the CPU with the global RNG before moving, as lightly does: seeds reproduce its bank
+        # (``generator``, a CPU generator, instead: NTXentLoss's bank sized at its first call).
+        self.bank = F.normalize(torch.randn(size, generator=generator).to(self.bank), dim=-1)
         self.bank_ptr = torch.zeros(1, dtype=torch.long, device=self.bank_ptr.device)
 
     def forward(self, output: torch.Tensor, labels=None, update: bool = False):
@@ -185,6 +187,9 @@ class NTXentLoss(_Loss):
         self._lazy_bank_size = 0
         if isinstance(memory_bank_size, Integral) and not isinstance(memory_bank_size, bool) and memory_bank_size > 0:
             self._lazy_bank_size, memory_bank_size = int(memory_bank_size), 0
+            # The bank's rows come from a generator seeded now, from the global RNG: the first call draws nothing
+            # from it (a run resumed at a later step would otherwise shift the augmentation stream by that draw).
+            self._lazy_bank_seed = int(torch.randint(0, 2 ** 62, ()))
         self.memory_bank = MemoryBankModule(memory_bank_size, gather_distributed=gather_distributed, backend=backend)
         self.gather_distributed, self.decoupled, self.normalize = gather_distributed, decoupled, normalize
         self.eps = 1e-8
@@ -196,8 +201,11 @@ class NTXentLoss(_Loss):
             out0, out1 = F.normalize(out0, dim=1), F.normalize(out1, dim=1)
         if self._lazy_bank_size and self.memory_bank.size[0] == 0:
             check.features(out1, "out1")
-            self.memory_bank = MemoryBankModule((self._lazy_bank_size, out1.shape[1]), self.gather_distributed,
-                                                backend=self.backend).to(out1.device)
+            # In the dtype the module was converted to (the empty placeholder bank followed .double() / .half()).
+            self.memory_bank = MemoryBankModule(
+                (self._lazy_bank_size, out1.shape[1]), self.gather_distributed, backend=self.backend,
+                generator=torch.Generator().manual_seed(self._lazy_bank_seed),
+            ).to(device=out1.device, dtype=self.memory_bank.bank.dtype)
         out1, negatives = self.memory_bank(out1, update=out0.requires_grad)
         if negatives is None:
             return Fn.nt_xent(out0, out1, self.temperature, decoupled=self.decoupled, reduction=self.reduction,

@@ -348,3 +348,22 @@ def test_dino_loss_async_centre_is_part_of_the_modules_state():
     for s, t in data[:3]:
         copied(s, t, 0)
     assert torch.equal(copy.deepcopy(copied).center, sync.center)
+
+
+def test_ntxent_bank_sized_at_the_first_call_draws_no_global_randomness_and_follows_conversions():
+    # memory_bank_size=K (the bank made at the first call): its rows come from a generator seeded at
+    # construction, so the first call leaves the global RNG where it was (a resumed run's augmentations stay
+    # in step), and the bank takes the dtype the module was converted to.
+    torch.manual_seed(0)
+    loss = snn.NTXentLoss(memory_bank_size=6).double()
+    before = torch.get_rng_state()
+    z0, z1 = torch.randn(4, 5, dtype=F64, requires_grad=True), torch.randn(4, 5, dtype=F64)
+    after_draw = torch.get_rng_state()
+    loss(z0, z1)
+    assert torch.equal(torch.get_rng_state(), after_draw) and not torch.equal(before, after_draw)
+    assert loss.memory_bank.bank.dtype == F64 and loss.memory_bank.bank.shape == (6, 5)
+    torch.manual_seed(0)
+    again = snn.NTXentLoss(memory_bank_size=6).double()
+    torch.randn(8, 5)  # other randomness in between does not change the bank
+    again(z0, z1)
+    assert torch.equal(again.memory_bank.bank, loss.memory_bank.bank)
