@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import operator
 import sys
-from typing import Iterable, Optional, Union
+from typing import Optional, Union
 
 import torch
 from torch import nn

@@ -9,7 +9,7 @@ Arguments arrive validated (see functional.py); signatures match the registered 
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Union
+from typing import List, Union
 
 import torch
 import torch.nn.functional as F
