@@ -12,6 +12,7 @@ user asked for "auto"; an explicit choice that cannot be honoured is an error, n
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Callable, Dict, Optional
@@ -137,10 +138,19 @@ def dispatch(op: str, backend: Optional[str], device: torch.device) -> Callable:
     runs with that device made current (Triton and csrc launch on the current device and its stream: tensors on
     cuda:1 under a current cuda:0 would be read across devices, or fault)."""
     fn = available(op)[resolve(op, backend, device)]
-    if (device.type == "cuda" and device.index is not None and not torch.compiler.is_compiling()
-            and device.index != torch.cuda.current_device()):
+    if not torch.compiler.is_compiling() and _not_current(device):
         return functools.partial(_on_device, fn, device)
     return fn
+
+
+def _not_current(device: torch.device) -> bool:
+    return device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device()
+
+
+def device_guard(device: torch.device):
+    """A context making ``device`` the current CUDA device when it is not (Triton and csrc launch on the
+    current device and its stream); nothing otherwise."""
+    return torch.cuda.device(device) if _not_current(device) else contextlib.nullcontext()
 
 
 def _on_device(fn: Callable, device: torch.device, *args, **kwargs):

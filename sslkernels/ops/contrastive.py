@@ -48,7 +48,6 @@ Loss families are flags of the same kernels:
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import NamedTuple, Optional
 
@@ -57,7 +56,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ..backends import register, triton_interpreted
+from ..backends import device_guard, register, triton_interpreted
 from ..reference import reduce
 from . import launch_config
 from ._common import cdiv, empty as _empty, first_order_only, sm_count
@@ -613,10 +612,6 @@ class _Mode(NamedTuple):
     sigmoid: bool = False
 
 
-def _on(device: torch.device):
-    # Triton launches on the current CUDA device: make it the tensors' one.
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
 
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 features follow PyTorch's matmul setting (exact by default); fp16/bf16 always use the
@@ -867,7 +862,7 @@ class _ContrastiveLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mode: _Mode, a, b, bpos, s, bias, targets, labels):
-        with _on(a.device):
+        with device_guard(a.device):
             return _ContrastiveLoss._forward(ctx, mode, a, b, bpos, s, bias, targets, labels)
 
     @staticmethod
@@ -893,7 +888,7 @@ class _ContrastiveLoss(torch.autograd.Function):
     @staticmethod
     @first_order_only
     def backward(ctx, g_rows, _g_aux):
-        with _on(g_rows.device):
+        with device_guard(g_rows.device):
             return _ContrastiveLoss._backward(ctx, g_rows)
 
     @staticmethod

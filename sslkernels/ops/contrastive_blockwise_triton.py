@@ -21,10 +21,11 @@ from typing import Optional
 
 import torch
 
+from ..backends import device_guard
 from . import launch_config
 from ._common import empty
 from .contrastive import (POS_LABEL, POS_NONE, POS_TARGET, _BwdStats, _combine_bwd_rows, _features,
-                          _forward_stats, _guarded, _launch_bwd_cols, _launch_bwd_rows, _Mode, _on,
+                          _forward_stats, _guarded, _launch_bwd_cols, _launch_bwd_rows, _Mode,
                           _one_exp_factors)
 from .contrastive_blockwise import Block, BlockStats, RowGrads, Spec
 
@@ -72,7 +73,7 @@ class Blocks:
             col = torch.full((m,), float("-inf"), dtype=F32, device=z.device) if self.spec.symmetric else None
             return BlockStats(val, z, z if self.spec.supcon else None, col)
         keys, targets, kw = self._args(blk)
-        with _on(keys.device):
+        with device_guard(keys.device):
             # The single-process forward's choice of kernels (fixed shift with the column sums of a symmetric
             # loss in the same pass, repaired on the device; online for SupCon, SigLIP and key splits).
             val, pos, cnt, col = _forward_stats(self.mode, self.a, keys, None, self.s, self.bias, targets,
@@ -90,7 +91,7 @@ class Blocks:
         c_lse, c_g = (t.contiguous() for t in col) if col is not None else (None, None)
         # r_lse stands in for the positive logits: only MoCo's kernels read them.
         st = _BwdStats(r_lse, g, w, c_lse, c_g, c_g, r_lse)
-        with _on(keys.device):
+        with device_guard(keys.device):
             # A symmetric loss takes the one-exp kernels as the single-process backward does: the shift (the
             # largest global row / column LSE of this block) bounds every logit of the block.
             one_exp = None

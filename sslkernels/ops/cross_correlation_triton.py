@@ -15,13 +15,12 @@ path and run as torch ops (cuBLAS / ATen kernels). float64 inputs use torch's ma
 """
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import triton
 import triton.language as tl
 
-from ..backends import register
+from ..backends import device_guard, register
 from ..reference import compute_dtype
 from ._common import cdiv, empty as _empty
 from .cross_correlation import TorchProducts, _barlow_twins, _GradInForward, _vicreg
@@ -87,7 +86,7 @@ def _launch(xs, ys, k: int, m: int, n: int, keep: bool, device):
     outs = [_empty((m, n), torch.float32, device) if keep else part for _ in xs]
     (x1, sx1k, sx1m), (y1, sy1k, sy1n) = xs[0], ys[0]
     (x2, sx2k, sx2m), (y2, sy2k, sy2n) = xs[-1], ys[-1]
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    with device_guard(device):
         _products_kernel[grid](x1, y1, x2, y2, outs[0], outs[-1], part, k, m, n,
                                sx1k, sx1m, sy1k, sy1n, sx2k, sx2m, sy2k, sy2n, n, n,
                                TWO=two, STORE=keep, DOT_PREC=_dot_precision(),

@@ -28,7 +28,6 @@ eager path of the "cpu" impl on its own device; it is never an error.
 from __future__ import annotations
 
 import collections
-import contextlib
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -36,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import cuda_extension, register, triton_interpreted
+from ..backends import cuda_extension, device_guard, register, triton_interpreted
 from .._checks import tensors_signature
 from ..reference import compute_dtype
 
@@ -270,12 +269,6 @@ def csrc_call(ext, name: str, *args):
             f"{ext.runtime_version()}; the driver supports CUDA {ext.driver_version()}]") from err
 
 
-def _device_guard(device: torch.device):
-    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
-        return torch.cuda.device(device)
-    return contextlib.nullcontext()
-
-
 def _momentum_on(momentum: Scalar, device: torch.device) -> Scalar:
     """A tensor momentum on ``device`` in a dtype both kernels read (fp32/fp64/fp16/bf16); floats as they are."""
     if isinstance(momentum, torch.Tensor):
@@ -352,7 +345,7 @@ def ema_update_triton(targets: List[torch.Tensor], sources: List[torch.Tensor], 
                          f"got tensors on {device}")
     groups, rest = _plan(targets, sources, True, device, CHUNK_SIZE)
     momentum = _momentum_on(momentum, device)
-    with _device_guard(device):
+    with device_guard(device):
         for (t_dtype, s_dtype, aligned), (pairs, key) in groups.items():
             tables = _tables(pairs, device, CHUNK_SIZE, key)
             if isinstance(momentum, torch.Tensor):
@@ -381,7 +374,7 @@ def ema_update_cuda(targets: List[torch.Tensor], sources: List[torch.Tensor], mo
     # The kernel checks alignment per tensor, so groups need not split on it.
     groups, rest = _plan(targets, sources, False, device, CHUNK_SIZE)
     momentum = _momentum_on(momentum, device)
-    with _device_guard(device):
+    with device_guard(device):
         stream = torch.cuda.current_stream(device).cuda_stream
         for (t_dtype, s_dtype), (pairs, key) in groups.items():
             tables = _tables(pairs, device, CHUNK_SIZE, key)

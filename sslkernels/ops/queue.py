@@ -20,10 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import register
+from ..backends import device_guard, register
 from ..reference import compute_dtype
 from ._common import next_pow2
-from .ema import _C_CODE, _device_guard, csrc_call, csrc_module
+from .ema import _C_CODE, csrc_call, csrc_module
 
 
 @triton.jit
@@ -85,7 +85,7 @@ def queue_enqueue_cuda(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tenso
     if ptr.dtype != torch.int64 or ptr.numel() != 1:
         raise ValueError(f"ptr must be a one-element int64 tensor, got {ptr.dtype} of shape {tuple(ptr.shape)}")
     device = queue.device
-    with _device_guard(device):
+    with device_guard(device):
         stream = torch.cuda.current_stream(device).cuda_stream
         csrc_call(ext, "queue_enqueue", queue.data_ptr(), ptr.data_ptr(), keys.data_ptr(), size, dim, keys.shape[0],
                   queue.stride(0), keys.stride(0), _C_CODE[queue.dtype], _C_CODE[keys.dtype], bool(normalize), bool(cut),

@@ -39,10 +39,10 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ..backends import register
+from ..backends import device_guard, register
 from . import knn_cpu, launch_config
 from ._common import cdiv, empty as _empty, first_order_only, next_pow2, poison_outputs, sm_count
-from .contrastive import _dot_precision, _features, _on
+from .contrastive import _dot_precision, _features
 
 EPS = 1e-12  # F.normalize's default
 MAX_K = 512  # largest k served by the kernel: the list takes BLOCK_M·W int64 registers per program
@@ -192,7 +192,7 @@ class _Similarity(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, b, normalize: bool):
-        with _on(a.device):
+        with device_guard(a.device):
             out = _launch_similarity(a, b, normalize)
         ctx.normalize = normalize
         ctx.save_for_backward(a, b)
@@ -272,7 +272,7 @@ def knn_topk(query, bank, k, normalize, splits=None):
         keys = torch.full((n, splits, width), _POISON_KEY, dtype=torch.int64, device=q.device)
     else:
         keys = torch.empty((n, splits, width), dtype=torch.int64, device=q.device)
-    with _on(q.device):
+    with device_guard(q.device):
         _knn_kernel[(row_tiles, splits)](
             q, b, keys, n, m, d, k, q.stride(0), b.stride(0), tiles_per_split,
             NORMALIZE=bool(normalize), BLOCK_M=block_m, W=width, BLOCK_D=cfg.block_d,
