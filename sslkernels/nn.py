@@ -154,10 +154,9 @@ class MemoryBankModule(nn.Module):
             batch = batch.to(self.bank.device)
         # lightly's rule (rows past the end dropped, ptr back to 0) decided on the device by the enqueue
         # kernel's cut mode: no host read of the pointer (lightly reads it), so the step stays sync-free.
-        if batch.shape[0] > 0:
-            dispatch("queue_enqueue_", self.backend, self.bank.device)(self.bank, self.bank_ptr.view(()), batch,
-                                                                      False, True)
-            torch.autograd.graph.increment_version(self.bank)  # an in-place write, as lightly's
+        dispatch("queue_enqueue_", self.backend, self.bank.device)(self.bank, self.bank_ptr.view(()), batch,
+                                                                  False, True)
+        torch.autograd.graph.increment_version(self.bank)  # an in-place write, as lightly's
 
     def extra_repr(self) -> str:
         return f"size={self.size}, gather_distributed={self.gather_distributed}"

@@ -612,7 +612,6 @@ class _Mode(NamedTuple):
     sigmoid: bool = False
 
 
-
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 features follow PyTorch's matmul setting (exact by default); fp16/bf16 always use the
     # tensor cores (the precision flag only affects fp32 operands).
