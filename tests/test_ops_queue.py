@@ -335,3 +335,35 @@ def test_triton_enqueue_normalizes_with_ieee_sqrt_and_division():
     lines = out.stdout.splitlines()
     assert any("sqrt.rn.f32" in l for l in lines) and any("div.rn.f32" in l for l in lines), lines
     assert not any(".approx" in l or "div.full" in l for l in lines), lines
+
+
+# ------------------------------------------------------------------------------ layouts the GPU sees
+
+
+@pytest.mark.parametrize("kind", ["triton", "cuda"])
+@pytest.mark.parametrize("cut", [False, True], ids=["ring", "cut"])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_enqueue_rows_of_the_queue_itself(kind, cut, normalize):
+    # Keys that are a view of the queue (a slice enqueued again): every row is written as it was before the
+    # call. Without a copy, one program (block) reads a row that another has already overwritten: under the
+    # interpreter's serial programs rows 4 and 5 came out as rows 0 and 1 again; on a GPU, a race.
+    fn = runnable(kind)
+    for start, lo, hi in ((2, 0, 4), (8, 3, 9), (0, 1, 10)):
+        queue = torch.arange(10 * 3, dtype=f32).reshape(10, 3).to(DEVICE)
+        ptr = torch.tensor(start, device=DEVICE)
+        keys = queue[lo:hi]
+        want, want_ptr = (bank_model if cut else ring_model)(queue, ptr, keys.clone(), normalize)
+        fn(queue, ptr, keys, normalize, cut)
+        assert int(ptr) == want_ptr
+        torch.testing.assert_close(queue.double().cpu(), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["triton", "cuda"])
+@pytest.mark.parametrize("dim", [4096 * 2 + 5, (1 << 20) + 1], ids=["2x4096+5", "2^20+1"])
+@pytest.mark.parametrize("cut", [False, True], ids=["ring", "cut"])
+def test_enqueue_wide_rows(kind, dim, cut):
+    # A row wider than one program's block: the Triton kernel held the whole row (next_pow2(D) elements),
+    # which spilled from D = 32768 on and did not compile past 2^20 (Triton's largest tensor).
+    check_enqueue(kind, 3, dim, 2, 2, True, f32, f32, cut=cut)
+    if dim < 1 << 20:
+        check_enqueue(kind, 3, dim, 1, 4, False, f16, f32, cut=cut)
