@@ -16,6 +16,11 @@
 
 namespace py = pybind11;
 
+// Version of the bindings' arguments and meanings, checked by sslkernels/backends.py (CSRC_ABI_VERSION) at
+// import: a _C built from older sources (a stale in-place build next to newer Python) is ignored, not called
+// with arguments it reads differently. Bump both with any change to a binding or to what its kernel does.
+constexpr int kAbiVersion = 2;
+
 #ifndef SSLKERNELS_CUDA_ARCHS
 #define SSLKERNELS_CUDA_ARCHS ""
 #endif
@@ -54,6 +59,7 @@ PYBIND11_MODULE(_C, m) {
   py::dict codes;
   for (int c = 0; c <= 3; ++c) codes[sslkernels::dtype_name(static_cast<sslkernels::DType>(c))] = c;
   m.attr("dtypes") = codes;
+  m.attr("abi_version") = kAbiVersion;
 
   m.def("cuda_arch_list", &arch_list, "GPU architectures compiled in, e.g. [80, 90] (SASS for each, PTX too).");
   m.def("device_count", &device_count, "Number of visible CUDA devices (0 without a GPU or driver).");

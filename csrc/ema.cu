@@ -36,6 +36,13 @@ struct Momentum {
   }
 };
 
+// fma(m, t, w*s), rounded once: m*t is never rounded on its own, so t == s stays a fixed point (as in the
+// Triton kernel). Spelled out: nvcc's contraction of m*t + w*s could as well have fused w*s instead.
+template <typename C>
+__device__ __forceinline__ C ema_step(C m, C w, C t, C s) {
+  return fma(m, t, w * s);
+}
+
 template <typename T, typename S>
 __global__ void __launch_bounds__(kThreads)
 ema_multi_tensor_kernel(const TensorEntry* __restrict__ tensors, const ChunkEntry* __restrict__ chunks,
@@ -65,14 +72,14 @@ ema_multi_tensor_kernel(const TensorEntry* __restrict__ tensors, const ChunkEntr
       const Vec<S> b = sv[i];
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
-        a.v[k] = Store<T>::cast(m * to_compute<C>(a.v[k]) + w * to_compute<C>(b.v[k]));
+        a.v[k] = Store<T>::cast(ema_step(m, w, to_compute<C>(a.v[k]), to_compute<C>(b.v[k])));
       }
       tv[i] = a;
     }
     scalar_from = begin + n_vec * kVec;
   }
   for (int64_t i = scalar_from + threadIdx.x; i < end; i += kThreads) {
-    t[i] = Store<T>::cast(m * to_compute<C>(t[i]) + w * to_compute<C>(s[i]));
+    t[i] = Store<T>::cast(ema_step(m, w, to_compute<C>(t[i]), to_compute<C>(s[i])));
   }
 }
 

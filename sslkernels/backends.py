@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import warnings
 from typing import Callable, Dict, Optional
 
 import torch
@@ -77,11 +78,28 @@ def triton_available() -> bool:
     return True
 
 
+# csrc/bindings.cpp's kAbiVersion: the arguments and meanings of the _C functions this package calls.
+CSRC_ABI_VERSION = 2
+
+
 def cuda_extension():
-    """The compiled csrc module, or None when it was not built (see setup.py)."""
+    """The compiled csrc module, or None when it was not built (see setup.py) or cannot be used: one that
+    fails to load, or one built from other sources (a stale build would take this package's arguments with
+    other meanings), is ignored with a warning, so backend="cuda" is unavailable rather than wrong."""
     try:
         from . import _C  # type: ignore[attr-defined]
-    except ImportError:
+    except ModuleNotFoundError:
+        return None
+    except ImportError as err:
+        warnings.warn(f"sslkernels._C is present but does not load ({err}); the CUDA extension is unavailable: "
+                      "rebuild it (bash scripts/build_csrc.sh or pip install -e .)", RuntimeWarning, stacklevel=2)
+        return None
+    version = getattr(_C, "abi_version", None)
+    if version != CSRC_ABI_VERSION:
+        warnings.warn(f"sslkernels._C at {getattr(_C, '__file__', '?')} was built from other sources (ABI version "
+                      f"{version}, this package needs {CSRC_ABI_VERSION}); ignoring it, the CUDA extension is "
+                      "unavailable: rebuild it (bash scripts/build_csrc.sh or pip install -e .)", RuntimeWarning,
+                      stacklevel=2)
         return None
     return _C
 

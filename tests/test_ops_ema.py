@@ -11,7 +11,7 @@ import torch
 
 import sslkernels.ops.ema as ema  # registers the impls (sslkernels.ops imports it as well)
 from conftest import HAS_CUDA, assert_close, forbid_host_reads
-from sslkernels.backends import available, cuda_extension, triton_interpreted
+from sslkernels.backends import CSRC_ABI_VERSION, available, cuda_extension, triton_interpreted
 
 f16, bf16, f32, f64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 
@@ -302,6 +302,7 @@ def test_extension_info_and_no_crash_without_gpu():
     assert all(isinstance(a, int) and a >= 80 for a in ext.cuda_arch_list()) and ext.cuda_arch_list()
     assert ext.dtypes == {"float32": 0, "float16": 1, "bfloat16": 2, "float64": 3}
     assert ext.runtime_version() > 0
+    assert ext.abi_version == CSRC_ABI_VERSION
     if HAS_CUDA:
         assert ext.device_count() >= 1
         return
@@ -311,6 +312,28 @@ def test_extension_info_and_no_crash_without_gpu():
         ext.ema_update(16, 16, 1, 1024, 0, 0, 0, 0, 0.5, 0)
     with pytest.raises(ValueError, match="chunk_size"):
         ext.ema_update(16, 16, 1, 1022, 0, 0, 0, 0, 0.5, 0)
+
+
+@pytest.mark.parametrize("version", [None, CSRC_ABI_VERSION - 1])
+def test_a_stale_extension_is_ignored_with_a_warning(monkeypatch, version):
+    # A _C built from older sources (an in-place build left next to newer Python) takes this package's
+    # arguments with other meanings (a missing `cut` was a TypeError; a changed meaning a silent wrong result):
+    # it is ignored, so "auto" falls back and backend="cuda" reports it unavailable.
+    import sys
+    import types
+
+    import sslkernels
+
+    stale = types.ModuleType("sslkernels._C")
+    stale.__file__ = "/old/_C.so"
+    if version is not None:
+        stale.abi_version = version
+    monkeypatch.setitem(sys.modules, "sslkernels._C", stale)
+    monkeypatch.setattr(sslkernels, "_C", stale, raising=False)
+    with pytest.warns(RuntimeWarning, match=r"built from other sources.*rebuild"):
+        assert cuda_extension() is None
+    stale.abi_version = CSRC_ABI_VERSION
+    assert cuda_extension() is stale
 
 
 # ------------------------------------------------------------------------------------------ autograd
