@@ -293,6 +293,23 @@ def test_graph_capture_after_warm_up(kind):
     check(targets, expected64(start, sources, 0.5), "replay")
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU: a tensor past 2^31 elements")
+@pytest.mark.parametrize("kind", ["triton", "cuda"])
+def test_gpu_tensor_past_int32_elements(kind):
+    # Chunks that start past 2^31 elements: element offsets must be int64 (the interpreter computes in int64
+    # whatever the kernel says, so only a GPU shows a wrapped offset).
+    if kind == "cuda" and cuda_extension() is None:
+        pytest.skip("sslkernels._C is not built")
+    n = (1 << 31) + 4100
+    if torch.cuda.mem_get_info()[0] < 3 * n * 2:
+        pytest.skip("needs ~13 GB of free GPU memory")
+    t = torch.ones(n, dtype=f16, device="cuda")
+    s = torch.full((n,), 3.0, dtype=f16, device="cuda")
+    impl(kind)([t], [s], 0.5)
+    del s
+    assert int((t != 2).sum()) == 0
+
+
 # ------------------------------------------------------------------------------ extension module
 
 

@@ -367,3 +367,24 @@ def test_enqueue_wide_rows(kind, dim, cut):
     check_enqueue(kind, 3, dim, 2, 2, True, f32, f32, cut=cut)
     if dim < 1 << 20:
         check_enqueue(kind, 3, dim, 1, 4, False, f16, f32, cut=cut)
+
+
+@needs_gpu
+@pytest.mark.parametrize("kind", ["triton", "cuda"])
+@pytest.mark.parametrize("cut", [False, True], ids=["ring", "cut"])
+def test_gpu_rows_past_int32_elements(kind, cut):
+    # Rows from 65536 on start past 2^31 elements of a D = 32768 queue: row offsets must be int64 (the
+    # interpreter computes in int64 whatever the kernel says, so only a GPU shows a wrapped offset).
+    fn = runnable(kind)
+    size, dim = 66000, 32768
+    if torch.cuda.mem_get_info()[0] < 3 * size * dim * 2:
+        pytest.skip("needs ~13 GB of free GPU memory")
+    queue = torch.zeros(size, dim, dtype=f16, device="cuda")
+    ptr = torch.tensor(size - 5, device="cuda")
+    keys = torch.arange(1, 13, dtype=f16, device="cuda")[:, None].expand(12, dim)
+    fn(queue, ptr, keys, False, cut)
+    assert int(ptr) == (0 if cut else 7)
+    assert torch.equal(queue[size - 5:, ::4096], keys[:5, ::4096])
+    assert torch.equal(queue[:7, ::4096], torch.zeros_like(keys[:7, ::4096]) if cut else keys[5:, ::4096])
+    assert int((queue[7:size - 5] != 0).sum()) == 0
+    del queue
