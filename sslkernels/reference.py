@@ -313,7 +313,8 @@ def queue_enqueue_(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor, n
     size, b = queue.shape[0], keys.shape[0]
     keep = min(b, size)
     skip = 0 if cut else b - keep
-    rows = keys[skip:skip + keep].to(compute_dtype(keys.dtype))
+    # A copy: keys may be a view of the queue itself (a slice enqueued again), which index_copy_ refuses.
+    rows = keys[skip:skip + keep].to(compute_dtype(keys.dtype), copy=True)
     if normalize:
         rows = F.normalize(rows, dim=1)
     r = torch.arange(keep, device=keys.device)
