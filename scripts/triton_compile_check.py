@@ -267,7 +267,8 @@ def drive_queue(rec: Recorder, quick: bool):
     impl = available("queue_enqueue_")["triton"]
     for qd in _dtypes():
         for kd in _dtypes():
-            for dim in ((128,) if quick else (128, 2048)):
+            # 8192: past the kernel's widest block, so the row loop takes more than one step
+            for dim in ((128,) if quick else (128, 2048, 8192)):
                 for normalize in (False, True):
                     for cut in (False, True):  # cut: lightly's memory bank
                         rec.label = f"queue {qd} keys {kd} dim={dim} normalize={normalize} cut={cut}"
