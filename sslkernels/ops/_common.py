@@ -73,6 +73,17 @@ def empty(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def tf32_matmul() -> bool:
+    """Whether fp32 matmuls may use TF32, as PyTorch's cuBLAS calls decide it. torch ≥ 2.9 keeps the setting
+    as ``fp32_precision``, which resolves every way of setting it (allow_tf32, set_float32_matmul_precision,
+    the new per-backend and global fp32_precision); reading the legacy ``allow_tf32`` raises RuntimeError once
+    the new API has set TF32, so it is read only where ``fp32_precision`` does not exist."""
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if precision is not None:
+        return precision == "tf32"
+    return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
 def scalar_args(value):
     """(pointer tensor or None, float) for a float-or-0-d-tensor kernel argument."""
     if isinstance(value, torch.Tensor):

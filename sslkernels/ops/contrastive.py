@@ -59,7 +59,7 @@ from .. import reference
 from ..backends import device_guard, register, triton_interpreted
 from ..reference import reduce
 from . import launch_config
-from ._common import cdiv, empty as _empty, first_order_only, sm_count
+from ._common import cdiv, empty as _empty, first_order_only, sm_count, tf32_matmul
 from ._common import row_scale as _scale  # fp32 [1] or [N] s, differentiable
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -615,7 +615,7 @@ class _Mode(NamedTuple):
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 features follow PyTorch's matmul setting (exact by default); fp16/bf16 always use the
     # tensor cores (the precision flag only affects fp32 operands).
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not tf32_matmul():
         return "ieee"
     return "tf32"
 

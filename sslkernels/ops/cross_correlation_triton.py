@@ -22,7 +22,7 @@ import triton.language as tl
 
 from ..backends import device_guard, register
 from ..reference import compute_dtype
-from ._common import cdiv, empty as _empty
+from ._common import cdiv, empty as _empty, tf32_matmul
 from .cross_correlation import TorchProducts, _barlow_twins, _GradInForward, _vicreg
 
 # Tile of the product and step over the shared dimension; tests shrink them so tiny inputs span several
@@ -36,7 +36,7 @@ NUM_WARPS = 4
 @triton.jit
 def _products_kernel(x1_ptr, y1_ptr, x2_ptr, y2_ptr, o1_ptr, o2_ptr, part_ptr, K, M, N,
                      sx1k, sx1m, sy1k, sy1n, sx2k, sx2m, sy2k, sy2n, so1, so2,
-                     TWO: tl.constexpr, STORE: tl.constexpr, DOT_PREC: tl.constexpr,
+                     TWO: tl.constexpr, STORE: tl.constexpr, WIDE: tl.constexpr, DOT_PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # Tile (i, j) of P₁ = X₁ᵀY₁ (and P₂ = X₂ᵀY₂ when TWO); X is K×M, Y is K×N, any strides.
     pid_m = tl.program_id(0)
@@ -47,17 +47,25 @@ def _products_kernel(x1_ptr, y1_ptr, x2_ptr, y2_ptr, o1_ptr, o2_ptr, part_ptr, K
     n_ok = rn < N
     acc1 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    # WIDE (an input spans 2³¹ elements or more): the M / N index times its stride in int64 too (rk already is).
+    # Only then: int64 there costs the two-product kernel 64 B more of spills.
+    if WIDE:
+        rm_off = rm.to(tl.int64)[:, None]
+        rn_off = rn.to(tl.int64)[None, :]
+    else:
+        rm_off = rm[:, None]
+        rn_off = rn[None, :]
     for k0 in range(0, K, BLOCK_K):
         rk = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         k_ok = rk < K
         xmask = m_ok[:, None] & k_ok[None, :]
         ymask = k_ok[:, None] & n_ok[None, :]
-        x = tl.load(x1_ptr + rk[None, :] * sx1k + rm[:, None] * sx1m, mask=xmask, other=0.0)
-        y = tl.load(y1_ptr + rk[:, None] * sy1k + rn[None, :] * sy1n, mask=ymask, other=0.0)
+        x = tl.load(x1_ptr + rk[None, :] * sx1k + rm_off * sx1m, mask=xmask, other=0.0)
+        y = tl.load(y1_ptr + rk[:, None] * sy1k + rn_off * sy1n, mask=ymask, other=0.0)
         acc1 = tl.dot(x, y, acc1, input_precision=DOT_PREC)
         if TWO:
-            x = tl.load(x2_ptr + rk[None, :] * sx2k + rm[:, None] * sx2m, mask=xmask, other=0.0)
-            y = tl.load(y2_ptr + rk[:, None] * sy2k + rn[None, :] * sy2n, mask=ymask, other=0.0)
+            x = tl.load(x2_ptr + rk[None, :] * sx2k + rm_off * sx2m, mask=xmask, other=0.0)
+            y = tl.load(y2_ptr + rk[:, None] * sy2k + rn_off * sy2n, mask=ymask, other=0.0)
             acc2 = tl.dot(x, y, acc2, input_precision=DOT_PREC)
     if TWO:
         prod = acc1 * acc2
@@ -75,7 +83,7 @@ def _products_kernel(x1_ptr, y1_ptr, x2_ptr, y2_ptr, o1_ptr, o2_ptr, part_ptr, K
 
 def _dot_precision() -> str:
     # fp32 operands follow PyTorch's matmul setting (exact by default), as the gradient's cuBLAS matmuls do.
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "tf32" if tf32_matmul() else "ieee"
 
 
 def _launch(xs, ys, k: int, m: int, n: int, keep: bool, device):
@@ -86,10 +94,12 @@ def _launch(xs, ys, k: int, m: int, n: int, keep: bool, device):
     outs = [_empty((m, n), torch.float32, device) if keep else part for _ in xs]
     (x1, sx1k, sx1m), (y1, sy1k, sy1n) = xs[0], ys[0]
     (x2, sx2k, sx2m), (y2, sy2k, sy2n) = xs[-1], ys[-1]
+    # The largest element offset a load forms, (K − 1)·sk + (rows − 1)·s_row, decides WIDE.
+    reach = max((k - 1) * sk + (rows - 1) * sr for views, rows in ((xs, m), (ys, n)) for _, sk, sr in views)
     with device_guard(device):
         _products_kernel[grid](x1, y1, x2, y2, outs[0], outs[-1], part, k, m, n,
                                sx1k, sx1m, sy1k, sy1n, sx2k, sx2m, sy2k, sy2n, n, n,
-                               TWO=two, STORE=keep, DOT_PREC=_dot_precision(),
+                               TWO=two, STORE=keep, WIDE=reach >= 2 ** 31, DOT_PREC=_dot_precision(),
                                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
     return part.sum(), outs
 

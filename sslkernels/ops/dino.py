@@ -25,6 +25,7 @@ from ..distributed import is_distributed
 from ..reference import center_update, compute_dtype, reduce
 from ._common import STREAM_PROGRAMS, cdiv, empty as _empty, first_order_only, next_pow2, scalar_args as _scalar_args
 from ._common import stream_split, unit_stride_rows as _rows
+from ._grid import axis1, folded
 from . import dino_fused
 from .dino_fused import inv_teacher_temp
 
@@ -133,9 +134,10 @@ def _dino_bwd_kernel(s_ptr, t_ptr, c_ptr, tt_ptr, lse_t_ptr, lse_s_ptr, go_ptr, 
                      stride_s, stride_t, stride_g, stride_go, scale, inv_ts, tt_val, G: tl.constexpr, S: tl.constexpr,
                      GP: tl.constexpr, SP: tl.constexpr, TT_FROM_PTR: tl.constexpr, BLOCK_P: tl.constexpr,
                      SKIP_UNIT: tl.constexpr):
-    # Program (i, k): sample i, tile k of P; writes the gradient of all S student crops there.
+    # Program (i, k): sample i, tile k of P; writes the gradient of all S student crops there. The tiles of P
+    # are folded over grid axes 1 and 2 (_grid.py): axis 1 alone stops at 65535 (P = 16.7M at 12 crops).
     i = tl.program_id(0)
-    k = tl.program_id(1)
+    k = axis1()
     inv_tt = inv_teacher_temp(tt_ptr, tt_val, TT_FROM_PTR)
     cols = k * BLOCK_P + tl.arange(0, BLOCK_P)
     c_ok = cols < P
@@ -251,7 +253,7 @@ class _DinoLoss(torch.autograd.Function):
         fused, ctx.fused_grad = ctx.fused_grad, None
         grad = fused if fused is not None else _empty(student.shape, student.dtype, student.device)
         P = student.shape[1]
-        _dino_bwd_kernel[(B, cdiv(P, block_p))](
+        _dino_bwd_kernel[folded(B, cdiv(P, block_p))](
             student, teacher, center, tt if ctx.tt_from_ptr else center, lse_t, lse_s, go, grad, B, P,
             student.stride(0), teacher.stride(0), grad.stride(0), go.stride(0) if go.numel() > 1 else 0, scale,
             inv_ts, tt_val, G=G, S=S, GP=gp, SP=sp,

@@ -42,6 +42,7 @@ from .. import reference
 from ..backends import device_guard, register
 from . import knn_cpu, launch_config
 from ._common import cdiv, empty as _empty, first_order_only, next_pow2, poison_outputs, sm_count
+from ._grid import axis1, folded
 from .contrastive import _dot_precision, _features
 
 EPS = 1e-12  # F.normalize's default
@@ -102,8 +103,9 @@ def _scaled_dots(a_ptr, a_rows, a_ok, stride_a, b_ptr, b_rows, b_ok, stride_b, D
 def _similarity_kernel(a_ptr, b_ptr, out_ptr, N, M, D, stride_a, stride_b, stride_out,
                        NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    # Column tiles folded over grid axes 1 and 2 (_grid.py): axis 1 alone stops at 65535 (a bank of 4.2M rows).
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = axis1() * BLOCK_N + tl.arange(0, BLOCK_N)
     r_ok = rows < N
     c_ok = cols < M
     s = _scaled_dots(a_ptr, rows, r_ok, stride_a, b_ptr, cols, c_ok, stride_b, D, BLOCK_M, BLOCK_N, BLOCK_D,
@@ -167,7 +169,7 @@ def _launch_similarity(a: torch.Tensor, b: torch.Tensor, normalize: bool) -> tor
     m = b.shape[0]
     cfg = _config(SIMILARITY, a.dtype, d)
     out = _empty((n, m), reference.compute_dtype(a.dtype), a.device)
-    _similarity_kernel[(cdiv(n, cfg.block_m), cdiv(m, cfg.block_n))](
+    _similarity_kernel[folded(cdiv(n, cfg.block_m), cdiv(m, cfg.block_n))](
         a, b, out, n, m, d, a.stride(0), b.stride(0), out.stride(0),
         NORMALIZE=normalize, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
         DOT_PREC=_dot_precision(a.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)

@@ -25,6 +25,7 @@ from ..backends import register
 from ..distributed import gather_sizes
 from ..reference import compute_dtype, logsumexp_across_ranks
 from ._common import STREAM_PROGRAMS, cdiv, empty as _empty, stream_split, unit_stride_rows as _rows
+from ._grid import axis1, folded
 
 # Tile shapes [rows × columns]; tests shrink them so tiny inputs cover several tiles and splits. 16 rows:
 # with float64 exponents a 32×128 row-pass tile took 255 registers and spilled (sm_90, triton 3.6); at
@@ -106,8 +107,9 @@ def _row_lse_kernel(s_ptr, u_ptr, part_ptr, B, P, stride, inv_eps_hi, inv_eps_lo
 def _assign_kernel(s_ptr, u_ptr, w_ptr, q_ptr, B, P, stride_s, stride_q, inv_eps_hi, inv_eps_lo,
                    BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr):
     inv_eps = _inv_eps64(inv_eps_hi, inv_eps_lo)
+    # Column blocks folded over grid axes 1 and 2 (_grid.py): axis 1 alone stops at 65535 (P = 8.4M).
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    cols = axis1() * BLOCK_P + tl.arange(0, BLOCK_P)
     r_ok = rows < B
     c_ok = cols < P
     mask = r_ok[:, None] & c_ok[None, :]
@@ -189,7 +191,7 @@ def sinkhorn_knopp(scores, epsilon, iterations, distributed=False, group=None):
     b, p = scores.shape
     u, w = sinkhorn_potentials(scores, epsilon, iterations, distributed, group)
     q = _empty((b, p), torch.float32, scores.device)
-    _assign_kernel[(cdiv(b, BLOCK_B), cdiv(p, BLOCK_P))](
+    _assign_kernel[folded(cdiv(b, BLOCK_B), cdiv(p, BLOCK_P))](
         scores, u, w, q, b, p, scores.stride(0), q.stride(0), *_eps_halves(epsilon), BLOCK_B=BLOCK_B,
         BLOCK_P=BLOCK_P)
     return q
