@@ -11,6 +11,8 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from ..ops._common import tf32_matmul
+
 
 def cpu_model() -> str:
     try:
@@ -91,6 +93,6 @@ def environment(device: torch.device) -> Dict[str, Any]:
             "gpu_memory_gib": round(props.total_memory / 2 ** 30, 1),
             "sm_count": props.multi_processor_count,
             "compute_capability": f"{props.major}.{props.minor}",
-            "allow_tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+            "allow_tf32_matmul": tf32_matmul(),
         })
     return info

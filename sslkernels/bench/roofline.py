@@ -11,11 +11,32 @@ For a result with F FLOPs and B bytes taking t seconds:
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Dict, Optional
 
 import torch
 
+from ..ops._common import tf32_matmul
 from .timing import Budget, measure
+
+
+@contextlib.contextmanager
+def _tf32_matmul_set(on: bool):
+    """TF32 for fp32 matmuls on or off inside the block, restored after. torch ≥ 2.9 through
+    ``fp32_precision``: mixing it with the legacy ``allow_tf32`` makes reading either raise."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        old, matmul.fp32_precision = matmul.fp32_precision, ("tf32" if on else "ieee")
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = old
+    else:
+        old, matmul.allow_tf32 = matmul.allow_tf32, on
+        try:
+            yield
+        finally:
+            matmul.allow_tf32 = old
 
 
 def _matmul_tflops(n: int, dtype: torch.dtype, device: torch.device, budget: Budget) -> float:
@@ -45,12 +66,9 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype, quick: bool, budg
     out["matmul_tflops"] = _matmul_tflops(n, dtype, device, budget)
     out["matmul_note"] = "torch.matmul"
     if device.type == "cuda" and dtype == torch.float32:
-        old = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = not old
-        try:
+        old = tf32_matmul()
+        with _tf32_matmul_set(not old):
             other = _matmul_tflops(n, dtype, device, budget)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = old
         out["matmul_tflops_tf32" if not old else "matmul_tflops_no_tf32"] = other
         if other > out["matmul_tflops"]:
             out["matmul_tflops"] = other
