@@ -108,12 +108,15 @@ def test_dino_loss_bf16_cuda(kind):
     assert_close(grad, want_grad, torch.bfloat16, atol=0.0)
 
 
+@pytest.mark.parametrize("offset", [100.0, -100.0])
 @pytest.mark.parametrize("kind", ALL_KINDS)
-def test_dino_loss_logits_with_a_common_offset(kind):
+def test_dino_loss_logits_with_a_common_offset(kind, offset):
     # Softmaxes do not see an offset, and neither may the loss: the fused kernel's n_b·lse − Σ t·s/τs leaned on
     # Σ_p t = 1, which its separately rounded teacher LSE misses, by an error times |s|/τs (6e-4 relative here).
     # The gradient's bound is the exponents' own fp32 rounding, as in the extreme-logits test.
-    check(kind, 2, 4, 3, 97, torch.float32, "none", offset=100.0, grad_rtol=2.0 ** -24 * 4 * 104.0 / 0.04)
+    # −100: every centred teacher exponent is ~−2500, so the P-split merge must pad its unused split slots
+    # (3 splits in a power-of-two 4 here) with a maximum below those, not 0 (exp(−2500 − 0) = 0: a NaN loss).
+    check(kind, 2, 4, 3, 97, torch.float32, "none", offset=offset, grad_rtol=2.0 ** -24 * 4 * 104.0 / 0.04)
 
 
 @pytest.mark.parametrize("kind", ALL_KINDS)

@@ -112,6 +112,27 @@ def test_similarity_zero_row_is_zero():
     assert torch.isfinite(out).all() and (out[2] == 0).all()
 
 
+def test_similarity_rows_of_tiny_norm():
+    # F.normalize's ε = 1e-12: a row of norm 1e-9 is normalized like any other (its cosines are O(1)); a row of
+    # norm 1e-13 is divided by ε instead, and its gradient has no radial part (the clamped norm is a constant).
+    # Values and gradients against F.normalize in float64, each row of dA relative to its own scale (~1e9).
+    a64 = torch.randn(5, 7, dtype=F64)
+    a64[1] *= 1e-9 / a64[1].norm()
+    a64[3] *= 1e-13 / a64[3].norm()
+    a64 = a64.float().double().requires_grad_()
+    b64 = torch.randn(9, 7, dtype=F64).float().double().requires_grad_()
+    a, b = (x.detach().float().to(DEVICE).requires_grad_() for x in (a64, b64))
+    out = _impl("similarity")(a, b, True)
+    want = torch.nn.functional.normalize(a64, dim=1) @ torch.nn.functional.normalize(b64, dim=1).T
+    assert_close(out, want, torch.float32, name="values")
+    cot = torch.randn(5, 9, dtype=F64)
+    ga, gb = torch.autograd.grad(out, [a, b], cot.float().to(DEVICE))
+    ea, eb = torch.autograd.grad(want, [a64, b64], cot)
+    for r in range(5):
+        assert_close(ga[r], ea[r], torch.float32, atol=0.0, rtol=1e-4, name=f"grad of a's row {r}")
+    assert_close(gb, eb, torch.float32, name="grad of b")
+
+
 def test_similarity_float64_is_exact():
     a, b = torch.randn(5, 7, dtype=F64, device=DEVICE), torch.randn(6, 7, dtype=F64, device=DEVICE)
     out = _impl("similarity")(a, b, False)
@@ -167,17 +188,23 @@ def test_knn_topk(case, normalize):
         assert torch.equal(indices.cpu().sort(dim=1).values[apart], want)
 
 
-@pytest.mark.parametrize("order", ["best_first", "worst_first"])
+@pytest.mark.parametrize("order", ["best_first", "worst_first", "kth_alone_later"])
 def test_knn_topk_bank_order(order):
     # best_first: every tile after the first holds nothing better than the k-th best and is skipped;
-    # worst_first: every tile displaces the whole list.
+    # worst_first: every tile displaces the whole list; kth_alone_later: the first tile holds the 3 best and 13
+    # far worse, the 4th best comes in the second tile with nothing above the 3rd best: the skip test must
+    # compare with the k-th best itself (a tile that beats only it still changes the top k).
     query64 = torch.randn(1, 16, dtype=F64)
     bank64 = torch.randn(53, 16, dtype=F64)
     sims = similarity64(query64, bank64, True)[0]
-    bank64 = bank64[sims.argsort(descending=order == "best_first")]
+    rank = sims.argsort(descending=order != "worst_first")
+    if order == "kth_alone_later":
+        rank = torch.cat([rank[:3], rank[20:33], rank[3:20], rank[33:]])
+    bank64 = bank64[rank]
     values, indices = _impl("knn_topk")(query64.float().to(DEVICE), bank64.float().to(DEVICE), 4, True)
     _check_knn(values, indices, query64, bank64, 4, True, torch.float32)
-    assert indices.cpu().tolist() == ([[0, 1, 2, 3]] if order == "best_first" else [[52, 51, 50, 49]])
+    want = {"best_first": [[0, 1, 2, 3]], "worst_first": [[52, 51, 50, 49]], "kth_alone_later": [[0, 1, 2, 16]]}
+    assert indices.cpu().tolist() == want[order]
 
 
 @pytest.mark.parametrize("normalize", [False, True])

@@ -74,6 +74,18 @@ def test_sinkhorn_extreme_scores(kind, scale):
     assert_close(got, sinkhorn64(scores, 0.05, 3), torch.float32, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["triton", "cpu"])
+def test_sinkhorn_scores_on_a_large_offset(kind):
+    # Q does not see a common offset, but the rounding does: with scores ~1e4 and ε = 0.03, scores/ε ~3.3e5 has
+    # an fp32 ulp of 0.03, which would land in every exponent (Q entries a few % off); log Q must be formed in
+    # float64 before the potentials cancel the offset. The oracle gets the exact differences (fp32 scores ± 1e4
+    # are exact in float64).
+    noise = torch.randn(11, 45)
+    scores = noise + 1e4
+    got = KINDS[kind](scores.to(DEVICE[kind]), 0.03, 3)
+    assert_close(got, sinkhorn64(scores.double() - 1e4, 0.03, 3), torch.float32, atol=1e-6)
+
+
 def test_sinkhorn_triton_non_contiguous_scores():
     scores = torch.randn(30, 9).T  # 9×30 with a column stride of 9
     assert_close(sinkhorn.sinkhorn_knopp(scores.to(DEVICE["triton"]), 0.05, 2), sinkhorn64(scores, 0.05, 2), torch.float32)
