@@ -425,6 +425,50 @@ def test_engine_variants(op, engine, tiles):
         _run_case(op, torch.float32)
 
 
+def test_moco_fixed_shift_bounds_the_positive_key_too():
+    # The fixed shift must bound the positive logit s·q_i·k_i as well as the queue's: with keys 60× the queue's
+    # norm, a shift from the queue alone leaves exp2(z − shift) ≈ 2^400 for the positive (inf in fp32).
+    q, q64 = _unit(13, 33, torch.float32)
+    key, key64 = _feats(13, 33, torch.float32)
+    with torch.no_grad():
+        key.mul_(60.0 / key.norm(dim=1, keepdim=True))
+        key64.mul_(60.0 / key64.norm(dim=1, keepdim=True))
+    queue, queue64 = _unit(37, 33, torch.float32)
+    tau, tau64 = _scalar(0.2, "0d")
+    with launch_config.use_engine(**ENGINES_ALL["v2-fixed"]):
+        out = _impl("moco_loss")(q, key, queue.detach(), tau, "none")
+    _check(out, moco64(q64, key64, queue64.detach(), tau64), [(q, q64), (key, key64), (tau, tau64)], torch.float32)
+
+
+def test_siglip_loss_terms_around_the_series_switch():
+    # log(1 + t), t = e^−|x|, switches to its series below t = 0.01, where the series' error t⁴/4 is < 3e-9; a
+    # switch too far out (t = 0.1) would leave 2e-5 per term. Rows at t from 0.2 to 0.005, 16 terms each.
+    n = 16
+    alpha = -torch.linspace(1.6, 5.3, n, dtype=F64)
+    a64 = torch.zeros(n, 4, dtype=F64)
+    a64[:, 0] = alpha
+    b64 = torch.zeros(n, 4, dtype=F64)
+    b64[:, 0] = 1.0
+    a64, b64 = a64.float().double(), b64.float().double()
+    a, b = (x.float().to(DEVICE).requires_grad_() for x in (a64, b64))
+    a64.requires_grad_(), b64.requires_grad_()
+    out = _impl("siglip_loss")(a, b, 1.0, 0.0, "none")
+    want = siglip64(a64, b64, torch.tensor(1.0, dtype=F64), torch.tensor(0.0, dtype=F64))
+    assert_close(out, want, torch.float32, atol=0.0, rtol=1e-5, name="SigLIP rows near the series switch")
+    _check(out, want, [(a, a64), (b, b64)], torch.float32)
+
+
+def test_fp16_clip_at_the_largest_logit_scale():
+    # CLIP clamps logit_scale at 100: the columns pass multiplies dS by s before its fp16 cast, so the fp16 scale
+    # must bound |dS|·s (2^12·100 would overflow fp16's 65504 if it bounded |dS| alone).
+    a, a64 = _unit(37, 33, torch.float16)
+    b, b64 = _unit(37, 33, torch.float16)
+    sc, sc64 = _scalar(100.0, "0d")
+    out = _impl("clip_loss")(a, b, sc, "mean")
+    want = info_nce64(a64, b64, 1 / sc64, None, True, False).mean()
+    _check(out, want, [(a, a64), (b, b64), (sc, sc64)], torch.float16)
+
+
 def test_siglip_loss_of_tiny_terms_keeps_its_digits():
     # Every pair far on its right side: log(1 + e^−x) ≈ 4e-9 per term; computed as log(1 + t) it rounded to 0.
     a = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], device=DEVICE)
