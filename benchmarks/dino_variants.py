@@ -116,7 +116,7 @@ def run(args) -> list:
     return rows
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=".")
     ap.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
@@ -128,7 +128,11 @@ def main(argv=None) -> int:
     ap.add_argument("--crops", type=int, nargs="*", default=[1, 2])
     ap.add_argument("--budget", type=float, default=120.0,
                     help="seconds in all, shared by the dtypes: variants past a dtype's share are skipped")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
     rows = run(args)
     for line in verdicts(rows):
         print(line, flush=True)

@@ -131,7 +131,7 @@ def _print(r: dict) -> None:
         print(f"  {t['us_per_step']:9.1f} us  x{t['calls_per_step']:<4.3g} {t['name']}")
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("ops", nargs="+")
     p.add_argument("--sizes", default=None, help="presets, size labels or dims (B=64:P=65536), comma-separated: "
@@ -144,12 +144,30 @@ def main(argv=None) -> int:
     p.add_argument("--graph", action="store_true", help="also time the step captured in a CUDA graph (CUDA only)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="folder for profile.json")
-    args = p.parse_args(argv)
+    return p
+
+
+def cases_of(args, device: torch.device) -> list:
+    """(op, size item) per op, every op and size checked before the first runs: profile.json is written at
+    the end, so a later op's typo would lose the earlier ops' profiles (and a GPU call's time)."""
+    out = []
+    for op in args.ops:
+        try:
+            spec = cases.resolve_op(op)
+        except ValueError as err:
+            raise SystemExit(str(err)) from err
+        item = args.sizes or spec.sizes[cases.default_preset(device)][0].label
+        if not run.sizes_for(spec, item.split(","), device):
+            raise SystemExit(f"no size {item!r} for {op}")
+        out.append((op, item))
+    return out
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
     device = torch.device(args.device)
     results = []
-    for op in args.ops:
-        spec = cases.resolve_op(op)
-        item = args.sizes or spec.sizes[cases.default_preset(device)][0].label
+    for op, item in cases_of(args, device):
         r = profile(op, item, args.dtype, args.impl, args.mode, args.steps, device, args.graph)
         _print(r)
         results.append(r)

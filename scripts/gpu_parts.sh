@@ -5,12 +5,14 @@
 #   bash scripts/gpu_parts.sh PATH/tune.tgz [PARTS_DIR]     (PARTS_DIR: gpu_tune's TUNE_PARTS default,
 #                                                           benchmarks/results/<gpu>/parts, <gpu> read from the tarball)
 set -euo pipefail
+tgz="$(realpath -e "$1")"  # before the cd: a path relative to the caller's folder had read as no parts at all
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-tgz="$1"; gpu="$(tar xzf "$tgz" -O ./gpu 2>/dev/null || echo gpu)"; parts="${2:-benchmarks/results/$gpu/parts}"
+gpu="$(tar xzf "$tgz" -O ./gpu 2>/dev/null || echo gpu)"; parts="${2:-benchmarks/results/$gpu/parts}"
 mkdir -p "$parts"
-new="$(mktemp -d)"
+new="$(mktemp -d)"; found=0
 for name in targets full-a full-b full-c sweep; do
   if tar tzf "$tgz" "./$name/results.json" >/dev/null 2>&1; then
+    found=$((found + 1))
     tar xzf "$tgz" -C "$new" "./$name"
     # Read before replacing: a results.json cut off by the call's limit must not replace the last whole one.
     if ! pending=$(python3 -c "import json,sys; print(sum(1 for r in json.load(open(sys.argv[1]))['results'] if r.get('pending')))" \
@@ -22,3 +24,4 @@ for name in targets full-a full-b full-c sweep; do
   fi
 done
 rm -rf "$new"
+(( found )) || echo "no bench part (targets, full-a, full-b, full-c, sweep) in $tgz: nothing to resume"

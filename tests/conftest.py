@@ -26,6 +26,17 @@ DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 RTOL = {torch.float64: 1e-6, torch.float32: 1e-4, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
+def load_benchmark_script(name):
+    """benchmarks/<name>.py as a module (the folder is no package)."""
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def tolerance(dtype):
     return RTOL[dtype]
 

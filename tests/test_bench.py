@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from conftest import load_benchmark_script
 from sslkernels import backends
 from sslkernels.bench import cases, impls, memory, report, run, targets
 from sslkernels.bench.__main__ import main
@@ -252,7 +253,7 @@ def test_sweep_writes_time_and_memory_plots(tmp_path):
 
 
 def test_profile_step_reports_host_and_kernel_time(tmp_path, capsys):
-    mod = _load_benchmark_script("profile_step")
+    mod = load_benchmark_script("profile_step")
     assert mod.main(["dino_loss", "--sizes", "quick", "--steps", "2", "--device", "cpu", "--out", str(tmp_path)]) == 0
     (rec,) = json.loads((tmp_path / "profile.json").read_text())
     assert rec["op"] == "dino_loss" and rec["mode"] == "fwd+bwd" and rec["host_bound"] is None
@@ -262,7 +263,7 @@ def test_profile_step_reports_host_and_kernel_time(tmp_path, capsys):
 
 def test_dino_variants_compares_the_two_paths(tmp_path):
     pytest.importorskip("triton")
-    mod = _load_benchmark_script("dino_variants")
+    mod = load_benchmark_script("dino_variants")
     assert mod.main(["--out", str(tmp_path), "--dtype", "fp32", "--programs", "2", "--blocks", "64", "--stages", "1",
                      "--crops", "1", "2", "--budget", "600"]) == 0
     rows = json.loads((tmp_path / "dino_variants.json").read_text())
@@ -280,16 +281,6 @@ def test_dino_variants_compares_the_two_paths(tmp_path):
     assert "misses" in mod.verdicts(fake)[0] and "keep the two-pass" in mod.verdicts(fake)[0]
 
 
-def _load_benchmark_script(name):
-    import importlib.util
-    import pathlib
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 # Host work per fwd+bwd step (torch ops, Triton launches) at most: what a small batch's GPU step is made of.
 # Lower is better; raise a budget only for a reason stated in benchmarks/NOTES.md.
 HOST_BUDGET = {"moco_loss": (13, 2), "info_nce": (15, 6), "clip_loss": (35, 9), "nt_xent": (36, 6),
@@ -299,7 +290,7 @@ HOST_BUDGET = {"moco_loss": (13, 2), "info_nce": (15, 6), "clip_loss": (35, 9), 
 def test_host_ops_per_step_within_budget():
     pytest.importorskip("triton")
     from sslkernels.ops import contrastive
-    mod = _load_benchmark_script("host_ops")
+    mod = load_benchmark_script("host_ops")
     kernels = {n: getattr(contrastive, n) for n in dir(contrastive) if n.endswith("_kernel")}
     steps = mod._steps()  # the sizes the budget was counted at (they pick the path: key split or not)
     for op, (ops_max, launches_max) in HOST_BUDGET.items():

@@ -8,7 +8,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -18,7 +18,7 @@ from .env import default_out_dir, device_name
 from .impls import FUSED_KINDS, GRAPH, GROUPS, discover
 from .peers import PEERS
 from .baselines import BASELINES
-from .run import TARGETS, Config, _parse_override, run
+from .run import TARGETS, Config, _parse_override, run, sizes_for
 from .timing import DEFAULT, QUICK
 
 
@@ -147,10 +147,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(_list(device))
         return 0
     try:
-        ops = [resolve_op(o).name for o in args.ops]
+        cfg, out_dir = prepare(args, device)
     except ValueError as err:
         print(err, file=sys.stderr)
         return 2
+    t0 = time.perf_counter()
+    doc = run(cfg)
+    return _print_written(report.write_all(doc, out_dir), t0)
+
+
+def prepare(args: argparse.Namespace, device: torch.device) -> Tuple[Config, Path]:
+    """The per-op run's Config and output folder from the parsed flags, or ValueError naming what is wrong; runs
+    nothing (tests/test_gpu_scripts.py holds the GPU scripts' command lines to it without a GPU)."""
+    ops = [resolve_op(o).name for o in args.ops]
     wanted = [s.strip() for s in args.impl.split(",") if s.strip()] if args.impl else None
     left_out = {}
     if wanted is None and args.quick and device.type == "cpu":
@@ -164,24 +173,29 @@ def main(argv: Optional[List[str]] = None) -> int:
              | {b.name for bs in BASELINES.values() for b in bs})
     unknown = [w for w in wanted or () if w not in known]
     if unknown:
-        print(f"--impl: unknown {unknown}; choose from {sorted(known)}", file=sys.stderr)
-        return 2
+        raise ValueError(f"--impl: unknown {unknown}; choose from {sorted(known)}")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()] if args.modes else None
     if modes and any(m not in ("fwd", "bwd", "fwd+bwd") for m in modes):
-        print(f"--modes: choose from fwd, bwd, fwd+bwd; got {modes}", file=sys.stderr)
-        return 2
+        raise ValueError(f"--modes: choose from fwd, bwd, fwd+bwd; got {modes}")
     if args.time_budget is not None and not args.time_budget > 0:
-        print(f"--time-budget is a number of seconds above 0; got {args.time_budget}", file=sys.stderr)
-        return 2
+        raise ValueError(f"--time-budget is a number of seconds above 0; got {args.time_budget}")
+    sizes = args.sizes.split(",") if args.sizes else ["quick" if args.quick else default_preset(device)]
+    sizes = [s.strip() for s in sizes if s.strip()]
+    # A size that names nothing would leave its ops out after the roofline was measured: a typo costs a GPU call.
+    specs = [SPECS[o] for o in ops] or list(SPECS.values())
+    for item in sizes:
+        if item != TARGETS and not any(sizes_for(spec, [item], device) for spec in specs):
+            raise ValueError(f"--sizes: {item!r} is no preset ({', '.join(PRESETS)}, {TARGETS}), size label or dims "
+                             f"(N=..:D=..) of {', '.join(ops) or 'any op'}")
+    if args.sweep and not any(args.sweep in spec.sizes[default_preset(device)][0].dims for spec in specs):
+        raise ValueError(f"--sweep: no op of {', '.join(ops) or 'all'} has a dim {args.sweep!r}")
     resume = None
     if args.resume:
         try:
             resume = _resumable(args.resume, device)
         except (OSError, ValueError) as err:
-            print(f"--resume {args.resume}: {err}", file=sys.stderr)
-            return 2
-    sizes = args.sizes.split(",") if args.sizes else ["quick" if args.quick else default_preset(device)]
-    cfg = Config(ops=ops, sizes=[s.strip() for s in sizes if s.strip()], dtype=DTYPES[args.dtype],
+            raise ValueError(f"--resume {args.resume}: {err}") from err
+    cfg = Config(ops=ops, sizes=sizes, dtype=DTYPES[args.dtype],
                  impls=wanted, device=device, quick=args.quick,
                  sweep=args.sweep, sweep_start=args.sweep_start, sweep_max=args.sweep_max,
                  sweep_limit_s=args.sweep_limit_s, memory=not args.no_memory, budget=QUICK if args.quick else DEFAULT,
@@ -190,9 +204,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     out_dir = Path(args.out) if args.out else default_out_dir(device)
     cfg.time_budget_s, cfg.checkpoint = args.time_budget, out_dir / "results.json"
     cfg.resume, cfg.resume_name = resume, args.resume or ""
-    t0 = time.perf_counter()
-    doc = run(cfg)
-    return _print_written(report.write_all(doc, out_dir), t0)
+    return cfg, out_dir
 
 
 def _resumable(path: str, device: torch.device) -> dict:
