@@ -543,6 +543,25 @@ def test_a_query_of_norm_past_fp32s_square_root_range(symmetric, engine):
         assert_close(g, e, torch.float32, atol=0.0, rtol=1e-4, name=name)
 
 
+def test_a_query_of_norm_past_fp32s_square_root_range_against_all_zero_keys():
+    # The query's bound overflows to inf and the keys' bound is 0: the kernel's own clamp to FLT_MAX must keep the
+    # shift 0, not inf·0 = NaN (the host's clamp after the product cannot turn a NaN back). Every logit is 0.
+    q64 = torch.randn(6, 9, dtype=F64)
+    q64[2] *= 1e20
+    k64 = torch.zeros(5, 9, dtype=F64)
+    q, k = (x.float().to(DEVICE).requires_grad_() for x in (q64, k64))
+    q64.requires_grad_(), k64.requires_grad_()
+    with launch_config.use_engine(**ENGINES_ALL["v2-fixed"]):
+        out = _impl("info_nce")(q, k, 0.5, torch.zeros(6, dtype=torch.long, device=DEVICE), False, False, "none")
+    want = info_nce64(q64, k64, torch.tensor(0.5, dtype=F64), torch.zeros(6, dtype=torch.long), False, False)
+    assert_close(out, want, torch.float32, name="loss")
+    cot = torch.rand(want.shape, dtype=F64)
+    got = torch.autograd.grad(out, [q, k], cot.float().to(DEVICE))
+    exp = torch.autograd.grad(want, [q64, k64], cot)
+    for g, e, name in zip(got, exp, ("query", "key")):
+        assert_close(g, e, torch.float32, atol=0.0, rtol=1e-4, name=name)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("op", ["info_nce", "clip_loss", "nt_xent", "supcon_loss", "moco_loss"])
 def test_fixed_shift_alone_on_normalized_inputs(op, dtype, monkeypatch):
@@ -593,6 +612,36 @@ def test_fixed_shift_flags_and_fallbacks():
         out = _impl("info_nce")(q, k, 0.2, None, True, False, "none")
         want = info_nce64(q64, k64, torch.tensor(0.2, dtype=F64), None, True, False)
         _check(out, want, [(q, q64), (k, k64)], torch.float32)
+
+
+def test_guarded_fallback_under_a_key_split(monkeypatch):
+    # A two-sided block of keys (the block engine: m > n, so the rows backward may split the keys) whose row LSEs
+    # lie ~300 (base 2) apart: the device flag hands the rows pass to the two-exp fallback, which reuses the split
+    # buffers of the one-exp launch with its own key ranges (cdiv(m, splits) = 50 here, not a whole number of
+    # 16-key tiles). Its dA and ∂s must equal one plain unsplit pass.
+    mode = contrastive._Mode(contrastive.POS_TARGET, two_sided=True)
+    a = F.normalize(torch.randn(3, 24), dim=1).to(DEVICE)
+    b = F.normalize(torch.randn(150, 24), dim=1).to(DEVICE)
+    s = torch.tensor([400.0, 1.0, 1.0], device=DEVICE)
+    t = torch.arange(3, device=DEVICE)
+    with launch_config.override(block_m=16, block_n=16, block_d=16, block_dout=16), torch.no_grad():
+        val, pos, _, c_lse = contrastive._forward_stats(mode, a, b, None, s, None, t, None)
+        g, gc = torch.rand(3, device=DEVICE) + 0.5, torch.rand(150, device=DEVICE) + 0.5
+        st = contrastive._BwdStats(val, g, g, c_lse, gc, gc, pos)
+        want = contrastive._combine_bwd_rows(*contrastive._launch_bwd_rows(
+            mode, a, b, None, s, None, t, None, st, False, version="v2"), torch.float32)
+        shift, flag, fr, fc = contrastive._one_exp_factors(val, g, c_lse, gc)
+        assert flag.item() == 1, "the LSEs no longer lie far apart: this test checks nothing"
+        monkeypatch.setattr(contrastive, "_SPLIT_PROGRAMS", 64)
+        seen = []
+        real = contrastive._key_split
+        monkeypatch.setattr(contrastive, "_key_split", lambda *args: seen.append(real(*args)) or seen[-1])
+        got = contrastive._combine_bwd_rows(*contrastive._guarded(
+            contrastive._launch_bwd_rows, (shift, flag, st._replace(gr=fr, gc=fc)), "v2", mode, a, b, None, s, None,
+            t, None, st, False), torch.float32)
+    assert seen and seen[-1][0] > 1 and contrastive.cdiv(150, seen[-1][0]) % 16, seen  # split, off tile edges
+    assert_close(got[0], want[0], torch.float32, name="dA")
+    assert_close(got[2], want[2], torch.float32, name="per-row ds")
 
 
 @pytest.mark.parametrize("op", ["info_nce", "clip_loss", "nt_xent"])
