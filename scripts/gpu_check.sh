@@ -27,7 +27,7 @@ fi
 
 # The device tool returns at most 8 files from $OUT: stage logs go to a scratch folder (GPU_CHECK_LOGS, where
 # scripts/gpu_tune.sh keeps them in its tarball) and are appended whole to gpu_check.log; $OUT keeps
-# gpu_check.log, summary.md, tests.xml and the bench folder. GPU_CHECK_STAGES runs some of the stages only.
+# gpu_check.log, summary.md, tests.xml and bench.tgz (the bench's folder). GPU_CHECK_STAGES runs some of the stages only.
 logs="${GPU_CHECK_LOGS:-$(mktemp -d)}"; mkdir -p "$logs"
 stages="${GPU_CHECK_STAGES:-env build_csrc tests bench}"
 # GPU_CHECK_S: the whole script's seconds (gpu_tune.sh sets it): each stage's limit shrinks to what is left. A
@@ -60,7 +60,9 @@ xdist=(); "$py" -c 'import xdist' 2>/dev/null && xdist=(-n 8)
 hang=(); "$py" -c 'import pytest_timeout' 2>/dev/null && hang=(--timeout 120)
 stage tests 300 env SSLKERNELS_POISON=1 "$py" -m pytest -v -rfE -p no:cacheprovider --durations 15 "${xdist[@]}" \
   "${hang[@]}" tests --junitxml="$out/tests.xml"
-stage bench 180 "$py" -m sslkernels.bench --quick --device cuda --out "$out/bench"
+stage bench 180 "$py" -m sslkernels.bench --quick --device cuda --out "$logs/bench"
+# The bench writes a dozen files (JSON, Markdown, CSV, plots): one tarball keeps $OUT within the device's 8.
+[[ -d "$logs/bench" ]] && tar czf "$out/bench.tgz" -C "$logs" bench
 
 {
   echo

@@ -170,6 +170,9 @@ def test_gpu_check_default_stages_run_accepted_commands(tmp_path, monkeypatch):
     assert {check_command(c["cmd"], monkeypatch) for c in cmds} == {
         "scripts/gpu_check.sh", "bash -c", "scripts/build_csrc.sh", "pytest", "sslkernels.bench"}
     assert re.search(r"^\| bench \| 0 \|", (out / "check" / "summary.md").read_text(), re.M)
+    # As a device call of its own, $OUT comes back only up to 8 files: the bench's folder travels as a tarball.
+    files = sorted(str(p.relative_to(out / "check")) for p in (out / "check").rglob("*") if p.is_file())
+    assert "bench.tgz" in files and len(files) <= 8, files
 
 
 @pytest.mark.parametrize("cmd, why", [
@@ -199,12 +202,14 @@ def test_a_size_that_names_nothing_stops_the_bench_before_it_measures(tmp_path, 
 
 
 def test_gpu_tune_shrinks_steps_to_what_is_left_of_the_call(tmp_path):
-    # 100 s: 80 s left after the 20 s kept for packing up; a bench part needs 120 s to start.
+    # 100 s: 80 s left after the 20 s kept for packing up; a bench part needs 120 s to start. The script's clock
+    # runs during the dry run too, so a loaded machine may see a second or two gone before a step starts.
     log, cmds, _ = dry_run(tmp_path, "tests targets variants full-a bogus", call_s=100)
-    assert "### tests: env GPU_CHECK_STAGES" in log and "GPU_CHECK_S=70 " in log and "(limit 80s)" in log
+    tests = re.search(r"^### tests: env GPU_CHECK_STAGES.* GPU_CHECK_S=(\d+) .*\(limit (\d+)s\)$", log, re.M)
+    assert tests and 75 <= int(tests[2]) <= 80 and abs(int(tests[1]) + 10 - int(tests[2])) <= 2, log
     assert "### targets: not started" in log and "### full-a: not started" in log
     variants = next(c for c in cmds if "benchmarks/dino_variants.py" in c["cmd"])
-    assert variants["limit"] <= 80 and variants["cmd"][variants["cmd"].index("--budget") + 1] == "50"
+    assert variants["limit"] <= 80 and 45 <= int(variants["cmd"][variants["cmd"].index("--budget") + 1]) <= 50
     assert all(c["limit"] <= 80 for c in cmds)
     log, cmds, out = dry_run(tmp_path / "short", "tests variants", call_s=45)
     assert not cmds and log.count("not started") == 2 and (out / "tune.tgz").is_file()
