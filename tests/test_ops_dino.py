@@ -114,8 +114,9 @@ def test_dino_loss_logits_with_a_common_offset(kind, offset):
     # Softmaxes do not see an offset, and neither may the loss: the fused kernel's n_b·lse − Σ t·s/τs leaned on
     # Σ_p t = 1, which its separately rounded teacher LSE misses, by an error times |s|/τs (6e-4 relative here).
     # The gradient's bound is the exponents' own fp32 rounding, as in the extreme-logits test.
-    # −100: every centred teacher exponent is ~−2500, so the P-split merge must pad its unused split slots
-    # (3 splits in a power-of-two 4 here) with a maximum below those, not 0 (exp(−2500 − 0) = 0: a NaN loss).
+    # −100: every centred teacher exponent is ~−2500 and every student one ~−1000, so the P-split merge must pad
+    # its unused split slots (3 splits in a power-of-two 4 here) with maxima below those, not 0 (exp(−2500 − 0)
+    # = 0: a NaN loss), for the teacher rows and the student rows alike.
     check(kind, 2, 4, 3, 97, torch.float32, "none", offset=offset, grad_rtol=2.0 ** -24 * 4 * 104.0 / 0.04)
 
 

@@ -74,16 +74,18 @@ def test_sinkhorn_extreme_scores(kind, scale):
     assert_close(got, sinkhorn64(scores, 0.05, 3), torch.float32, atol=1e-6)
 
 
+@pytest.mark.parametrize("offset", [1e4, -1e4])
 @pytest.mark.parametrize("kind", ["triton", "cpu"])
-def test_sinkhorn_scores_on_a_large_offset(kind):
+def test_sinkhorn_scores_on_a_large_offset(kind, offset):
     # Q does not see a common offset, but the rounding does: with scores ~1e4 and ε = 0.03, scores/ε ~3.3e5 has
     # an fp32 ulp of 0.03, which would land in every exponent (Q entries a few % off); log Q must be formed in
     # float64 before the potentials cancel the offset. The oracle gets the exact differences (fp32 scores ± 1e4
-    # are exact in float64).
+    # are exact in float64). −1e4: every exponent of the first pass is ~−3.3e5, far below a running maximum
+    # started at 0 (exp underflows to 0: log 0).
     noise = torch.randn(11, 45)
-    scores = noise + 1e4
+    scores = noise + offset
     got = KINDS[kind](scores.to(DEVICE[kind]), 0.03, 3)
-    assert_close(got, sinkhorn64(scores.double() - 1e4, 0.03, 3), torch.float32, atol=1e-6)
+    assert_close(got, sinkhorn64(scores.double() - offset, 0.03, 3), torch.float32, atol=1e-6)
 
 
 def test_sinkhorn_triton_non_contiguous_scores():
