@@ -310,13 +310,14 @@ def _fwd_kernel(a_ptr, b_ptr, bpos_ptr, s_ptr, bias_ptr, tgt_ptr, lab_ptr, klab_
 
 
 @triton.jit
-def _self_fwd_kernel(z_ptr, s_ptr, tgt_ptr, lab_ptr, shift_ptr, l_ptr, pos_ptr, cnt_ptr, N, D, stride,
+def _self_fwd_kernel(z_ptr, s_ptr, tgt_ptr, shift_ptr, l_ptr, pos_ptr, N, D, stride,
                      EXCL_TGT: tl.constexpr, POS: tl.constexpr, RESIDENT: tl.constexpr, BLOCK: tl.constexpr,
                      BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
-    # NT-Xent / SupCon forward over the upper triangle of Z·Zᵀ tiles (S is symmetric, so are the masks:
-    # the diagonal, the labels, the involution i ↔ i ± N). Tile (I, J ≥ I) adds its row sums to rows I
-    # and, off the diagonal, its column sums to rows J: half the dots and exps of the full square. With
-    # the fixed shift the sums are plain, so every contribution is an atomic add into zeroed l/pos/cnt.
+    # NT-Xent forward over the upper triangle of Z·Zᵀ tiles (S is symmetric, so are the masks: the diagonal,
+    # the involution i ↔ i ± N). Tile (I, J ≥ I) adds its row sums to rows I and, off the diagonal, its
+    # column sums to rows J: half the dots and exps of the full square. With the fixed shift the sums are
+    # plain, so every contribution is an atomic add into zeroed l/pos. (No label masks: SupCon's forward is
+    # faster online, see _forward_stats; its triangle branch went in session 21, unreachable.)
     # Program p walks row blocks p and T−1−p: T + 1 tiles for every program, a balanced grid of T/2.
     p = tl.program_id(0)
     T = tl.cdiv(N, BLOCK)
@@ -331,12 +332,11 @@ def _self_fwd_kernel(z_ptr, s_ptr, tgt_ptr, lab_ptr, shift_ptr, l_ptr, pos_ptr, 
             lo = tl.where(I == p, T, I)  # the middle block of an odd T is walked once
         rows = I * BLOCK + tl.arange(0, BLOCK)
         r_ok = rows < N
-        t_r, lab_r = _row_meta(tgt_ptr, lab_ptr, rows, r_ok, EXCL_TGT, POS)
+        t_r, lab_r = _row_meta(tgt_ptr, tgt_ptr, rows, r_ok, EXCL_TGT, POS)
         if RESIDENT:
             z_i = _tile(z_ptr, rows, r_ok, stride, D, BLOCK_D)
         l = tl.zeros([BLOCK], dtype=tl.float32)
         psum = tl.zeros([BLOCK], dtype=tl.float32)
-        cnt = tl.zeros([BLOCK], dtype=tl.float32)
         for J in range(lo, T):
             cols = J * BLOCK + tl.arange(0, BLOCK)
             c_ok = cols < N
@@ -346,30 +346,20 @@ def _self_fwd_kernel(z_ptr, s_ptr, tgt_ptr, lab_ptr, shift_ptr, l_ptr, pos_ptr, 
             else:
                 S = _dots(z_ptr, rows, r_ok, stride, z_ptr, cols, c_ok, stride, D, BLOCK, BLOCK, BLOCK_D, DOT_PREC)
             z = S * sl
-            if POS == 2:
-                lab_c = tl.load(lab_ptr + cols, mask=c_ok, other=0)
-            else:
-                lab_c = cols
-            keep, pos = _masks(rows[:, None], cols[None, :], ok, t_r[:, None], lab_r[:, None], lab_c[None, :],
+            keep, pos = _masks(rows[:, None], cols[None, :], ok, t_r[:, None], lab_r[:, None], cols[None, :],
                                True, EXCL_TGT, POS)
             e = tl.exp2(tl.where(keep, z, float("-inf")) - shift)
             off = c_ok & (J != I)
             l += tl.sum(e, axis=1)
             tl.atomic_add(l_ptr + cols, tl.sum(e, axis=0), mask=off)
-            if POS == 1 or POS == 2:
+            if POS == 1:
                 pz = tl.where(pos, z, 0.0)
                 psum += tl.sum(pz, axis=1)
                 tl.atomic_add(pos_ptr + cols, tl.sum(pz, axis=0), mask=off)
-            if POS == 2:
-                pc = pos.to(tl.float32)
-                cnt += tl.sum(pc, axis=1)
-                tl.atomic_add(cnt_ptr + cols, tl.sum(pc, axis=0), mask=off)
         # Other programs add these rows' column contributions: the row sums are atomic adds too.
         tl.atomic_add(l_ptr + rows, l, mask=r_ok & (lo < T))
-        if POS == 1 or POS == 2:
+        if POS == 1:
             tl.atomic_add(pos_ptr + rows, psum, mask=r_ok & (lo < T))
-        if POS == 2:
-            tl.atomic_add(cnt_ptr + rows, cnt, mask=r_ok & (lo < T))
 
 
 @triton.jit
@@ -754,21 +744,20 @@ def _combine_splits(val, pos, cnt, pos_kind: int, sigmoid: bool):
     return out, out_pos if pos_kind != POS_NONE else out, out_cnt
 
 
-def _launch_self_fwd(mode: _Mode, z, s, targets, labels, shift, cfg=None):
-    """NT-Xent / SupCon fixed-shift sums over the upper triangle of tiles: (l, positive sum, count)."""
+def _launch_self_fwd(mode: _Mode, z, s, targets, shift, cfg=None):
+    """NT-Xent fixed-shift sums over the upper triangle of tiles: (l, positive sum)."""
+    assert mode.pos != POS_LABEL, "label masks take the online forward (_forward_stats)"
     n, d = z.shape
     if cfg is None:
-        cfg = _config("self_fwd", z, d, "v2", (mode,),
-                      lambda c: _launch_self_fwd(mode, z, s, targets, labels, shift, cfg=c))
+        cfg = _config("self_fwd", z, d, "v2", (mode,), lambda c: _launch_self_fwd(mode, z, s, targets, shift, cfg=c))
     block = cfg.block_m
-    stats = torch.zeros((3, n), dtype=torch.float32, device=z.device)
-    l, pos, cnt = stats[0], stats[1], stats[2]
+    stats = torch.zeros((2, n), dtype=torch.float32, device=z.device)
+    l, pos = stats[0], stats[1]
     _self_fwd_kernel[(cdiv(cdiv(n, block), 2),)](
-        z, s, targets if targets is not None else l, labels if labels is not None else l, shift, l, pos, cnt,
-        n, d, z.stride(0), EXCL_TGT=mode.excl_tgt, POS=mode.pos, RESIDENT=_resident(cfg, d, "v2"),
-        BLOCK=block, BLOCK_D=cfg.block_d, DOT_PREC=_dot_precision(z.dtype), num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
-    return l, pos, cnt
+        z, s, targets if targets is not None else l, shift, l, pos, n, d, z.stride(0), EXCL_TGT=mode.excl_tgt,
+        POS=mode.pos, RESIDENT=_resident(cfg, d, "v2"), BLOCK=block, BLOCK_D=cfg.block_d,
+        DOT_PREC=_dot_precision(z.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return l, pos
 
 
 def _forward_stats(mode: _Mode, a, b, bpos, s, bias, targets, labels, **block):
@@ -788,8 +777,9 @@ def _forward_stats(mode: _Mode, a, b, bpos, s, bias, targets, labels, **block):
         return val, pos, cnt, c_lse
     shift = _shift(a, b, bpos, s)
     if mode.self_sim and eng.self_reuse and not block:
-        l, pos, cnt = _launch_self_fwd(mode, a, s, targets, labels, shift)
+        l, pos = _launch_self_fwd(mode, a, s, targets, shift)
         val = shift + torch.log2(l)
+        cnt = val  # (a count only for label masks, which never come here)
         colsum = None
     else:
         val, pos, cnt, colsum = _launch_fwd(mode, a, b, bpos, s, bias, targets, labels, columns=False,
