@@ -685,6 +685,8 @@ def test_engine_settings_and_default_tiles_table(monkeypatch):
     assert launch_config.engine().version == "v1" and not launch_config.engine().self_reuse
     with launch_config.use_engine(version="v2", shift="online"):
         assert launch_config.engine() == launch_config.Engine("v2", "online", False, True)
+    monkeypatch.setenv("SSLKERNELS_CONTRASTIVE_ONE_EXP_BWD", "0")
+    assert not launch_config.engine().one_exp_bwd and launch_config.engine().self_reuse is False
     monkeypatch.setenv("SSLKERNELS_CONTRASTIVE_SHIFT", "bogus")
     with pytest.raises(ValueError, match="shift"):
         launch_config.engine()

@@ -397,6 +397,24 @@ def test_dino_fused_pipelined_walks(monkeypatch, stages, dtype):
     check("fused", 2, 5, 3, 203, dtype, "none")
 
 
+@pytest.mark.parametrize("block", [32, 64])
+def test_dino_fused_block_override(monkeypatch, block):
+    # SSLKERNELS_DINO_FUSED_BLOCK (the GPU sweep's tile width) reaches the kernel and any width it sets is right:
+    # tiles of 32 and 64 over P = 203 (ragged), against the fixture's 16.
+    monkeypatch.setenv("SSLKERNELS_DINO_FUSED_BLOCK", str(block))
+    kernel_type = type(dino_fused._dino_fused_kernel)
+    run, seen = kernel_type.run, []
+
+    def recording_run(self, *args, **kwargs):
+        if self is dino_fused._dino_fused_kernel:
+            seen.append(kwargs["BLOCK"])
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(kernel_type, "run", recording_run)
+    check("fused", 2, 5, 3, 203, torch.float32, "none")
+    assert seen and set(seen) == {block}, seen
+
+
 @pytest.mark.parametrize("crops", [2, 4, 8])
 @pytest.mark.parametrize("G,S,B,P", [(2, 5, 3, 71), (3, 2, 2, 40), (1, 3, 2, 33)])
 def test_dino_fused_several_crops_per_item(monkeypatch, crops, G, S, B, P):
