@@ -118,6 +118,22 @@ def test_autocast_keeps_float32_matmuls():
     assert_close(got, barlow64(z1, z2, 5e-3), torch.float32)
 
 
+def under_autocast(impl):
+    def run(a, b, *args):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return impl(a, b, *args)
+    return run
+
+
+@pytest.mark.parametrize("form", ["gram", "dxd"])
+def test_autocast_keeps_float32_gradients(form, monkeypatch):
+    # bf16 products would shift the loss by only ~1e-5 relative (inside float32's tolerance above), but the
+    # gradients by ~1e-3: checking them catches an op that lets autocast reach its matmuls.
+    check(barlow64, under_autocast(cc.barlow_twins_loss), (5e-3,), 7, 13, torch.float32, form, monkeypatch)
+    check(vicreg64, under_autocast(cc.vicreg_loss), (25.0, 25.0, 1.0), 7, 13, torch.float32, form, monkeypatch,
+          scale=0.7)
+
+
 # ------------------------------------------------------------------------------- Triton products (CUDA)
 
 pytest.importorskip("triton")
@@ -155,6 +171,29 @@ def test_triton_products_fp16_one_sided_and_no_grad(form, small_tiles, monkeypat
     with torch.no_grad():  # no product is stored at all: only per-tile partial sums
         assert_close(cct.barlow_twins_loss(z1, z2, 5e-3), barlow64(z1, z2, 5e-3), torch.float32)
         assert_close(cct.vicreg_loss(z1, z2, 25.0, 25.0, 1.0), vicreg64(z1, z2, 25.0, 25.0, 1.0), torch.float32)
+
+
+def test_triton_kind_runs_the_kernels_except_for_float64(small_tiles, monkeypatch):
+    # The Triton kind must form its products with the kernels (torch's matmuls would pass every value check
+    # above just as well), and float64 must keep torch's exact matmuls (the kernels accumulate in float32).
+    calls = []
+    launch = cct._launch
+    monkeypatch.setattr(cct, "_launch", lambda *a, **k: calls.append(a[2:5]) or launch(*a, **k))
+    for form in ("gram", "dxd"):
+        monkeypatch.setattr(cc, "GRAM_RATIO", FORMS[form])
+        z1 = torch.randn(6, 10, device=TRITON_DEVICE, requires_grad=True)
+        z2 = torch.randn(6, 10, device=TRITON_DEVICE)
+        calls.clear()
+        cct.barlow_twins_loss(z1, z2, 5e-3).backward()
+        cct.vicreg_loss(z1, z2, 25.0, 25.0, 1.0).backward()
+        # (K, M, N): the Gram pair over D (one launch for both views), or AᵀB and each view's ZcᵀZc over N
+        want = [(10, 6, 6)] * 3 if form == "gram" else [(6, 10, 10)] * 3
+        assert calls == want, (form, calls)
+        calls.clear()
+        z64 = z1.detach().double().requires_grad_()
+        cct.barlow_twins_loss(z64, z2.double(), 5e-3).backward()
+        cct.vicreg_loss(z64, z2.double(), 25.0, 25.0, 1.0).backward()
+        assert calls == [], form
 
 
 def test_triton_public_api(small_tiles):
