@@ -92,6 +92,21 @@ def test_cpu_matches_float64(t_dtype, s_dtype, momentum_kind):
     run_and_check("cpu", "cpu", t_dtype, s_dtype, momentum_kind)
 
 
+@pytest.mark.parametrize("momentum_kind", MOMENTA)
+@pytest.mark.parametrize("kind", [pytest.param("triton", marks=needs_triton), "cpu"])
+def test_float64_targets_get_the_momentum_to_float64_precision(small_chunks, kind, momentum_kind):
+    # A float momentum reaches the Triton kernel as an fp32 pair hi + lo: with hi alone m = 0.996 is off by
+    # ~1e-8, which the float64 tolerance above (1e-6) does not see. Here the bound is a few fp64 ulp.
+    device = TRITON_DEVICE if kind == "triton" else "cpu"
+    for s_dtype in (f32, f64):
+        targets, sources = make_pairs([(7,), (2051,)], f64, s_dtype, device)
+        momentum = make_momentum(momentum_kind, 0.996, device)
+        want = expected64(targets, sources, momentum)
+        impl(kind)(targets, sources, momentum)
+        for t, e in zip(targets, want):
+            assert_close(t, e, f64, rtol=1e-14, name=f"{kind} {s_dtype} {tuple(t.shape)}")
+
+
 def test_cpu_steps_through_large_low_precision_tensors(monkeypatch):
     monkeypatch.setattr(ema, "_CPU_STEP", 1000)  # 2051 elements: two full steps and a short one
     run_and_check("cpu", "cpu", f16, f32, "fp32 tensor", shapes=[(2051,), (7,)])
