@@ -101,6 +101,19 @@ def test_enqueue_dtype_combinations(kind, q_dtype, k_dtype):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("cut", [False, True])
+def test_enqueue_normalizes_before_rounding_into_the_queue(kind, cut):
+    # Keys outside the queue dtype's range (fp32 rows of norm ~1e6 or ~1e-9 into an fp16 queue, fp64 rows of
+    # ~1e50 into an fp32 one) are fine unit rows once normalized: normalizing after the cast (or from
+    # values rounded to the queue's dtype) makes them inf, NaN or zero.
+    for q_dtype, k_dtype, scales in ((f16, f32, (1e6, 1e-9, 1.0)), (f32, f64, (1e50, 1e-50, 1.0))):
+        keys = torch.randn(3, 11, dtype=f64) * torch.tensor(scales, dtype=f64)[:, None]
+        queue, _ = check_enqueue(kind, 5, 11, 3, None, True, q_dtype, k_dtype, keys=keys.to(DEVICE, k_dtype),
+                                 cut=cut)
+        assert torch.isfinite(queue).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_enqueue_strided_keys_and_zero_rows(kind):
     # Keys that are a row-strided view (every other row of a wider buffer), one all-zero row (the 1e-12
     # floor of F.normalize: stays zero, no NaN), and a width that is not a power of two.
