@@ -74,6 +74,62 @@ def _seed(request):
     yield
 
 
+# Global numerics switches a test may flip: TF32 as every torch version spells it (the legacy
+# set_float32_matmul_precision rewrites the new API's cuda.matmul and mkldnn.matmul entries too) and deterministic
+# algorithms. A test that leaves one changed runs the tests after it under other numerics, by order.
+_FP32_PRECISIONS = ("", "cuda.matmul", "cudnn", "cudnn.conv", "cudnn.rnn", "mkldnn", "mkldnn.matmul", "mkldnn.conv",
+                    "mkldnn.rnn")
+
+
+def _backend(path):
+    obj = torch.backends
+    for part in filter(None, path.split(".")):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def _numerics():
+    state = {f"torch.backends.{p}.fp32_precision".replace("..", "."): getattr(_backend(p), "fp32_precision", None)
+             for p in _FP32_PRECISIONS}
+    try:
+        state["float32_matmul_precision"] = torch.get_float32_matmul_precision()
+    except RuntimeError:  # torch >= 2.9 after a mix of the legacy and the new API: no longer readable
+        state["float32_matmul_precision"] = None
+    state["deterministic algorithms (on, warn only)"] = (torch.are_deterministic_algorithms_enabled(),
+                                                         torch.is_deterministic_algorithms_warn_only_enabled())
+    return state
+
+
+def _restore_numerics(state):
+    if state["float32_matmul_precision"] is not None:  # first: it overwrites the new API's matmul entries
+        torch.set_float32_matmul_precision(state["float32_matmul_precision"])
+    for p in _FP32_PRECISIONS:
+        value = state[f"torch.backends.{p}.fp32_precision".replace("..", ".")]
+        if value is not None:
+            _backend(p).fp32_precision = value
+    on, warn_only = state["deterministic algorithms (on, warn only)"]
+    torch.use_deterministic_algorithms(on, warn_only=warn_only)
+
+
+@pytest.fixture
+def numerics_restored():
+    """For a test that sets TF32 or deterministic algorithms: every such switch is put back afterwards."""
+    saved = _numerics()
+    yield
+    _restore_numerics(saved)
+
+
+@pytest.fixture(autouse=True)
+def _numerics_unchanged():
+    saved = _numerics()
+    yield
+    changed = {k: (v, now) for (k, v), now in zip(saved.items(), _numerics().values()) if v != now}
+    if changed:
+        _restore_numerics(saved)  # the tests after this one still run as they would alone
+        pytest.fail(f"the test left global numerics switches changed (before, after): {changed}; "
+                    "use the numerics_restored fixture", pytrace=False)
+
+
 _HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy")
 
 

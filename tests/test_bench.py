@@ -577,7 +577,7 @@ def test_graph_replay_on_cuda(op, tmp_path):
 
 
 @pytest.mark.parametrize("how", ["legacy", "per-backend", "global"])
-def test_roofline_tf32_toggle_under_every_tf32_api(how):
+def test_roofline_tf32_toggle_under_every_tf32_api(how, numerics_restored):
     # The fp32 roofline measures cuBLAS with TF32 flipped and restores it. On torch >= 2.9 reading the legacy
     # allow_tf32 raises once the new fp32_precision API set TF32, which the bench's toggle and its
     # environment record did.
@@ -585,22 +585,13 @@ def test_roofline_tf32_toggle_under_every_tf32_api(how):
     from sslkernels.ops._common import tf32_matmul
 
     matmul = torch.backends.cuda.matmul
-    saved = (getattr(torch.backends, "fp32_precision", None), getattr(matmul, "fp32_precision", None),
-             torch.get_float32_matmul_precision())
-    try:
-        if how == "legacy" or not hasattr(matmul, "fp32_precision"):
-            matmul.allow_tf32 = True
-        elif how == "per-backend":
-            matmul.fp32_precision = "tf32"
-        else:
-            torch.backends.fp32_precision = "tf32"
-        assert tf32_matmul()
-        with _tf32_matmul_set(False):
-            assert not tf32_matmul()
-        assert tf32_matmul()
-    finally:  # the coarse setting first: it overwrites the per-backend one
-        torch.set_float32_matmul_precision(saved[2])
-        if saved[1] is not None:
-            torch.backends.fp32_precision, matmul.fp32_precision = saved[0], saved[1]
-        else:
-            matmul.allow_tf32 = False
+    if how == "legacy" or not hasattr(matmul, "fp32_precision"):
+        matmul.allow_tf32 = True
+    elif how == "per-backend":
+        matmul.fp32_precision = "tf32"
+    else:
+        torch.backends.fp32_precision = "tf32"
+    assert tf32_matmul()
+    with _tf32_matmul_set(False):
+        assert not tf32_matmul()
+    assert tf32_matmul()

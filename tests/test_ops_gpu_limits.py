@@ -108,31 +108,24 @@ def test_contrastive_grids_fit_cuda_at_n_262144(monkeypatch, loss):
 
 @pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="torch < 2.9: no new API")
 @pytest.mark.parametrize("how", ["fp32_precision", "global", "legacy", "highest"])
-def test_fp32_kernels_follow_the_tf32_setting_of_either_api(how):
+def test_fp32_kernels_follow_the_tf32_setting_of_either_api(how, numerics_restored):
     # torch ≥ 2.9: once TF32 is set through the new API, reading torch.backends.cuda.matmul.allow_tf32 raises
     # RuntimeError; every fp32 launch read it. The kernels must take TF32 exactly when cuBLAS would.
     matmul, backends = torch.backends.cuda.matmul, torch.backends
-    saved = (backends.fp32_precision, matmul.fp32_precision, matmul.allow_tf32)
     want = "ieee" if how == "highest" else "tf32"
-    try:
-        if how == "fp32_precision":
-            matmul.fp32_precision = "tf32"
-        elif how == "global":
-            backends.fp32_precision = "tf32"
-        elif how == "legacy":
-            matmul.allow_tf32 = True
-        else:
-            torch.set_float32_matmul_precision("highest")
-        q, k = torch.randn(24, 16), torch.randn(24, 16)
-        with launches(execute=True) as seen:
-            got = sslkernels.info_nce(q, k, 0.5, backend="triton")
-            sim = sslkernels.similarity(q, k, backend="triton")
-            bt = sslkernels.barlow_twins_loss(q, k, backend="triton")
-    finally:
-        # The legacy flag first (restoring only the new API after the legacy setter leaves allow_tf32 unreadable),
-        # then the new API's values (the legacy setter pins matmul's to "ieee"/"tf32" where it was "none").
-        matmul.allow_tf32, backends.fp32_precision, matmul.fp32_precision = saved[2], saved[0], saved[1]
-        assert (backends.fp32_precision, matmul.fp32_precision, matmul.allow_tf32) == saved
+    if how == "fp32_precision":
+        matmul.fp32_precision = "tf32"
+    elif how == "global":
+        backends.fp32_precision = "tf32"
+    elif how == "legacy":
+        matmul.allow_tf32 = True
+    else:
+        torch.set_float32_matmul_precision("highest")
+    q, k = torch.randn(24, 16), torch.randn(24, 16)
+    with launches(execute=True) as seen:
+        got = sslkernels.info_nce(q, k, 0.5, backend="triton")
+        sim = sslkernels.similarity(q, k, backend="triton")
+        bt = sslkernels.barlow_twins_loss(q, k, backend="triton")
     precisions = {kw["DOT_PREC"] for _, _, kw in seen if "DOT_PREC" in kw}
     assert precisions == {want}
     tol = 1e-2 if want == "tf32" else 1e-4  # the interpreter may round TF32 operands
