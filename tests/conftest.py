@@ -134,6 +134,29 @@ _HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"
 
 
 @contextlib.contextmanager
+def launches(execute: bool = True):
+    """Record (kernel name, grid, keyword arguments) of every Triton launch in the block; run them only when
+    ``execute`` (without: no memory is touched, so a launch's grid can be checked at any size)."""
+    from sslkernels.ops import contrastive
+
+    kernel_type = type(contrastive._fwd_kernel)  # JITFunction on a GPU, InterpretedFunction off it
+    original = kernel_type.run
+    seen = []
+
+    def run(self, *args, grid, warmup, **kwargs):
+        seen.append((self.fn.__name__ if hasattr(self, "fn") else self.__name__, tuple(grid), dict(kwargs)))
+        if execute:
+            return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+        return None
+
+    kernel_type.run = run
+    try:
+        yield seen
+    finally:
+        kernel_type.run = original
+
+
+@contextlib.contextmanager
 def forbid_host_reads():
     """Make every Tensor -> Python value conversion raise while the block runs."""
     saved = {name: getattr(torch.Tensor, name) for name in _HOST_READS}

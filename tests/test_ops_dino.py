@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import sslkernels
-from conftest import HAS_CUDA, assert_close
+from conftest import HAS_CUDA, assert_close, launches
 
 pytest.importorskip("triton")
 from sslkernels.ops import dino, dino_cpu, dino_fused  # noqa: E402
@@ -402,16 +402,9 @@ def test_dino_fused_block_override(monkeypatch, block):
     # SSLKERNELS_DINO_FUSED_BLOCK (the GPU sweep's tile width) reaches the kernel and any width it sets is right:
     # tiles of 32 and 64 over P = 203 (ragged), against the fixture's 16.
     monkeypatch.setenv("SSLKERNELS_DINO_FUSED_BLOCK", str(block))
-    kernel_type = type(dino_fused._dino_fused_kernel)
-    run, seen = kernel_type.run, []
-
-    def recording_run(self, *args, **kwargs):
-        if self is dino_fused._dino_fused_kernel:
-            seen.append(kwargs["BLOCK"])
-        return run(self, *args, **kwargs)
-
-    monkeypatch.setattr(kernel_type, "run", recording_run)
-    check("fused", 2, 5, 3, 203, torch.float32, "none")
+    with launches() as recorded:
+        check("fused", 2, 5, 3, 203, torch.float32, "none")
+    seen = [kw["BLOCK"] for name, _, kw in recorded if name == "_dino_fused_kernel"]
     assert seen and set(seen) == {block}, seen
 
 

@@ -5,37 +5,15 @@ The interpreter runs any grid; CUDA refuses a launch whose grid axis 1 or 2 exce
 2³¹ − 1) or that asks for more than 32 warps. The size tests below record the launches an op makes, without
 running them (inputs are stride-0 expanded rows: no memory), and hold every grid to those limits.
 """
-import contextlib
-
 import pytest
 import torch
 
 import sslkernels
 from sslkernels.ops import _grid, contrastive, cross_correlation_triton as cct, dino, similarity, sinkhorn
 
-from conftest import assert_close
+from conftest import assert_close, launches
 
 MAX_GRID = (2 ** 31 - 1, 65535, 65535)
-
-
-@contextlib.contextmanager
-def launches(execute: bool):
-    """Record (kernel, grid, keyword arguments) of every Triton launch; run them only when ``execute``."""
-    kernel_type = type(contrastive._fwd_kernel)  # JITFunction on a GPU, InterpretedFunction off it
-    original = kernel_type.run
-    seen = []
-
-    def run(self, *args, grid, warmup, **kwargs):
-        seen.append((self.fn.__name__ if hasattr(self, "fn") else self.__name__, tuple(grid), dict(kwargs)))
-        if execute:
-            return original(self, *args, grid=grid, warmup=warmup, **kwargs)
-        return None
-
-    kernel_type.run = run
-    try:
-        yield seen
-    finally:
-        kernel_type.run = original
 
 
 def _assert_launchable(seen, names):
