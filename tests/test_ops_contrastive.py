@@ -521,45 +521,36 @@ def test_a_nan_in_one_key_makes_every_loss_nan(engine, split, monkeypatch):
         assert valid.isnan().all(), f"{op}: {rows.tolist()}"
 
 
-@pytest.mark.parametrize("engine", ["v2-online", "v2-fixed"])
-@pytest.mark.parametrize("symmetric", [False, True], ids=["rows", "two-sided"])
-def test_a_query_of_norm_past_fp32s_square_root_range(symmetric, engine):
-    # ‖q‖ ≈ 4e20: its fp32 sum of squares overflows, so the fixed shift's norm bound was inf and then
-    # inf − inf = NaN for every row, although every logit (keys of norm ~1e-20) is small and finite.
+def _check_query_of_norm_4e20(k64, targets, symmetric, engine):
+    """InfoNCE with query row 2 of norm ~4e20 (its fp32 sum of squares overflows) against the keys ``k64``; loss
+    and gradients against float64, each gradient relative to its own scale (dq ~1e-20, dk ~1e20)."""
     q64 = torch.randn(6, 9, dtype=F64)
     q64[2] *= 1e20
-    k64 = torch.randn(6, 9, dtype=F64) * 1e-20
     q, k = (x.float().to(DEVICE).requires_grad_() for x in (q64, k64))
     q64.requires_grad_(), k64.requires_grad_()
     with launch_config.use_engine(**ENGINES_ALL[engine]):
-        out = _impl("info_nce")(q, k, 0.5, None, symmetric, False, "none")
-    want = info_nce64(q64, k64, torch.tensor(0.5, dtype=F64), None, symmetric, False)
+        out = _impl("info_nce")(q, k, 0.5, None if targets is None else targets.to(DEVICE), symmetric, False, "none")
+    want = info_nce64(q64, k64, torch.tensor(0.5, dtype=F64), targets, symmetric, False)
     assert_close(out, want, torch.float32, name="loss")
-    # each gradient relative to its own scale (dq ~1e-20, dk ~1e20)
     cot = torch.rand(want.shape, dtype=F64)
     got = torch.autograd.grad(out, [q, k], cot.float().to(DEVICE))
     exp = torch.autograd.grad(want, [q64, k64], cot)
     for g, e, name in zip(got, exp, ("query", "key")):
         assert_close(g, e, torch.float32, atol=0.0, rtol=1e-4, name=name)
+
+
+@pytest.mark.parametrize("engine", ["v2-online", "v2-fixed"])
+@pytest.mark.parametrize("symmetric", [False, True], ids=["rows", "two-sided"])
+def test_a_query_of_norm_past_fp32s_square_root_range(symmetric, engine):
+    # The fixed shift's norm bound was inf and then inf − inf = NaN for every row, although every logit (keys
+    # of norm ~1e-20) is small and finite.
+    _check_query_of_norm_4e20(torch.randn(6, 9, dtype=F64) * 1e-20, None, symmetric, engine)
 
 
 def test_a_query_of_norm_past_fp32s_square_root_range_against_all_zero_keys():
     # The query's bound overflows to inf and the keys' bound is 0: the kernel's own clamp to FLT_MAX must keep the
     # shift 0, not inf·0 = NaN (the host's clamp after the product cannot turn a NaN back). Every logit is 0.
-    q64 = torch.randn(6, 9, dtype=F64)
-    q64[2] *= 1e20
-    k64 = torch.zeros(5, 9, dtype=F64)
-    q, k = (x.float().to(DEVICE).requires_grad_() for x in (q64, k64))
-    q64.requires_grad_(), k64.requires_grad_()
-    with launch_config.use_engine(**ENGINES_ALL["v2-fixed"]):
-        out = _impl("info_nce")(q, k, 0.5, torch.zeros(6, dtype=torch.long, device=DEVICE), False, False, "none")
-    want = info_nce64(q64, k64, torch.tensor(0.5, dtype=F64), torch.zeros(6, dtype=torch.long), False, False)
-    assert_close(out, want, torch.float32, name="loss")
-    cot = torch.rand(want.shape, dtype=F64)
-    got = torch.autograd.grad(out, [q, k], cot.float().to(DEVICE))
-    exp = torch.autograd.grad(want, [q64, k64], cot)
-    for g, e, name in zip(got, exp, ("query", "key")):
-        assert_close(g, e, torch.float32, atol=0.0, rtol=1e-4, name=name)
+    _check_query_of_norm_4e20(torch.zeros(5, 9, dtype=F64), torch.zeros(6, dtype=torch.long), False, "v2-fixed")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
