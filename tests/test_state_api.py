@@ -324,6 +324,21 @@ def test_memory_queue_ring_buffer(size, batches, qdtype, kdtype, backend):
     assert q.ptr is ptr_obj and q.ptr.data_ptr() == ptr_addr and q.queue.data_ptr() == queue_addr
 
 
+@pytest.mark.parametrize("backend", _queue_backends())
+def test_memory_queue_enqueue_normalize(backend):
+    # normalize=True must reach the op: rows L2-normalized on the way in (a zero row stays zero), the plain
+    # cast otherwise, with the ring's wrap-around either way.
+    q = MemoryQueue(5, 6, dtype=torch.float32)
+    keys = torch.randn(4, 6, dtype=F64) * 3
+    keys[3] = 0
+    q.enqueue_(keys.float(), normalize=True, backend=backend)  # rows 0..3, ptr 4
+    q.enqueue_(keys[:3].float(), backend=backend)  # rows 4, 0, 1 as they are, ptr 2
+    unit = torch.nn.functional.normalize(keys, dim=1)
+    assert_close(q.queue[[4, 0, 1]], keys[:3], torch.float32)
+    assert_close(q.queue[[2, 3]], unit[2:4], torch.float32)
+    assert unit[2].norm() > 0.99 and int(q.ptr) == 2
+
+
 def test_memory_queue_is_a_module_with_two_buffers():
     q = MemoryQueue(12, 3)
     assert isinstance(q, nn.Module)
