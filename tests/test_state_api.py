@@ -404,6 +404,10 @@ def test_memory_queue_state_dict_from_another_dtype_and_ptr_layout():
     ptr_obj = c.ptr
     c.load_state_dict(b.state_dict())
     assert c.ptr is ptr_obj and int(c.ptr) == 4  # loaded into the existing buffer (CUDA graphs keep its address)
+    # load_state_dict(assign=True) takes the saved tensors as they are: ptr must still become 0-d int64.
+    d = MemoryQueue(9, 4)
+    d.load_state_dict({"queue": b.queue.clone(), "ptr": torch.tensor([5], dtype=torch.int32)}, assign=True)
+    assert d.ptr.dim() == 0 and d.ptr.dtype == torch.int64 and int(d.ptr) == 5
     for bad, match in ((torch.tensor(9), "outside"), (torch.tensor(-1), "outside"), (torch.tensor(2.0), "integer"),
                        (torch.tensor([1, 2]), "integer")):
         with pytest.raises(RuntimeError, match=match):
