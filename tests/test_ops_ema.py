@@ -346,6 +346,17 @@ def test_extension_info_and_no_crash_without_gpu():
         ext.ema_update(16, 16, 1, 1022, 0, 0, 0, 0, 0.5, 0)
 
 
+def test_the_python_side_asks_for_the_abi_version_the_sources_build():
+    # A bump on one side only makes every _C look stale: the GPU machine would ignore a fresh build and skip every
+    # csrc test as "not built". Read from the source, so a machine without nvcc catches it too.
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "csrc" / "bindings.cpp").read_text()
+    (version,) = re.findall(r"constexpr int kAbiVersion = (\d+);", text)
+    assert int(version) == CSRC_ABI_VERSION
+
+
 @pytest.mark.parametrize("version", [None, CSRC_ABI_VERSION - 1])
 def test_a_stale_extension_is_ignored_with_a_warning(monkeypatch, version):
     # A _C built from older sources (an in-place build left next to newer Python) takes this package's
