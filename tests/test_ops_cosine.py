@@ -120,3 +120,13 @@ def test_negative_cosine_without_stop_gradient(eps, reduction):
         assert_close(got, want, torch.float32, name=f"{backend} loss")
         assert_close(gp, want_gp, torch.float32, atol=0.0, name=f"{backend} grad p")
         assert_close(gz, want_gz, torch.float32, atol=0.0, name=f"{backend} grad z")
+
+
+@pytest.mark.parametrize("eps,error", [(0.0, ValueError), (-1e-8, ValueError), (float("nan"), ValueError),
+                                       (float("inf"), ValueError), (True, TypeError), ("1e-8", TypeError),
+                                       (torch.tensor(1e-8), TypeError)])
+def test_negative_cosine_rejects_a_bad_eps(eps, error):
+    # eps clamps the norms: 0 or a negative one divides a zero row by 0 (NaN), NaN / inf poison every row.
+    p, z = torch.randn(4, 6), torch.randn(4, 6)
+    with pytest.raises(error, match="eps"):
+        sslkernels.negative_cosine_similarity(p, z, eps=eps)
