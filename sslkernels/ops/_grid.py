@@ -18,7 +18,7 @@ def folded(n0: int, n1: int) -> tuple:
     """The grid for n0 × n1 programs with n1 folded over axes 1 and 2. The fold launches fewer than
     n1 / 65535 extra programs along axis 1 (indices ≥ n1): kernels must mask them out, as they mask a ragged
     last tile."""
-    n2 = -(-n1 // MAX_AXIS12)
+    n2 = max(1, -(-n1 // MAX_AXIS12))  # n1 = 0 (nothing to launch, as the plain grid had it): no division by 0
     return n0, -(-n1 // n2), n2
 
 
