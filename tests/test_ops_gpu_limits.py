@@ -11,7 +11,10 @@ import torch
 import sslkernels
 from sslkernels.ops import _grid, contrastive, cross_correlation_triton as cct, dino, similarity, sinkhorn
 
-from conftest import assert_close, launches
+from conftest import HAS_CUDA, assert_close, launches
+
+# The Triton backend takes CPU tensors only under the interpreter: on a GPU machine every input lives on the GPU.
+DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 MAX_GRID = (2 ** 31 - 1, 65535, 65535)
 
@@ -28,7 +31,7 @@ def _assert_launchable(seen, names):
 
 def _rows(n, d, dtype=torch.float32):
     """n identical rows, no memory: the launch code sees an [n, d] tensor with unit-stride rows."""
-    return torch.ones(1, d, dtype=dtype).expand(n, d)
+    return torch.ones(1, d, dtype=dtype, device=DEVICE).expand(n, d)
 
 
 # ------------------------------------------------------------------------------ grids at large sizes
@@ -99,7 +102,7 @@ def test_fp32_kernels_follow_the_tf32_setting_of_either_api(how, numerics_restor
         matmul.allow_tf32 = True
     else:
         torch.set_float32_matmul_precision("highest")
-    q, k = torch.randn(24, 16), torch.randn(24, 16)
+    q, k = torch.randn(24, 16, device=DEVICE), torch.randn(24, 16, device=DEVICE)
     with launches(execute=True) as seen:
         got = sslkernels.info_nce(q, k, 0.5, backend="triton")
         sim = sslkernels.similarity(q, k, backend="triton")
@@ -128,12 +131,12 @@ def test_cross_correlation_takes_64_bit_offsets_for_inputs_past_2_31_elements():
 @pytest.mark.parametrize("two", [False, True])
 def test_cross_correlation_wide_kernel_matches_the_narrow_one(two):
     # The int64 branch (taken only past 2³¹ elements) computes the same products on any input.
-    a, b = torch.randn(37, 70), torch.randn(37, 70)
+    a, b = torch.randn(37, 70, device=DEVICE), torch.randn(37, 70, device=DEVICE)
     tm, tn = cct.cdiv(70, cct.BLOCK_M), cct.cdiv(70, cct.BLOCK_N)
     parts, outs = [], []
     for wide in (False, True):
-        part = torch.empty((tm, tn))
-        o1, o2 = torch.empty(70, 70), torch.empty(70, 70)
+        part = torch.empty((tm, tn), device=DEVICE)
+        o1, o2 = torch.empty(70, 70, device=DEVICE), torch.empty(70, 70, device=DEVICE)
         cct._products_kernel[(tm, tn)](a, b, b, a, o1, o2, part, 37, 70, 70, a.stride(0), a.stride(1), b.stride(0),
                                        b.stride(1), b.stride(0), b.stride(1), a.stride(0), a.stride(1), 70, 70,
                                        TWO=two, STORE=True, WIDE=wide, DOT_PREC="ieee", BLOCK_M=cct.BLOCK_M,
@@ -160,9 +163,10 @@ def test_folded_kernels_mask_the_extra_programs(monkeypatch):
     monkeypatch.setattr(_grid, "MAX_AXIS12", 2)
     monkeypatch.setattr(sinkhorn, "BLOCK_P", 16)
     monkeypatch.setattr(dino, "TILE_ELEMENTS", 32)
-    a, b = torch.randn(5, 24), torch.randn(5 * similarity.SIMILARITY["fp32"].block_n - 3, 24)
-    scores = torch.randn(6, 77)
-    student, teacher, center = torch.randn(4, 77, requires_grad=True), torch.randn(4, 77), torch.randn(1, 77)
+    a, b = (torch.randn(n, 24, device=DEVICE) for n in (5, 5 * similarity.SIMILARITY["fp32"].block_n - 3))
+    scores = torch.randn(6, 77, device=DEVICE)
+    student = torch.randn(4, 77, device=DEVICE, requires_grad=True)
+    teacher, center = torch.randn(4, 77, device=DEVICE), torch.randn(1, 77, device=DEVICE)
     with launches(execute=True) as seen:
         sim = sslkernels.similarity(a, b, backend="triton")
         q = sslkernels.sinkhorn_knopp(scores, iterations=2, backend="triton")
