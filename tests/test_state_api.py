@@ -189,6 +189,27 @@ def test_momentum_encoder_explicit_step_and_defaults():
         assert torch.equal(a, b), k
 
 
+def test_momentum_encoder_state_dict_resumes_the_schedule():
+    # A checkpoint holds the teacher and the step counter: a resumed encoder continues the momentum schedule
+    # where it stopped (a step left out of the state dict would restart it at base momentum).
+    net = _net()
+    enc = MomentumEncoder(net, 0.9, total_steps=20)
+    for _ in range(5):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        enc.update_(net)
+    sd = enc.state_dict()
+    assert int(sd["step"]) == 5 and {k for k in sd if k != "step"} == {"module." + k for k in net.state_dict()}
+    resumed = MomentumEncoder(_net(), 0.9, total_steps=20)
+    resumed.load_state_dict(sd)
+    assert resumed.step.dim() == 0 and resumed.step.dtype == torch.long
+    m1, m2 = enc.update_(net), resumed.update_(net)
+    assert float(m1) == float(m2) == _cosine(5, 20, 0.9, 1.0)
+    for (k, a), (_, b) in zip(enc.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
 def test_momentum_encoder_without_total_steps_keeps_base_momentum():
     net = _net()
     enc = MomentumEncoder(net, 0.5)
