@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import os
 import warnings
 from typing import Callable, Dict, Optional
@@ -87,10 +88,12 @@ def cuda_extension():
     fails to load, or one built from other sources (a stale build would take this package's arguments with
     other meanings), is ignored with a warning, so backend="cuda" is unavailable rather than wrong."""
     try:
-        from . import _C  # type: ignore[attr-defined]
-    except ModuleNotFoundError:
-        return None
+        # import_module, not `from . import _C`: an absent _C is then ModuleNotFoundError naming it, while the
+        # from-import raises a plain ImportError that looks like a broken build (a warning on every CPU machine).
+        _C = importlib.import_module(f"{__package__}._C")
     except ImportError as err:
+        if isinstance(err, ModuleNotFoundError) and err.name == f"{__package__}._C":
+            return None  # not built
         warnings.warn(f"sslkernels._C is present but does not load ({err}); the CUDA extension is unavailable: "
                       "rebuild it (bash scripts/build_csrc.sh or pip install -e .)", RuntimeWarning, stacklevel=2)
         return None

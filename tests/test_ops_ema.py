@@ -397,3 +397,21 @@ def test_every_kind_bumps_the_targets_version_counters(small_chunks, kind):
     before = [t._version for t in targets]
     impl(kind)(targets, sources, torch.tensor(0.5, device=device))
     assert all(t._version > v for t, v in zip(targets, before)), [(t._version, v) for t, v in zip(targets, before)]
+
+
+def test_an_absent_extension_is_quietly_unavailable(monkeypatch, tmp_path):
+    # No _C at all (a CPU machine, an install without nvcc) is the common case: None without a warning. The
+    # from-import used before raised a plain ImportError there, which read as a broken build and warned.
+    import sys
+    import warnings
+
+    import sslkernels
+
+    monkeypatch.delitem(sys.modules, "sslkernels._C", raising=False)
+    monkeypatch.delattr(sslkernels, "_C", raising=False)
+    monkeypatch.setattr(sslkernels, "__path__", [str(tmp_path)])  # submodules are looked up here: none
+    # (an editable install's finder maps sslkernels._C to the checkout whatever __path__ says: left out)
+    monkeypatch.setattr(sys, "meta_path", [f for f in sys.meta_path if "editable" not in repr(f).lower()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cuda_extension() is None
