@@ -234,6 +234,19 @@ def test_tables_are_cached_per_tensor_list(small_chunks):
     assert len(ema._cache) == 2
 
 
+@needs_triton
+def test_tables_are_not_reused_for_longer_views_at_the_same_addresses(small_chunks):
+    # Views of one buffer at the same addresses but of other lengths are other tables: a cache keyed on the
+    # addresses alone would update only the first length's elements (or run past a shorter view).
+    t_buf, s_buf = make_pairs([(5000,)], f32, f32, TRITON_DEVICE)
+    for n in (1000, 5000, 7):
+        t, s = t_buf[0][:n], s_buf[0][:n]
+        want = expected64([t_buf[0]], [s_buf[0]], 0.5)[0]
+        want[n:] = t_buf[0][n:].double()
+        impl("triton")([t], [s], 0.5)
+        check([t_buf[0]], [want], f"view of {n}")
+
+
 # ------------------------------------------------------------------------------------ no host read
 
 
