@@ -168,6 +168,10 @@ def test_memory_queue_rejects_bad_keys():
         q.enqueue_(torch.randn(0, 5))
     with pytest.raises(TypeError, match="keys"):
         q.enqueue_(torch.ones(2, 5, dtype=torch.long))
+    before = (q.queue.clone(), int(q.ptr))
+    with pytest.raises(ValueError, match="keys are on meta but the queue is on cpu"):  # any other device
+        q.enqueue_(torch.randn(2, 5, device="meta"))
+    assert torch.equal(q.queue, before[0]) and int(q.ptr) == before[1]
 
 
 def test_memory_queue_plugs_into_moco_loss():
