@@ -15,8 +15,9 @@ similarity: one program per (row tile, column tile) writes its tile of S. The ou
     Backward: two torch matmuls, dÂ = G·B̂ and dB̂ = Gᵀ·Â (Â = rows of a scaled by r), then the Jacobian of
     the normalization, x̂ ↦ (g − x̂⟨x̂, g⟩)/max(‖x‖, ε), O((N + M)·D). The cotangent G is already an N×M
     tensor in memory, so a fused kernel could save nothing; the two products are plain GEMMs on which
-    cuBLAS is at its roofline (and follows the TF32 setting, ops/_common.tf32_matmul, as the forward does). They run in fp32 because G is
-    fp32: rounding it to fp16 for the tensor cores would cost more than the fp16 tolerance.
+    cuBLAS is at its roofline (and follows the TF32 setting, ops/_common.tf32_matmul, as the forward does).
+    They run in fp32 because G is fp32: rounding it to fp16 for the tensor cores would cost more than the fp16
+    tolerance.
 
 knn_topk: one program per (tile of query rows, contiguous split of the bank). It streams tiles of W bank rows,
     W = max(BLOCK_N, next power of two ≥ k), and keeps a running list of the W best (value, index) pairs
