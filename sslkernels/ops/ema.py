@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from ..backends import cuda_extension, device_guard, register, triton_interpreted
-from .._checks import tensors_signature
+from .._checks import HashedKey, tensors_signature
 from ..reference import compute_dtype
 
 Scalar = Union[float, torch.Tensor]
@@ -171,8 +171,8 @@ def _plan(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor], spli
         idx_groups, rest_idx = _plan_indices(targets, sources, split_aligned)
         keyed = {}
         for g, idx in idx_groups.items():
-            keyed[g] = (idx, (device, chunk_size) + tuple(
-                (targets[i].data_ptr(), sources[i].data_ptr(), targets[i].numel()) for i in idx))
+            keyed[g] = (idx, HashedKey((device, chunk_size) + tuple(
+                (targets[i].data_ptr(), sources[i].data_ptr(), targets[i].numel()) for i in idx)))
         hit = (keyed, rest_idx)
         _plans[sig] = hit
         while len(_plans) > _CACHE_SIZE:
@@ -320,6 +320,14 @@ def _eager_ema_(pairs: Sequence[Pair], momentum: Scalar) -> None:
 @register("ema_update_", "cpu")
 @torch.no_grad()
 def ema_update_cpu(targets: List[torch.Tensor], sources: List[torch.Tensor], momentum: Scalar) -> None:
+    if targets and not isinstance(momentum, torch.Tensor):
+        dtypes = {t.dtype for t in targets}.union(s.dtype for s in sources)
+        dtype = next(iter(dtypes))
+        if len(dtypes) == 1 and compute_dtype(dtype) == dtype:
+            # One dtype that computes as itself (an fp32 teacher of an fp32 student): _eager_ema_'s one group,
+            # without its per-pair grouping (~0.1 ms of host time for ResNet-50's 161 pairs).
+            torch._foreach_lerp_(targets, sources, 1.0 - float(momentum))
+            return
     _eager_ema_(list(zip(targets, sources)), momentum)
 
 
