@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from . import _checks as check
+from . import _module_pairs as _module_pairs_walk
 from . import distributed as _dist
 from .backends import dispatch
 from .ops import contrastive_dist as _contrastive_dist
@@ -423,52 +424,21 @@ def vicreg_loss(z1, z2, sim_weight: float = 25.0, var_weight: float = 25.0, cov_
 BUFFER_MODES = ("copy", "ema", "skip")
 
 
-# Prefixes that wrappers put before every name: DDP / DataParallel ("module."), torch.compile ("_orig_mod.").
-_WRAPPER_PREFIXES = {"module.": "DDP / DataParallel, e.g. ddp_model.module",
-                     "_orig_mod.": "torch.compile, e.g. compiled_model._orig_mod"}
-
-
-def _unwrapped(name: str) -> str:
-    while name.startswith(tuple(_WRAPPER_PREFIXES)):
-        name = name.split(".", 1)[1]
-    return name
-
-
-def _names_mismatch(kind: str, t: dict, s: dict) -> str:
-    only_t, only_s = sorted(set(t) - set(s)), sorted(set(s) - set(t))
-    msg = (f"target and source modules differ in {kind}: only the target has {only_t[:4]}, "
-           f"only the source has {only_s[:4]}")
-    if {_unwrapped(k) for k in t} == {_unwrapped(k) for k in s}:
-        # The same names under a wrapper's prefix: say which side is wrapped and how to unwrap it.
-        for side, names in (("target", only_t), ("source", only_s)):
-            wrapped = [p for p in _WRAPPER_PREFIXES if any(n.startswith(p) for n in names)]
-            if wrapped:
-                how = "; ".join(f"{p!r} from {_WRAPPER_PREFIXES[p]}" for p in wrapped)
-                msg += (f". The {side}'s names carry a wrapper prefix ({how}): pass the unwrapped module "
-                        "(the one the EMA copy was made from)")
-                break
-    return msg
-
-
 def _module_pairs(target: nn.Module, source: nn.Module, buffers: str):
     """(ema targets, ema sources, copy targets, copy sources, ema names, copy names) for two modules of one
     architecture."""
-    tp, sp = dict(target.named_parameters()), dict(source.named_parameters())
-    tb, sb = dict(target.named_buffers()), dict(source.named_buffers())
-    for kind, t, s in (("parameters", tp, sp), ("buffers", tb, sb)):
-        if t.keys() != s.keys():
-            raise ValueError(_names_mismatch(kind, t, s))
-    ema_names = list(tp)
-    ema_t, ema_s = [tp[k] for k in tp], [sp[k] for k in tp]
+    params, (b_names, b_t, b_s) = _module_pairs_walk.named_pairs(target, source)
+    ema_names, ema_t, ema_s = (list(x) for x in params)  # copies: the walk's lists are cached
     copy_t, copy_s, copy_names = [], [], []
-    for k in tb:
-        if tb[k].is_floating_point() and buffers == "ema":
-            ema_t.append(tb[k])
-            ema_s.append(sb[k])
+    for k, t, s in zip(b_names, b_t, b_s):
+        # Read per call, not cached with the walk: a buffer's dtype can change under the same tensor object.
+        if t.is_floating_point() and buffers == "ema":
+            ema_t.append(t)
+            ema_s.append(s)
             ema_names.append(k)
-        elif not tb[k].is_floating_point() or buffers == "copy":
-            copy_t.append(tb[k])  # integer buffers (e.g. num_batches_tracked) are always copied
-            copy_s.append(sb[k])
+        elif not t.is_floating_point() or buffers == "copy":
+            copy_t.append(t)  # integer buffers (e.g. num_batches_tracked) are always copied
+            copy_s.append(s)
             copy_names.append(k)
     return ema_t, ema_s, copy_t, copy_s, ema_names, copy_names
 

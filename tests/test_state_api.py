@@ -841,6 +841,86 @@ def test_ema_update_modules_copies_buffers_with_foreach(monkeypatch, buffers):
     assert sorted(calls) == ([6, 12] if buffers == "copy" else [6])
 
 
+
+def _ema_step_checked(target, source, backend, buffers="copy"):
+    """One module-form ema_update_ against float64 arithmetic on the tensors the modules hold right now."""
+    t0 = {k: v.detach().double().clone() for k, v in target.named_parameters()}
+    s0 = {k: v.detach().double().clone() for k, v in source.named_parameters()}
+    sslkernels.ema_update_(target, source, 0.75, backend=backend, buffers=buffers)
+    for k, p in target.named_parameters():
+        assert_close(p, 0.75 * t0[k] + 0.25 * s0[k], p.dtype, name=k)
+    s_bufs = dict(source.named_buffers())
+    for k, b in target.named_buffers():
+        if buffers == "copy" or not b.is_floating_point():
+            assert torch.equal(b, s_bufs[k].to(b.dtype)), f"buffer {k} not copied"
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_ema_update_modules_sees_every_change_between_calls(backend):
+    # The module form keeps its walk of both trees between calls (host time): every way a tree can change
+    # under the same module objects must reach the update, including writes that bypass registration hooks.
+    target, source = _net(), _perturbed_copy(_net())
+    _ema_step_checked(target, source, backend)
+    _ema_step_checked(target, source, backend)  # the kept walk
+    target[3], source[3] = nn.Linear(13, 3), nn.Linear(13, 3)  # swapped layers
+    _ema_step_checked(target, source, backend)
+    with torch.no_grad():  # new Parameter objects written straight into the dicts, as _apply can
+        target[0]._parameters["weight"] = nn.Parameter(target[0].weight + 1)
+        source[0]._parameters["bias"] = nn.Parameter(torch.randn(13))
+    _ema_step_checked(target, source, backend)
+    overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        target.double()  # new Parameter objects for every parameter, no registration hook called
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
+    _ema_step_checked(target, source, backend)
+    target[1].register_buffer("extra", torch.zeros(13))
+    source[1].register_buffer("extra", torch.randn(13))
+    _ema_step_checked(target, source, backend)
+    del target[1].extra
+    with pytest.raises(ValueError, match=r"only the source has \['1\.extra'\]"):
+        sslkernels.ema_update_(target, source, 0.75, backend=backend)
+    del source[1].extra
+    for net in (target, source):  # a parametrization moves the weight under parametrizations.weight.original
+        torch.nn.utils.parametrize.register_parametrization(net[3], "weight", nn.Identity())
+    _ema_step_checked(target, source, backend)
+    assert any(k.endswith("original") for k, _ in target.named_parameters())
+    source[0] = nn.Linear(7, 13, bias=False)  # a parameter gone on one side only
+    with pytest.raises(ValueError, match=r"only the target has \['0\.bias'\]"):
+        sslkernels.ema_update_(target, source, 0.75, backend=backend)
+
+
+def test_ema_update_modules_keeps_no_model_alive():
+    import gc
+    import weakref
+
+    target, source = _net(), _perturbed_copy(_net())
+    sslkernels.ema_update_(target, source, 0.9)
+    refs = [weakref.ref(x) for x in (target, source, target[0].weight, source[3].bias, source[1].running_mean)]
+    del target, source
+    gc.collect()
+    assert all(r() is None for r in refs), "a module walk entry kept a model's tensors alive"
+
+
+class _ListedParams(nn.Module):
+    """Names its tensors from a plain list, not its dicts (as wrappers that override the walk do)."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.listed = [nn.Parameter(torch.randn(3)) for _ in range(n)]
+
+    def named_parameters(self, prefix="", recurse=True, remove_duplicate=True):
+        return iter([(f"p{i}", p) for i, p in enumerate(self.listed)])
+
+
+def test_ema_update_modules_walks_overriding_modules_every_call():
+    target, source = _ListedParams(2), _ListedParams(2)
+    _ema_step_checked(target, source, "auto")
+    target.listed[1], source.listed[1] = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(3))
+    _ema_step_checked(target, source, "auto")  # no dict changed: only a fresh walk sees the new tensors
+
+
 def test_memory_queue_load_reports_a_size_mismatch_before_ptr():
     a = MemoryQueue(10, 4)
     a.enqueue_(torch.randn(8, 4))  # ptr = 8: outside a 5-row queue, but the size is the cause
