@@ -165,7 +165,10 @@ def _step_tensor(step, device: torch.device) -> torch.Tensor:
         raise TypeError(f"step must be an int or a 0-d integer tensor, got {type(step).__name__}")
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
-    return torch.tensor(int(step), device=device)
+    # A fill with the int as the kernel's argument: torch.tensor(step, device="cuda") builds it on the host and
+    # copies it from pageable memory, which waits for the GPU to finish its queue (a stall on every
+    # update_(module, step) of a training loop, as the trainers and the Lightning callback call it).
+    return torch.full((), int(step), dtype=torch.long, device=device)
 
 
 class MomentumEncoder(nn.Module):

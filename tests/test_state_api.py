@@ -189,6 +189,32 @@ def test_momentum_encoder_explicit_step_and_defaults():
         assert torch.equal(a, b), k
 
 
+def test_momentum_encoder_int_step_is_not_built_on_the_host():
+    # Training loops pass the step as an int every iteration (sslkernels.train, the Lightning callback). A tensor
+    # made from it on the host (torch.tensor(step, device=...)) is a synchronous copy from pageable memory on a
+    # GPU: the host would wait for the device on every step. A fill takes the int as a kernel argument instead.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    net = _net()
+    enc = MomentumEncoder(net, 0.9, total_steps=20)
+    enc.update_(net, 3)  # first call: caches
+    with Ops() as ops:
+        m = enc.update_(net, 7)
+        m_at = enc.momentum_at(9)
+    assert torch.ops.aten.lift_fresh.default not in ops.seen, "a step tensor was built from host data"
+    assert int(enc.step) == 8 and enc.step.dtype == torch.long and enc.step.dim() == 0
+    assert float(m) == _cosine(7, 20, 0.9, 1.0) and float(m_at) == _cosine(9, 20, 0.9, 1.0)
+
+
 def test_momentum_encoder_state_dict_resumes_the_schedule():
     # A checkpoint holds the teacher and the step counter: a resumed encoder continues the momentum schedule
     # where it stopped (a step left out of the state dict would restart it at base momentum).
