@@ -72,34 +72,43 @@ def _tree(root: nn.Module) -> Optional[list]:
 
 
 def _state(modules: list) -> list:
-    """Names and object identities in every parameter, buffer and submodule dict of the tree, in order.
-
-    Identities are sound here: the walk entry holds its parameters and buffers, and a submodule that dies is
-    caught by its weak reference first, so no id can be reused by a new object while its entry compares it.
-    """
+    """Names and object identities in every parameter, buffer and submodule dict of the tree, in order."""
     dicts = [d for m in modules for d in (m._parameters, m._buffers, m._modules)]
     return [*chain.from_iterable(dicts), *map(id, chain.from_iterable(map(dict.values, dicts)))]
 
 
 class _Walk:
-    """One (target, source) pair's walk and the tree state it was read from."""
-    __slots__ = ("params", "buffers", "submodules", "state")
+    """One (target, source) pair's walk and the tree state it was read from, all held weakly: a submodule that
+    refers back to its root (an attribute, not a child) must not keep the root, and so this entry, alive; a
+    parameter replaced between calls must not stay in memory because the entry still lists it. Roots are the
+    cache's keys and come with each call."""
+    __slots__ = ("names", "tensors", "submodules", "state")
 
     def __init__(self, params: Named, buffers: Named, trees: Tuple[list, list]):
-        self.params, self.buffers = params, buffers
-        # Submodules held weakly: one that refers back to its root (an attribute, not a child) must not keep the
-        # root, and so this entry, alive. Roots are the cache's keys and come with each call.
+        self.names = (params[0], buffers[0])
+        self.tensors = [weakref.ref(t) for t in chain(params[1], params[2], buffers[1], buffers[2])]
         self.submodules = tuple([weakref.ref(m) for m in tree[1:]] for tree in trees)
         self.state = (_state(trees[0]), _state(trees[1]))
 
-    def current(self, target: nn.Module, source: nn.Module) -> bool:
+    def pairs(self, target: nn.Module, source: nn.Module) -> Optional[Tuple[Named, Named]]:
+        """The walk again when both trees are as it found them, else None."""
         trees = []
         for root, refs in zip((target, source), self.submodules):
             tree = [root, *[r() for r in refs]]
             if any(m is None for m in tree):
-                return False
+                return None
             trees.append(tree)
-        return _state(trees[0]) == self.state[0] and _state(trees[1]) == self.state[1]
+        tensors = [r() for r in self.tensors]
+        if any(t is None for t in tensors):
+            return None
+        # Identities are sound: every object the state names is alive (checked just above), so no new object
+        # can have taken one of their ids.
+        if _state(trees[0]) != self.state[0] or _state(trees[1]) != self.state[1]:
+            return None
+        n_p = len(self.names[0])
+        b_t, b_s = tensors[2 * n_p:2 * n_p + len(self.names[1])], tensors[2 * n_p + len(self.names[1]):]
+        p_t, p_s = tensors[:n_p], tensors[n_p:2 * n_p]
+        return (self.names[0], p_t, p_s), (self.names[1], b_t, b_s)
 
 
 # target -> source -> _Walk, weak on both: a dropped model takes its entry, and the tensors it holds, with it.
@@ -109,13 +118,14 @@ _walks: "weakref.WeakKeyDictionary[nn.Module, weakref.WeakKeyDictionary[nn.Modul
 
 def named_pairs(target: nn.Module, source: nn.Module) -> Tuple[Named, Named]:
     """(parameters, buffers) of two modules of one architecture as (names, target tensors, source tensors),
-    from the cached walk while both trees are unchanged. The lists are shared with the cache: read only."""
+    from the kept walk while both trees are unchanged. The name lists are shared with the cache: read only."""
     if torch.compiler.is_compiling():  # Dynamo traces the plain walk; ids and weak references are host-side
         return _walk(target, source)
     inner = _walks.get(target)
     entry = inner.get(source) if inner is not None else None
-    if entry is not None and entry.current(target, source):
-        return entry.params, entry.buffers
+    kept = entry.pairs(target, source) if entry is not None else None
+    if kept is not None:
+        return kept
     params, buffers = _walk(target, source)
     trees = (_tree(target), _tree(source))
     if trees[0] is not None and trees[1] is not None:

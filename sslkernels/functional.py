@@ -428,7 +428,7 @@ def _module_pairs(target: nn.Module, source: nn.Module, buffers: str):
     """(ema targets, ema sources, copy targets, copy sources, ema names, copy names) for two modules of one
     architecture."""
     params, (b_names, b_t, b_s) = _module_pairs_walk.named_pairs(target, source)
-    ema_names, ema_t, ema_s = (list(x) for x in params)  # copies: the walk's lists are cached
+    ema_names, ema_t, ema_s = (list(x) for x in params)  # copies: the names are the kept walk's
     copy_t, copy_s, copy_names = [], [], []
     for k, t, s in zip(b_names, b_t, b_s):
         # Read per call, not cached with the walk: a buffer's dtype can change under the same tensor object.

@@ -890,10 +890,13 @@ def test_ema_update_modules_sees_every_change_between_calls(backend):
     _ema_step_checked(target, source, backend)  # the kept walk
     target[3], source[3] = nn.Linear(13, 3), nn.Linear(13, 3)  # swapped layers
     _ema_step_checked(target, source, backend)
+    # The replaced objects stay alive here (an optimizer still lists them, say): only identities tell.
+    held = list(target.parameters()) + list(source.parameters())
     with torch.no_grad():  # new Parameter objects written straight into the dicts, as _apply can
         target[0]._parameters["weight"] = nn.Parameter(target[0].weight + 1)
         source[0]._parameters["bias"] = nn.Parameter(torch.randn(13))
     _ema_step_checked(target, source, backend)
+    held += list(target.parameters())
     overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
     torch.__future__.set_overwrite_module_params_on_conversion(True)
     try:
@@ -901,6 +904,7 @@ def test_ema_update_modules_sees_every_change_between_calls(backend):
     finally:
         torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
     _ema_step_checked(target, source, backend)
+    assert all(p.dtype == torch.float32 for p in held)
     target[1].register_buffer("extra", torch.zeros(13))
     source[1].register_buffer("extra", torch.randn(13))
     _ema_step_checked(target, source, backend)
@@ -923,7 +927,12 @@ def test_ema_update_modules_keeps_no_model_alive():
 
     target, source = _net(), _perturbed_copy(_net())
     sslkernels.ema_update_(target, source, 0.9)
-    refs = [weakref.ref(x) for x in (target, source, target[0].weight, source[3].bias, source[1].running_mean)]
+    refs = [weakref.ref(x) for x in (target, source, target[3].weight, source[3].bias, source[1].running_mean)]
+    # A parameter replaced between calls is freed at once, not when the next call finds the change.
+    replaced = weakref.ref(target[0].weight)
+    target[0].weight = nn.Parameter(torch.randn(13, 7))
+    gc.collect()
+    assert replaced() is None, "a module walk entry kept a replaced parameter alive"
     del target, source
     gc.collect()
     assert all(r() is None for r in refs), "a module walk entry kept a model's tensors alive"
