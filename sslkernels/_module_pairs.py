@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import weakref
 from itertools import chain
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -111,9 +111,14 @@ class _Walk:
         return (self.names[0], p_t, p_s), (self.names[1], b_t, b_s)
 
 
-# target -> source -> _Walk, weak on both: a dropped model takes its entry, and the tensors it holds, with it.
-_walks: "weakref.WeakKeyDictionary[nn.Module, weakref.WeakKeyDictionary[nn.Module, _Walk]]" = \
-    weakref.WeakKeyDictionary()
+# (id(target), id(source)) -> (target ref, source ref, _Walk). Keyed by identity, not by the modules (a module
+# class may define __eq__ / __hash__, or be unhashable); weak on both, and either one's death drops the entry,
+# so a dropped model takes its entry, and its ids, with it.
+_walks: Dict[Tuple[int, int], Tuple[weakref.ref, weakref.ref, _Walk]] = {}
+
+
+def _forget(key: Tuple[int, int]):
+    return lambda _ref: _walks.pop(key, None)
 
 
 def named_pairs(target: nn.Module, source: nn.Module) -> Tuple[Named, Named]:
@@ -121,17 +126,17 @@ def named_pairs(target: nn.Module, source: nn.Module) -> Tuple[Named, Named]:
     from the kept walk while both trees are unchanged. The name lists are shared with the cache: read only."""
     if torch.compiler.is_compiling():  # Dynamo traces the plain walk; ids and weak references are host-side
         return _walk(target, source)
-    inner = _walks.get(target)
-    entry = inner.get(source) if inner is not None else None
-    kept = entry.pairs(target, source) if entry is not None else None
-    if kept is not None:
-        return kept
+    key = (id(target), id(source))
+    entry = _walks.get(key)
+    if entry is not None and entry[0]() is target and entry[1]() is source:
+        kept = entry[2].pairs(target, source)
+        if kept is not None:
+            return kept
     params, buffers = _walk(target, source)
     trees = (_tree(target), _tree(source))
     if trees[0] is not None and trees[1] is not None:
-        if inner is None:
-            inner = _walks[target] = weakref.WeakKeyDictionary()
-        inner[source] = _Walk(params, buffers, trees)
-    elif inner is not None:
-        inner.pop(source, None)
+        _walks[key] = (weakref.ref(target, _forget(key)), weakref.ref(source, _forget(key)),
+                       _Walk(params, buffers, trees))
+    else:
+        _walks.pop(key, None)
     return params, buffers

@@ -938,6 +938,24 @@ def test_ema_update_modules_keeps_no_model_alive():
     assert all(r() is None for r in refs), "a module walk entry kept a model's tensors alive"
 
 
+
+class _ValueEqual(nn.Sequential):
+    """Modules equal by value: the walk's cache must tell equal modules apart."""
+
+    def __eq__(self, other):
+        return isinstance(other, _ValueEqual) and len(self) == len(other)
+
+    def __hash__(self):
+        return len(self)
+
+
+def test_ema_update_modules_equal_by_value_are_told_apart():
+    target = _ValueEqual(nn.Linear(7, 13), nn.BatchNorm1d(13), nn.ReLU(), nn.Linear(13, 3))
+    source = _ValueEqual(*_perturbed_copy(nn.Sequential(*target)))
+    other = _ValueEqual(*_perturbed_copy(nn.Sequential(*target)))  # equal to source by __eq__, not the same
+    for src in (source, source, other, source):
+        _ema_step_checked(target, src, "auto")
+
 class _ListedParams(nn.Module):
     """Names its tensors from a plain list, not its dicts (as wrappers that override the walk do)."""
 
