@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import math
 from numbers import Integral, Real
 from typing import Optional, Sequence, Union
 
@@ -37,7 +38,7 @@ __all__ = [
 class _Loss(nn.Module):
     def __init__(self, reduction: str = "mean", backend: Optional[str] = None):
         super().__init__()
-        self.reduction, self.backend = reduction, backend
+        self.reduction, self.backend = check.reduction(reduction), backend
 
 
 class InfoNCELoss(_Loss):
@@ -68,9 +69,35 @@ def _lightly_temperature(temperature, name: str = "temperature"):
         raise TypeError(f"{name} must be a float or a 0-d tensor, got {type(temperature).__name__}")
     # lightly only rejects |τ| < 1e-8 and would run with a negative τ; a negative temperature turns the
     # loss upside down, so it is refused here rather than reproduced.
-    if not temperature > 0:
-        raise ValueError(f"{name} must be positive, got {temperature!r}")
+    if not 0 < temperature < float("inf"):
+        raise ValueError(f"{name} must be positive and finite, got {temperature!r}")
     return float(temperature)
+
+
+def _positive_number(value, name: str) -> float:
+    """A positive, finite Python number (a constructor argument such as a temperature), by the caller's name."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not 0 < value < float("inf"):
+        raise ValueError(f"{name} must be positive and finite, got {value!r}")
+    return float(value)
+
+
+def _count(value, name: str, low: int = 1) -> int:
+    """An int >= ``low`` (numpy ints too; no float or string that int() would silently accept)."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
+def _unit_number(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a float in [0, 1], got {type(value).__name__}")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    return float(value)
 
 
 def _check_gather_available(gather_distributed: bool, name: str = "gather_distributed") -> None:
@@ -104,7 +131,12 @@ class MemoryBankModule(nn.Module):
                  feature_dim_first: bool = True, *, backend: Optional[str] = None,
                  generator: Optional[torch.Generator] = None):
         super().__init__()
-        size_tuple = (size,) if isinstance(size, Integral) and not isinstance(size, bool) else tuple(size)
+        if isinstance(size, Integral) and not isinstance(size, bool):
+            size_tuple = (size,)
+        elif isinstance(size, (tuple, list, torch.Size)):
+            size_tuple = tuple(size)
+        else:
+            raise TypeError(f"size must be 0 or a (num_features, dim) tuple of ints, got {size!r}")
         for v in size_tuple:
             if isinstance(v, bool) or not isinstance(v, Integral):
                 raise TypeError(f"size must be 0 or a (num_features, dim) tuple of ints, got {size!r}")
@@ -194,8 +226,9 @@ class NTXentLoss(_Loss):
         self.eps = 1e-8
 
     def forward(self, out0, out1):
-        check.features(out0, "out0")  # before F.normalize, whose error for integer inputs names no argument
-        check.features(out1, "out1")
+        # Here, by lightly's names (before F.normalize, whose error for integer inputs names no argument; nt_xent
+        # would call them z1 / z2).
+        Fn._pair("out0", out0, "out1", out1, same_rows=True)
         if self.normalize:
             out0, out1 = F.normalize(out0, dim=1), F.normalize(out1, dim=1)
         if self._lazy_bank_size and self.memory_bank.size[0] == 0:
@@ -205,6 +238,9 @@ class NTXentLoss(_Loss):
                 (self._lazy_bank_size, out1.shape[1]), self.gather_distributed, backend=self.backend,
                 generator=torch.Generator().manual_seed(self._lazy_bank_seed),
             ).to(device=out1.device, dtype=self.memory_bank.bank.dtype)
+        if self.memory_bank.size[0] and out1.shape[1] != self.memory_bank.bank.shape[1]:
+            raise ValueError(f"out1 has dimension {out1.shape[1]} but the memory bank holds rows of dimension "
+                             f"{self.memory_bank.bank.shape[1]} (memory_bank_size={self.memory_bank.size})")
         out1, negatives = self.memory_bank(out1, update=out0.requires_grad)
         if negatives is None:
             return Fn.nt_xent(out0, out1, self.temperature, decoupled=self.decoupled, reduction=self.reduction,
@@ -249,8 +285,7 @@ class DCLLoss(_Loss):
         self.gather_distributed = gather_distributed
 
     def forward(self, out0, out1):
-        check.features(out0, "out0")  # before F.normalize, whose error for integer inputs names no argument
-        check.features(out1, "out1")
+        Fn._pair("out0", out0, "out1", out1, same_rows=True)  # by lightly's names, before F.normalize
         out0, out1 = F.normalize(out0, dim=1), F.normalize(out1, dim=1)
         loss = Fn.nt_xent(out0, out1, self.temperature, decoupled=True, reduction=self.reduction,
                           gather_distributed=self.gather_distributed, backend=self.backend)
@@ -261,7 +296,9 @@ class DCLLoss(_Loss):
         rows = []
         for a, b in ((out0, out1), (out1, out0)):  # lightly's two directions: rows of out0, then of out1
             w = self.weight_fn(a, b)
-            if isinstance(w, torch.Tensor) and torch.broadcast_shapes(w.shape, (n,)) != (n,):
+            if not isinstance(w, (torch.Tensor, Real)) or isinstance(w, bool):
+                raise TypeError(f"weight_fn must return a tensor of weights (or a float), got {type(w).__name__}")
+            if isinstance(w, torch.Tensor) and (w.dim() > 1 or w.numel() not in (1, n)):
                 raise ValueError(f"weight_fn returned weights of shape {tuple(w.shape)}; one weight per row "
                                  f"(shape [{n}]) is needed")
             rows.append((1 - w) * pos)
@@ -331,9 +368,17 @@ class NegativeCosineSimilarity(_Loss):
         except RuntimeError:
             raise ValueError(f"x0 of shape {tuple(x0.shape)} and x1 of shape {tuple(x1.shape)} do not broadcast "
                              "to one shape") from None
-        if not -x0.dim() <= self.dim < max(x0.dim(), 1):
+        if x0.dim() == 0:
+            raise ValueError("x0 and x1 are 0-d; the cosine is taken along dim of vectors (at least 1-d inputs)")
+        if not -x0.dim() <= self.dim < x0.dim():
             raise ValueError(f"dim={self.dim} is out of range for inputs of shape {tuple(x0.shape)}")
-        if x0.dtype != x1.dtype and x0.is_floating_point() and x1.is_floating_point():
+        for name, x in (("x0", x0), ("x1", x1)):  # by lightly's names (the fused op calls them p and z)
+            if x.dtype not in check.FLOAT_DTYPES:
+                raise TypeError(f"{name} must be a floating-point tensor (float16/bfloat16/float32/float64), "
+                                f"got {x.dtype}")
+        if x0.numel() == 0:
+            raise ValueError(f"x0 and x1 (broadcast to shape {tuple(x0.shape)}) hold no elements")
+        if x0.dtype != x1.dtype:
             common = torch.promote_types(x0.dtype, x1.dtype)  # F.cosine_similarity promotes mixed dtypes
             x0, x1 = x0.to(common), x1.to(common)
         # The fused op works on rows: the cosine dimension goes last and every other one into the rows.
@@ -360,9 +405,11 @@ class BarlowTwinsLoss(nn.Module):
         self.gather_distributed, self.backend = gather_distributed, backend
 
     def forward(self, z_a, z_b):
+        Fn._pair("z_a", z_a, "z_b", z_b, same_rows=True)  # by lightly's names (the functional op's are z1 / z2)
         if self.gather_distributed and is_distributed():
-            Fn._pair("z_a", z_a, "z_b", z_b, same_rows=True)
             return barlow_twins_across_ranks(z_a, z_b, self.lambda_param, differentiable_reduce=True)
+        if z_a.shape[0] < 2:
+            raise ValueError("z_a and z_b need at least 2 rows: Barlow Twins normalizes each feature over the batch")
         return Fn.barlow_twins_loss(z_a, z_b, self.lambda_param, backend=self.backend)
 
 
@@ -381,8 +428,8 @@ class VICRegLoss(nn.Module):
                  gather_distributed: bool = False, eps: float = 1e-4, *, backend: Optional[str] = None):
         super().__init__()
         _check_gather_available(gather_distributed)
-        if isinstance(eps, bool) or not isinstance(eps, Real) or not eps >= 0:
-            raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+        if isinstance(eps, bool) or not isinstance(eps, Real) or not 0 <= eps < float("inf"):
+            raise ValueError(f"eps must be a non-negative, finite float, got {eps!r}")
         # checked here by the module's names (the functional op calls them sim/var/cov_weight)
         self.lambda_param, self.mu_param, self.nu_param = (check.loss_weight(w, name) for w, name in (
             (lambda_param, "lambda_param"), (mu_param, "mu_param"), (nu_param, "nu_param")))
@@ -395,6 +442,14 @@ class VICRegLoss(nn.Module):
             raise ValueError(f"z_a and z_b must have the same shape, got {tuple(z_a.shape)} and {tuple(z_b.shape)}")
         if z_a.dim() < 2 or z_a.shape[0] < 2:
             raise ValueError(f"z_a and z_b must be (batch, ..., dim) with batch size > 1, got {tuple(z_a.shape)}")
+        for name, z in (("z_a", z_a), ("z_b", z_b)):  # by lightly's names (the functional op's are z1 / z2)
+            if z.dtype not in check.FLOAT_DTYPES:
+                raise TypeError(f"{name} must be a floating-point tensor (float16/bfloat16/float32/float64), "
+                                f"got {z.dtype}")
+        check.same_device(("z_a", z_a), ("z_b", z_b))
+        check.same_dtype(("z_a", z_a), ("z_b", z_b))
+        if z_a.numel() == 0:
+            raise ValueError(f"z_a and z_b of shape {tuple(z_a.shape)} hold no elements")
         a = z_a.reshape(z_a.shape[0], -1, z_a.shape[-1])  # lightly's (batch, ..., dim) form: the mean of the
         b = z_b.reshape(z_b.shape[0], -1, z_b.shape[-1])  # 2-d loss over positions
         if self.gather_distributed and is_distributed():
@@ -460,17 +515,31 @@ class DINOLoss(_Loss):
                             f"lightly's {inspect.signature(_lightly_dino)}: {err}") from None
         bound.apply_defaults()
         a = bound.arguments
+        # Checked here, by the signature's names: int() would take 16.0 or "16", a zero or negative temperature
+        # or momentum would only fail at the first forward (under the functional op's names), a negative count
+        # deep inside numpy / torch.
+        for name in ("warmup_teacher_temp", "teacher_temp", "student_temp"):
+            a[name] = _positive_number(a[name], name)
+        a["center_momentum"] = _unit_number(a["center_momentum"], "center_momentum")
+        a["warmup_teacher_temp_epochs"] = _count(a["warmup_teacher_temp_epochs"], "warmup_teacher_temp_epochs", 0)
+        dim_name = "out_dim" if official else "output_dim"
+        a[dim_name] = _count(a[dim_name], dim_name)
+        n_global_crops = _count(n_global_crops, "n_global_crops")
         self.n_global_crops, self.async_center = n_global_crops, bool(async_center)
         self.student_temp, self.center_momentum = a["student_temp"], a["center_momentum"]
         self.teacher_temp = a["teacher_temp"]
         self.warmup_teacher_temp_epochs = int(a["warmup_teacher_temp_epochs"])
         if official:
-            self.ncrops = int(a["ncrops"])
-            self.register_buffer("center", torch.zeros(1, int(a["out_dim"])))
+            self.ncrops = _count(a["ncrops"], "ncrops")
+            if n_global_crops > self.ncrops:
+                raise ValueError(f"n_global_crops={n_global_crops} is more than ncrops={self.ncrops}: the student "
+                                 "sees every crop, the global ones included")
+            nepochs = _count(a["nepochs"], "nepochs", 0)
+            self.register_buffer("center", torch.zeros(1, a["out_dim"]))
             # Linear warm-up of the teacher temperature, then constant: the official schedule, a numpy array.
             self.teacher_temp_schedule = np.concatenate((
                 np.linspace(a["warmup_teacher_temp"], a["teacher_temp"], self.warmup_teacher_temp_epochs),
-                np.ones(max(int(a["nepochs"]) - self.warmup_teacher_temp_epochs, 0)) * a["teacher_temp"]))
+                np.ones(max(nepochs - self.warmup_teacher_temp_epochs, 0)) * a["teacher_temp"]))
         else:
             if a["center_mode"] != "mean":
                 raise ValueError(f"center_mode must be 'mean' (lightly's only mode), got {a['center_mode']!r}")
@@ -484,10 +553,23 @@ class DINOLoss(_Loss):
         self._temps = [float(t) for t in self.teacher_temp_schedule.tolist()]
         self._pending = None
 
+    @staticmethod
+    def _epoch(epoch) -> int:
+        """A non-negative int epoch: a float or string would index the schedule truncated, a negative one from
+        its end (the official schedule is a numpy array, lightly's a tensor: both take epoch = -1 silently)."""
+        if isinstance(epoch, torch.Tensor) and epoch.dim() == 0 and not (
+                epoch.is_floating_point() or epoch.is_complex() or epoch.dtype == torch.bool):
+            epoch = int(epoch)
+        if isinstance(epoch, bool) or not isinstance(epoch, Integral):
+            raise TypeError(f"epoch must be an int, got {type(epoch).__name__} {epoch!r}")
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        return int(epoch)
+
     def _temperature(self, epoch) -> float:
         if epoch is None or not self._temps:
             return self.teacher_temp
-        return self._temps[min(int(epoch), len(self._temps) - 1)]
+        return self._temps[min(self._epoch(epoch), len(self._temps) - 1)]
 
     def forward(self, *args, **kwargs):
         first = args[0] if args else kwargs.get("teacher_out", kwargs.get("student_output"))
@@ -496,11 +578,17 @@ class DINOLoss(_Loss):
         return self._forward_official(*args, **kwargs)
 
     def _forward_official(self, student_output, teacher_output, epoch: int = 0):
+        check.features(student_output, "student_output")
+        check.features(teacher_output, "teacher_output")
+        if teacher_output.shape[0] % self.n_global_crops:
+            raise ValueError(f"teacher_output has {teacher_output.shape[0]} rows, not a multiple of "
+                             f"n_global_crops={self.n_global_crops}")
         b = teacher_output.shape[0] // self.n_global_crops
         if self.ncrops is not None and student_output.shape[0] != self.ncrops * b:
             raise ValueError(f"student_output has {student_output.shape[0]} rows; ncrops={self.ncrops} crops of the "
                              f"batch size {b} make {self.ncrops * b}")
-        return self._loss_and_update(student_output, teacher_output, self._temperature(epoch), self.n_global_crops)
+        return self._loss_and_update(student_output, teacher_output, self._temperature(epoch), self.n_global_crops,
+                                     "teacher_output")
 
     def _forward_lightly(self, teacher_out, student_out, teacher_temp=None, epoch=None):
         if not isinstance(student_out, (list, tuple)):
@@ -517,14 +605,17 @@ class DINOLoss(_Loss):
                                  f"{tuple(teacher_out[0].shape)}; every crop must be (batch_size, output_dim)")
         if teacher_temp is not None:
             temp = teacher_temp
-        elif epoch is not None and epoch < self.warmup_teacher_temp_epochs:
-            temp = self._temps[epoch]  # lightly's float32 schedule value, exactly
+        elif epoch is not None and self._epoch(epoch) < self.warmup_teacher_temp_epochs:
+            temp = self._temps[self._epoch(epoch)]  # lightly's float32 schedule value, exactly
         else:
             temp = self.teacher_temp
+        if teacher_out[0].shape[1] != self.center.shape[-1]:
+            raise ValueError(f"teacher_out[0] has {teacher_out[0].shape[1]} columns but the centre has "
+                             f"{self.center.shape[-1]} (output_dim)")
         if torch.is_grad_enabled() and any(t.requires_grad for t in teacher_out):
             return self._lightly_teacher_grad(list(teacher_out), list(student_out), temp)
         return self._loss_and_update(torch.cat(list(student_out)), torch.cat(list(teacher_out)), temp,
-                                     len(teacher_out))
+                                     len(teacher_out), "teacher_out[0]")
 
     def _lightly_teacher_grad(self, teacher_out, student_out, teacher_temp):
         """lightly does not detach the teacher: a teacher output that requires grad gets the gradient of the
@@ -538,14 +629,21 @@ class DINOLoss(_Loss):
         t = torch.softmax((torch.stack(teacher_out).to(ct) - self.center.detach()) / teacher_temp, dim=-1)
         s = torch.log_softmax(torch.stack(student_out).to(ct) / self.student_temp, dim=-1)
         pairs = -torch.einsum("tbd,sbd->tsb", t, s)  # (teacher crop, student crop, sample)
-        keep = ~torch.eye(len(teacher_out), len(student_out), dtype=torch.bool, device=pairs.device)
-        if not keep.any():
+        n_t, n_s = len(teacher_out), len(student_out)
+        n_pairs = n_t * n_s - min(n_t, n_s)  # pairs with different crops, counted on the host
+        if n_pairs == 0:
             raise ValueError("DINOLoss needs at least one (teacher crop, student crop) pair with different crops")
-        rows = pairs[keep].sum(dim=0) / keep.sum()
+        # A masked sum, not pairs[keep] (a boolean index is a nonzero: a host sync on the GPU, also in its backward).
+        same = torch.eye(n_t, n_s, dtype=torch.bool, device=pairs.device)
+        rows = pairs.masked_fill(same[:, :, None], 0).sum(dim=(0, 1)) / n_pairs
         self.update_center(torch.cat(teacher_out))
         return _reduce(rows, self.reduction)
 
-    def _loss_and_update(self, student, teacher, teacher_temp, n_global):
+    def _loss_and_update(self, student, teacher, teacher_temp, n_global, teacher_name):
+        if teacher.shape[1] != self.center.shape[-1]:
+            dim_name = "output_dim" if self.ncrops is None else "out_dim"
+            raise ValueError(f"{teacher_name} has {teacher.shape[1]} columns but the centre has "
+                             f"{self.center.shape[-1]} ({dim_name})")
         self.apply_center_update()
         if self.center.device != teacher.device:
             self.center = self.center.to(teacher.device)
@@ -562,9 +660,16 @@ class DINOLoss(_Loss):
         if (teacher_output is None) == (teacher_out is None):
             raise TypeError("update_center takes one teacher output: teacher_output (official DINO's name) or "
                             "teacher_out (lightly's)")
+        name = "teacher_out" if teacher_output is None else "teacher_output"
         teacher_output = teacher_out if teacher_output is None else teacher_output
         if isinstance(teacher_output, (list, tuple)):
             teacher_output = torch.cat(list(teacher_output))
+        check.tensor(teacher_output, name)
+        if teacher_output.dim() < 2 or teacher_output.shape[-1] != self.center.shape[-1]:
+            # Rows of the centre's width (lightly passes (crops, batch, dim)); reshape(-1, dim) alone would turn a
+            # [4, 8] output into [2, 16] rows for a 16-wide centre.
+            raise ValueError(f"{name} must be (..., {self.center.shape[-1]}) (the centre's width), got shape "
+                             f"{tuple(teacher_output.shape)}")
         teacher_output = teacher_output.detach().reshape(-1, self.center.shape[-1])
         self.apply_center_update()
         self._pending = Fn.update_center_(self.center, teacher_output, self.center_momentum,
@@ -611,6 +716,10 @@ class SwaVLoss(nn.Module):
                  sinkhorn_gather_distributed: bool = False, *, backend: Optional[str] = None):
         super().__init__()
         _check_gather_available(sinkhorn_gather_distributed, "sinkhorn_gather_distributed")
+        # Checked here by the module's names (swav_loss calls the last two epsilon / iterations).
+        temperature = _positive_number(temperature, "temperature")
+        sinkhorn_epsilon = _positive_number(sinkhorn_epsilon, "sinkhorn_epsilon")
+        sinkhorn_iterations = _count(sinkhorn_iterations, "sinkhorn_iterations", 0)
         self.temperature, self.sinkhorn_iterations = temperature, sinkhorn_iterations
         self.sinkhorn_epsilon, self.sinkhorn_gather_distributed = sinkhorn_epsilon, sinkhorn_gather_distributed
         self.backend = backend
@@ -756,6 +865,7 @@ class ClipLoss(_Loss):
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict: bool = False):
         if _overrides(self, ClipLoss, "get_logits", "get_ground_truth"):
             # A subclass customizes OpenCLIP's hooks: OpenCLIP's forward through them, the logits materialized.
+            Fn._pair("image_features", image_features, "text_features", text_features, same_rows=True)
             per_image, per_text = self.get_logits(image_features, text_features, logit_scale, logit_bias=logit_bias)
             labels = self.get_ground_truth(image_features.device, per_image.shape[0])
             loss = (F.cross_entropy(per_image, labels, reduction=self.reduction)
@@ -771,6 +881,8 @@ class ClipLoss(_Loss):
             loss = loss + 0 * _one_value(logit_bias, "logit_bias").to(loss.dtype)  # gradient exactly 0: see the docstring
         elif logit_bias is not None and (isinstance(logit_bias, bool) or not isinstance(logit_bias, Real)):
             raise TypeError(f"logit_bias must be None, a float or a tensor, got {type(logit_bias).__name__}")
+        elif logit_bias is not None and not -math.inf < logit_bias < math.inf:
+            loss = loss + 0 * float(logit_bias)  # OpenCLIP adds it to every logit: a NaN / inf bias, a NaN loss
         return {"contrastive_loss": loss} if output_dict else loss
 
     def _distributed_loss(self, image_features, text_features, logit_scale):
@@ -850,6 +962,7 @@ class SigLipLoss(_Loss):
             if self.world_size > 1:
                 raise NotImplementedError("SigLipLoss: a subclass overriding get_logits / get_ground_truth / _loss "
                                           "runs on one process here (OpenCLIP's exchanges are not reproduced)")
+            Fn._pair("image_features", image_features, "text_features", text_features, same_rows=True)
             loss = self._loss(image_features, text_features, logit_scale, logit_bias)
             return {"contrastive_loss": loss} if output_dict else loss
         logit_scale = _one_value(logit_scale, "logit_scale")
@@ -901,6 +1014,11 @@ def _stochastic_round_group_(pairs, weight, generator) -> None:
         t.copy_(v.view(t.shape))
 
 
+def _check_module(module, name: str) -> None:
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"{name} must be an nn.Module, got {type(module).__name__}")
+
+
 def _unit_interval(value, name: str) -> float:
     if isinstance(value, torch.Tensor) and value.dim() == 0 and value.is_floating_point():
         value = value.item()  # timm takes a 0-d tensor decay too
@@ -944,8 +1062,8 @@ class ModelEmaV3(nn.Module):
         self.min_decay = _unit_interval(min_decay, "min_decay")
         if isinstance(update_after_step, bool) or not isinstance(update_after_step, Integral):
             raise TypeError(f"update_after_step must be an int, got {update_after_step!r}")
-        if not warmup_gamma > 0:
-            raise ValueError(f"warmup_gamma must be positive, got {warmup_gamma!r}")
+        warmup_gamma = _positive_number(warmup_gamma, "warmup_gamma")
+        warmup_power = _positive_number(warmup_power, "warmup_power")  # <= 0: a decay that falls as steps go by
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype must be None or a floating-point torch.dtype, got {dtype!r}")
         self.module = copy.deepcopy(model)
@@ -981,6 +1099,9 @@ class ModelEmaV3(nn.Module):
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: Optional[int] = None) -> None:
+        _check_module(model, "model")
+        if step is not None and (isinstance(step, bool) or not isinstance(step, Real)):
+            raise TypeError(f"step must be an int or None, got {type(step).__name__}")
         decay = self.get_decay(step)
         if self.exclude_buffers:
             self.apply_update_no_buffers_(model, decay)
@@ -1032,6 +1153,7 @@ class ModelEmaV3(nn.Module):
     @torch.no_grad()
     def set(self, model: nn.Module) -> None:
         """Copy the model's state into the EMA copy."""
+        _check_module(model, "model")
         for e, m in self._state_pairs(model):
             e.copy_(m)
 

@@ -160,6 +160,10 @@ def _step_tensor(step, device: torch.device) -> torch.Tensor:
     if isinstance(step, torch.Tensor):
         if step.dim() != 0 or step.is_floating_point() or step.is_complex() or step.dtype == torch.bool:
             raise TypeError(f"step must be an int or a 0-d integer tensor, got {step.dtype} of shape {tuple(step.shape)}")
+        if step.device.type == "cpu" and device.type != "cpu" and not torch.compiler.is_compiling():
+            # A host tensor is read without waiting for the GPU, and filled in as below: step.to(device) would be
+            # the synchronous copy from pageable memory again. (Traced, the copy is the graph's to place.)
+            return torch.full((), int(step), dtype=step.dtype, device=device)
         return step.to(device)
     if isinstance(step, bool) or not isinstance(step, Integral):
         raise TypeError(f"step must be an int or a 0-d integer tensor, got {type(step).__name__}")
@@ -191,6 +195,10 @@ class MomentumEncoder(nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
         self.base_momentum = check.momentum(momentum)
         self.final_momentum = check.momentum(final_momentum, "final_momentum")
+        for name, m in (("momentum", self.base_momentum), ("final_momentum", self.final_momentum)):
+            # A tensor is not read by value in the training step (no sync); once here, it is.
+            if isinstance(m, torch.Tensor) and not bool((m >= 0) & (m <= 1)):
+                raise ValueError(f"{name} must be in [0, 1], got {m.item()!r}")
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, Integral)
@@ -220,6 +228,8 @@ class MomentumEncoder(nn.Module):
                 backend: Optional[str] = None) -> torch.Tensor:
         """EMA ``module`` into the copy with the momentum of ``step`` (default: an internal counter);
         ``backend`` as for ema_update_."""
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
         if step is not None:
             self.step.copy_(_step_tensor(step, self.step.device))
         m = self.momentum_at()
@@ -230,3 +240,19 @@ class MomentumEncoder(nn.Module):
     def forward(self, *args, **kwargs):
         with torch.no_grad():
             return self.module(*args, **kwargs)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # The step counter drives the schedule: a float would be truncated into the long buffer and a negative step
+        # lands before the schedule's start (cos of a negative fraction), both silently. Not a hot path: read here.
+        key = prefix + "step"
+        step = state_dict.get(key)
+        if isinstance(step, torch.Tensor):
+            if step.numel() != 1 or step.is_floating_point() or step.is_complex() or step.dtype == torch.bool:
+                error_msgs.append(f"{key}: expected a 0-d integer tensor, got {step.dtype} of shape {tuple(step.shape)}")
+                return
+            if int(step.reshape(())) < 0:
+                error_msgs.append(f"{key} = {int(step.reshape(()))} is negative; the schedule starts at step 0")
+                return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)

@@ -11,6 +11,7 @@ except Exception:  # pragma: no cover
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import collections.abc  # noqa: E402
 import contextlib  # noqa: E402
 import random  # noqa: E402
 import zlib  # noqa: E402
@@ -173,3 +174,199 @@ def forbid_host_reads():
     finally:
         for name, fn in saved.items():
             setattr(torch.Tensor, name, fn)
+
+
+# ----------------------------------------------------------------------------------- host synchronizations
+# forbid_host_reads sees Tensor -> Python conversions only. On a GPU a step also waits on the host when it builds a
+# tensor from Python data on the device (torch.tensor(x, device="cuda") is a copy from pageable memory, which
+# synchronizes), moves a host tensor to the device or a device tensor to the host, calls a synchronize, or runs an op
+# whose output shape depends on the values (nonzero, masked_select, unique, boolean-mask indexing,
+# repeat_interleave without output_size: the size is read back). A CPU run cannot see the copies, so host_syncs
+# follows the tensors the step makes on the host (factories with no device, from Python data or numpy, and what
+# is computed from those alone) and reports when one of them crosses to a tensor of the step's device: .to(device),
+# .cuda(), copy_ into it, or as an index of it. Such host tensors may be read freely (no GPU involved).
+
+_FACTORIES = ("tensor", "as_tensor", "asarray", "from_numpy", "zeros", "ones", "empty", "full", "arange", "range",
+              "linspace", "logspace", "eye", "rand", "randn", "randint", "randperm", "scalar_tensor", "frombuffer")
+_FROM_DATA = ("tensor", "as_tensor", "asarray", "from_numpy", "frombuffer")
+_DATA_DEPENDENT = ("nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive", "unique_dim_consecutive",
+                   "_unique", "equal", "_local_scalar_dense", "is_nonzero", "bincount", "histc", "allclose")
+
+
+class HostSync(AssertionError):
+    pass
+
+
+@contextlib.contextmanager
+def host_syncs(*, raise_=True, moves=False):
+    """Report every host synchronization the block would make on a GPU (see above). ``raise_``: raise HostSync at
+    the first; otherwise yield a list of (what, stack) to review. ``moves``: also report every .to(device) /
+    .cuda() with an explicit device of a tensor not made in the block (a buffer left on the host and moved each
+    step would copy each step; on a CPU run it cannot be told from a no-op move), for review."""
+    import traceback
+    import weakref
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    found = []
+    host = {}  # id -> weak reference of the tensors made on the host in the block (not a WeakSet: == on tensors)
+    state = {"off": 0}
+    factories = {getattr(torch, n): n for n in _FACTORIES if hasattr(torch, n)}
+
+    def hit(what):
+        if state["off"]:
+            return
+        stack = "".join(traceback.format_list([f for f in traceback.extract_stack()[:-2]
+                                               if "/tests/conftest.py" not in f.filename
+                                               and "/torch/" not in f.filename][-6:]))
+        if raise_:
+            raise HostSync(f"host sync: {what}\n{stack}")
+        found.append((what, stack))
+
+    def is_host(t):
+        ref = host.get(id(t)) if isinstance(t, torch.Tensor) else None
+        return ref is not None and ref() is t
+
+    def add_host(t):
+        host[id(t)] = weakref.ref(t)
+
+    def tensors(xs):
+        for x in xs:
+            if isinstance(x, torch.Tensor):
+                yield x
+            elif isinstance(x, (list, tuple)):
+                yield from tensors(x)
+            elif isinstance(x, dict):
+                yield from tensors(list(x.values()))
+
+    def has_device(args, kwargs):
+        if kwargs.get("device") is not None:
+            return True
+        return any(isinstance(a, (torch.device, str, int)) and not isinstance(a, bool) and
+                   _looks_like_device(a) for a in args)
+
+    def _looks_like_device(a):
+        if isinstance(a, torch.device):
+            return True
+        if isinstance(a, str):
+            try:
+                torch.device(a)
+                return True
+            except RuntimeError:
+                return False
+        return False
+
+    class Functions(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if state["off"]:
+                return func(*args, **kwargs)
+            name = factories.get(func) if isinstance(func, collections.abc.Hashable) else None
+            if name is not None:
+                data = args[0] if args else kwargs.get("data", kwargs.get("obj"))
+                if name in ("as_tensor", "asarray") and isinstance(data, torch.Tensor):
+                    if kwargs.get("device") is not None and is_host(data):
+                        hit(f"torch.{name}(host tensor, device=...)")
+                    out = func(*args, **kwargs)
+                    if is_host(data) and kwargs.get("device") is None:
+                        add_host(out)
+                    return out
+                if kwargs.get("device") is not None and name in _FROM_DATA:
+                    hit(f"torch.{name}(<Python data>, device={kwargs['device']}): a copy from pageable host memory")
+                out = func(*args, **kwargs)
+                if kwargs.get("device") is None and isinstance(out, torch.Tensor):
+                    add_host(out)
+                return out
+            name = getattr(func, "__name__", "")
+            if name in ("to", "cuda", "copy_", "new_tensor", "cpu", "numpy", "tolist", "pin_memory"):
+                self_ = args[0] if args else None
+                if name == "to" and has_device(args[1:], kwargs):
+                    if is_host(self_):
+                        hit("Tensor.to(device) of a tensor made on the host in the step")
+                    elif moves:
+                        hit("Tensor.to(device) (review: a no-op only if the tensor is already there)")
+                elif name == "cuda":
+                    hit("Tensor.cuda()")
+                elif name == "copy_" and len(args) > 1 and is_host(args[1]) and not is_host(self_):
+                    hit("Tensor.copy_(tensor made on the host in the step)")
+                elif name == "new_tensor":
+                    hit("Tensor.new_tensor(<Python data>): a copy from pageable host memory")
+                elif name in ("cpu", "numpy", "tolist") and not is_host(self_):
+                    hit(f"Tensor.{name}()")
+            return func(*args, **kwargs)
+
+    class Aten(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if state["off"]:
+                return func(*args, **kwargs)
+            ins = list(tensors(list(args) + list(kwargs.values())))
+            on_host = bool(ins) and all(is_host(t) for t in ins)
+            name = func._schema.name.split("::")[-1]
+            if not on_host:
+                if name in _DATA_DEPENDENT:
+                    hit(f"aten.{name}: output shape or value read back")
+                elif name == "repeat_interleave" and kwargs.get("output_size") is None:
+                    hit("aten.repeat_interleave without output_size")
+                elif name in ("index", "index_put", "index_put_", "_index_put_impl_"):
+                    for idx in tensors(args[1]):
+                        if idx.dtype in (torch.bool, torch.uint8):
+                            hit(f"aten.{name} with a boolean mask (a nonzero inside)")
+                        elif is_host(idx) and idx.dim() > 0:
+                            hit(f"aten.{name} with index tensors made on the host (copied to the device)")
+                elif name in ("_to_copy", "copy_", "copy") and ins:
+                    devices = {t.device.type for t in ins}
+                    dst = kwargs.get("device")
+                    if len(devices) > 1 or (dst is not None and torch.device(dst).type not in devices):
+                        hit(f"aten.{name} between devices")
+            out = func(*args, **kwargs)
+            if name == "lift_fresh" and out.device.type == "cpu":  # from Python data or numpy (torch.from_numpy)
+                on_host = True
+            if on_host:
+                for t in tensors([out]):
+                    add_host(t)
+            return out
+
+    # The Triton interpreter runs kernels on host copies of the arguments: not part of the step on a GPU.
+    from sslkernels.ops import contrastive
+    kernel_type = type(contrastive._fwd_kernel)
+    original_run = kernel_type.run
+
+    def run(*a, **k):
+        state["off"] += 1
+        try:
+            return original_run(*a, **k)
+        finally:
+            state["off"] -= 1
+
+    def trap_read(name, original):
+        def read(self, *a, **k):
+            if not state["off"] and not is_host(self):
+                hit(f"host read: Tensor.{name}()")
+            return original(self, *a, **k)
+        return read
+
+    def trap_sync(what, original):
+        def sync(*a, **k):
+            hit(what)
+            return original(*a, **k)
+        return sync
+
+    saved_reads = {name: getattr(torch.Tensor, name) for name in _HOST_READS}
+    saved_syncs = [(torch.cuda, "synchronize"), (torch.cuda.Stream, "synchronize"), (torch.cuda.Event, "synchronize"),
+                   (torch.cuda.Event, "elapsed_time")]
+    saved_syncs = [(owner, name, getattr(owner, name)) for owner, name in saved_syncs]
+    try:
+        for name, fn in saved_reads.items():
+            setattr(torch.Tensor, name, trap_read(name, fn))
+        for owner, name, fn in saved_syncs:
+            setattr(owner, name, trap_sync(f"{getattr(owner, '__name__', owner)}.{name}()", fn))
+        kernel_type.run = run
+        with Functions(), Aten():
+            yield found
+    finally:
+        kernel_type.run = original_run
+        for name, fn in saved_reads.items():
+            setattr(torch.Tensor, name, fn)
+        for owner, name, fn in saved_syncs:
+            setattr(owner, name, fn)
