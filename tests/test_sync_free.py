@@ -279,6 +279,16 @@ def test_momentum_schedule_step_is_not_copied_from_the_host(step):
         assert m.item() == pytest.approx(1 - 0.01 * (math.cos(math.pi * 0.4) + 1) / 2)
 
 
+def test_ema_update_host_tensor_momentum_is_not_copied_to_the_device():
+    # A momentum schedule kept as a CPU tensor was moved with .to(device) on every call: a synchronous copy from
+    # pageable memory. Its value is read on the host instead (no device involved).
+    targets, sources = [torch.empty(2, 3, device=_DEVICE)], [torch.empty(2, 3, device=_DEVICE)]  # meta: one pair
+    for dtype in (torch.float32, torch.float64):
+        sslkernels.ema_update_(targets, sources, torch.tensor(0.9, dtype=dtype), backend="torch")
+        with host_syncs():  # made here, so host_syncs knows it for a host tensor (reading it involves no device)
+            m = torch.tensor(0.9, dtype=dtype)
+            sslkernels.ema_update_(targets, sources, m, backend="torch")
+
 def test_ema_state_steps_make_no_host_sync():
     from sslkernels.integrations.lightly import update_momentum
     net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
@@ -347,13 +357,17 @@ def test_host_tensor_momentum_and_step_make_no_sync_on_gpu():
     center, teacher = torch.zeros(1, 32, device="cuda"), torch.randn(16, 32, device="cuda")
     enc = sslkernels.MomentumEncoder(torch.nn.Linear(3, 3), 0.99, total_steps=10).cuda()
     m, step = torch.tensor(0.9), torch.tensor(4)
-    sslkernels.update_center_(center, teacher, m)  # warm-up: compilation
+    ema_t, ema_s = torch.zeros(1000, device="cuda"), torch.ones(1000, device="cuda")
+    sslkernels.update_center_(center, teacher, m)  # warm-up: compilation, the EMA's device tables
+    sslkernels.ema_update_([ema_t], [ema_s], m)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         sslkernels.update_center_(center, teacher, m)
         enc.momentum_at(step)
+        sslkernels.ema_update_([ema_t], [ema_s], m)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     expected = 0.1 * teacher.mean(0) * (1 + 0.9)
     torch.testing.assert_close(center.reshape(-1), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ema_t, torch.full_like(ema_t, 1 - 0.9 ** 2))
