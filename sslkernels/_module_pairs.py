@@ -62,11 +62,14 @@ def _walk(target: nn.Module, source: nn.Module) -> Tuple[Named, Named]:
 
 
 def _tree(root: nn.Module) -> Optional[list]:
-    """The modules a walk of ``root`` visits (the root first), or None when one overrides the walk."""
+    """The modules a walk of ``root`` visits (the root first), or None when one overrides the walk or keeps its
+    tensors elsewhere than in dicts (a TorchScript module's are views of its C++ object)."""
     modules = [m for _, m in root.named_modules()]
     for m in modules:
         cls = type(m)
         if any(getattr(cls, name) is not getattr(nn.Module, name) for name in _WALK_METHODS):
+            return None
+        if not all(isinstance(d, dict) for d in (m._parameters, m._buffers, m._modules)):
             return None
     return modules
 

@@ -967,6 +967,16 @@ class _ListedParams(nn.Module):
         return iter([(f"p{i}", p) for i, p in enumerate(self.listed)])
 
 
+def test_ema_update_torchscript_modules():
+    # A scripted module's parameter dicts are views of its C++ object: walked every call, as before the kept walk.
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.script is deprecated in recent torch
+        target, source = torch.jit.script(_net()), torch.jit.script(_perturbed_copy(_net()))
+    for _ in range(2):
+        _ema_step_checked(target, source, "auto")
+
+
 def test_ema_update_modules_walks_overriding_modules_every_call():
     target, source = _ListedParams(2), _ListedParams(2)
     _ema_step_checked(target, source, "auto")
@@ -982,3 +992,23 @@ def test_memory_queue_load_reports_a_size_mismatch_before_ptr():
             other.load_state_dict(a.state_dict())
         assert str(tuple(a.queue.shape)) in str(err.value) and str(tuple(other.queue.shape)) in str(err.value)
         assert "outside" not in str(err.value)
+
+
+def test_momentum_encoder_refuses_a_bad_step_in_a_checkpoint_and_a_bad_tensor_momentum():
+    # A float step was truncated into the long buffer and a negative one put the cosine before its start
+    # (momentum_at(-5) of 10 steps = the value at +5), both silently; MemoryQueue checks its ptr the same way.
+    enc = MomentumEncoder(nn.Linear(3, 3), 0.99, total_steps=10)
+    good = enc.state_dict()
+    for step, pattern in ((torch.tensor(1.5), "expected a 0-d integer tensor"), (torch.tensor(-5), "is negative")):
+        with pytest.raises(RuntimeError, match=pattern):
+            enc.load_state_dict({**good, "step": step})
+    assert int(enc.step) == 0
+    enc.load_state_dict({**good, "step": torch.tensor(4)})
+    assert int(enc.step) == 4
+    # A tensor momentum is not read in the step (no sync), so it is read once at construction.
+    with pytest.raises(ValueError, match=r"^momentum must be in \[0, 1\], got 1.5"):
+        MomentumEncoder(nn.Linear(3, 3), torch.tensor(1.5))
+    with pytest.raises(ValueError, match=r"^final_momentum must be in \[0, 1\]"):
+        MomentumEncoder(nn.Linear(3, 3), final_momentum=torch.tensor(-0.5))
+    with pytest.raises(TypeError, match="^module must be an nn.Module"):  # was "target and source must both be ..."
+        enc.update_("student")
