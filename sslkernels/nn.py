@@ -1100,7 +1100,7 @@ class ModelEmaV3(nn.Module):
     @torch.no_grad()
     def update(self, model: nn.Module, step: Optional[int] = None) -> None:
         _check_module(model, "model")
-        if step is not None and (isinstance(step, bool) or not isinstance(step, Real)):
+        if step is not None and (isinstance(step, bool) or not isinstance(step, (Real, torch.Tensor))):
             raise TypeError(f"step must be an int or None, got {type(step).__name__}")
         decay = self.get_decay(step)
         if self.exclude_buffers:

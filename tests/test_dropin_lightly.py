@@ -437,3 +437,13 @@ def test_import_sslkernels_does_not_import_lightly():
     code = ("import sys, sslkernels, sslkernels.nn, sslkernels.integrations.lightly; "
             "assert 'lightly' not in sys.modules, 'lightly was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_lightly_update_momentum_errors_use_lightlys_names():
+    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    with pytest.raises(ValueError, match=r"^m must be in \[0, 1\]"):  # lightly runs with m = 1.5
+        sk_lightly.update_momentum(a, b, 1.5)
+    with pytest.raises(ValueError, match="^model_ema has 4 parameters but model has 2"):
+        sk_lightly.update_momentum(a, nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), 0.9)
+    with pytest.raises(ValueError, match="target: model_ema's parameters, source: model's"):
+        sk_lightly.update_momentum(a, nn.Linear(4, 5), 0.9)

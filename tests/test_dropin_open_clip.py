@@ -233,3 +233,11 @@ def test_open_clip_losses_match_across_two_processes(tmp_path):
     outs = [p.communicate(timeout=300)[0] for p in procs]
     for r, (p, out) in enumerate(zip(procs, outs)):
         assert p.returncode == 0 and f"rank {r} ok" in out, f"rank {r} failed:\n{out[-3000:]}"
+
+
+def test_open_clip_patch_takes_bool_switches():
+    # A truthy string or None silently chose what to patch; lightly's patch() refuses non-bools too.
+    for kwargs in ({"clip_loss": "no"}, {"siglip_loss": None}):
+        with pytest.raises(TypeError, match="must be a bool"):
+            oc_patch.patch(**kwargs)
+    assert not oc_patch.is_patched()

@@ -155,3 +155,19 @@ def test_solo_errors():
         ours.byol_loss_func(z, z, simplified="yes")
     # NaN never passes silently.
     assert torch.isnan(ours.byol_loss_func(torch.full((4, 3), float("nan")), z))
+
+
+def test_solo_barlow_and_vicreg_weights_are_checked_by_solos_names():
+    # vicreg_loss_func passes 2 * var_loss_weight on: the error named var_weight and reported -2.0 for -1.0.
+    z1, z2 = torch.randn(4, 8), torch.randn(4, 8)
+    for kwargs, pattern in (({"sim_loss_weight": -1.0}, "^sim_loss_weight must be"),
+                            ({"var_loss_weight": -1.0}, r"^var_loss_weight must be non-negative and finite, got -1.0"),
+                            ({"cov_loss_weight": float("nan")}, "^cov_loss_weight must be")):
+        with pytest.raises(ValueError, match=pattern):
+            ours.vicreg_loss_func(z1, z2, **kwargs)
+    with pytest.raises(ValueError, match="^lamb must be"):  # was lambda_offdiag
+        ours.barlow_loss_func(z1, z2, lamb=-1.0)
+    with pytest.raises(TypeError, match="^scale_loss must be a float"):  # was "only integer tensors ... to an index"
+        ours.barlow_loss_func(z1, z2, scale_loss="a")
+    with pytest.raises(ValueError, match="^scale_loss must be"):  # a negative scale turned the loss upside down
+        ours.barlow_loss_func(z1, z2, scale_loss=-1.0)

@@ -367,3 +367,162 @@ def test_ntxent_bank_sized_at_the_first_call_draws_no_global_randomness_and_foll
     torch.randn(8, 5)  # other randomness in between does not change the bank
     again(z0, z1)
     assert torch.equal(again.memory_bank.bank, loss.memory_bank.bank)
+
+
+# ------------------------------------------------------------------ bad input, as the modules' users call them
+# Each a clear ValueError / TypeError naming the argument as the module's signature spells it: no raw PyTorch /
+# numpy / Python error from inside, no silently truncated or wrapped value.
+
+def _r(*shape):
+    return torch.randn(*shape)
+
+
+def _ema_model():
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+
+
+@pytest.mark.parametrize("build,exc,pattern", [
+    # official DINO: int() took 16.0 / "16" / 1.5 epochs, numpy raised for a negative count, the rest only failed
+    # at the first forward (under the functional op's names) or never
+    (lambda: snn.DINOLoss(16.0, 4), TypeError, "^out_dim must be an int"),
+    (lambda: snn.DINOLoss("16", 4), TypeError, "^out_dim must be an int"),
+    (lambda: snn.DINOLoss(0, 4), ValueError, "^out_dim must be"),
+    (lambda: snn.DINOLoss(-5, 4), ValueError, "^out_dim must be"),
+    (lambda: snn.DINOLoss(16, 0), ValueError, "^ncrops must be"),
+    (lambda: snn.DINOLoss(16, 4, 0.04, 0.04, 1.5, 10), TypeError, "^warmup_teacher_temp_epochs must be an int"),
+    (lambda: snn.DINOLoss(16, 4, 0.04, 0.04, -2, 10), ValueError, "^warmup_teacher_temp_epochs must be"),
+    (lambda: snn.DINOLoss(16, 4, 0.04, 0.04, 0, -1), ValueError, "^nepochs must be"),
+    (lambda: snn.DINOLoss(16, 4, 0.0, 0.04, 3, 10), ValueError, "^warmup_teacher_temp must be positive"),
+    (lambda: snn.DINOLoss(16, 4, 0.04, -1.0, 0, 10), ValueError, "^teacher_temp must be positive"),
+    (lambda: snn.DINOLoss(16, 4, 0.04, 0.04, 0, 10, 0.0), ValueError, "^student_temp must be positive"),
+    (lambda: snn.DINOLoss(16, 4, center_momentum=1.5), ValueError, "^center_momentum must be in"),
+    (lambda: snn.DINOLoss(16, 4, n_global_crops=0), ValueError, "^n_global_crops must be"),
+    (lambda: snn.DINOLoss(16, 4, n_global_crops=5), ValueError, "n_global_crops=5 is more than ncrops=4"),
+    (lambda: snn.DINOLoss(16, 4, reduction="avg"), ValueError, "^reduction must be"),
+    # lightly's DINO
+    (lambda: snn.DINOLoss(output_dim=-1), ValueError, "^output_dim must be"),
+    (lambda: snn.DINOLoss(output_dim="a"), TypeError, "^output_dim must be an int"),
+    (lambda: snn.DINOLoss(8, warmup_teacher_temp_epochs=-1), ValueError, "^warmup_teacher_temp_epochs must be"),
+    (lambda: snn.DINOLoss(8, student_temp=0), ValueError, "^student_temp must be positive"),
+    (lambda: snn.DINOLoss(8, center_momentum=2.0), ValueError, "^center_momentum must be in"),
+    # SwaV: checked at construction by the module's names (swav_loss says epsilon / iterations)
+    (lambda: snn.SwaVLoss(temperature=0), ValueError, "^temperature must be positive"),
+    (lambda: snn.SwaVLoss(sinkhorn_epsilon=0), ValueError, "^sinkhorn_epsilon must be positive"),
+    (lambda: snn.SwaVLoss(sinkhorn_iterations=1.5), TypeError, "^sinkhorn_iterations must be an int"),
+    (lambda: snn.SwaVLoss(sinkhorn_iterations=-1), ValueError, "^sinkhorn_iterations must be"),
+    # VICReg: an infinite eps silently zeroed the variance term
+    (lambda: snn.VICRegLoss(eps=float("inf")), ValueError, "^eps must be"),
+    # a bank size that is not an int or a tuple: Python's "'float' object is not iterable"
+    (lambda: snn.MemoryBankModule(4.0), TypeError, "^size must be"),
+    (lambda: snn.NTXentLoss(memory_bank_size=None), TypeError, "^size must be"),
+    (lambda: snn.NTXentLoss(float("inf")), ValueError, "^temperature must be positive and finite"),
+    # timm's ModelEmaV3: a string compared with '>' raised Python's own TypeError; a non-positive power silently
+    # gave a decay that shrinks as the steps go by (clamped to min_decay)
+    (lambda: snn.ModelEmaV3(_ema_model(), warmup_gamma="a"), TypeError, "^warmup_gamma must be a float"),
+    (lambda: snn.ModelEmaV3(_ema_model(), warmup_power=-1.0), ValueError, "^warmup_power must be positive"),
+    (lambda: snn.ModelEmaV3(_ema_model(), warmup_power="a"), TypeError, "^warmup_power must be a float"),
+])
+def test_module_constructors_refuse_bad_arguments_by_name(build, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        build()
+
+
+def test_dino_official_forward_refuses_what_the_schedule_lookup_truncated_or_wrapped():
+    loss = snn.DINOLoss(16, 4, 0.04, 0.07, 3, 10)
+    s, t = _r(16, 16), _r(8, 16)
+    for epoch, exc in ((-1, ValueError), (1.7, TypeError), ("1", TypeError)):  # were _temps[-1], _temps[1], _temps[1]
+        with pytest.raises(exc, match="^epoch must be"):
+            loss(s, t, epoch)
+    loss(s, t, torch.tensor(1))  # a 0-d integer tensor is an int epoch
+    with pytest.raises(TypeError, match="^teacher_output must be a torch.Tensor"):  # was AttributeError: .shape
+        loss(s, [t[:4], t[4:]], 0)
+    with pytest.raises(TypeError, match="^student_output must be a torch.Tensor"):
+        loss("x", t, 0)
+    with pytest.raises(ValueError, match="^teacher_output has 1 rows, not a multiple of n_global_crops=2"):
+        loss(_r(4, 16), _r(1, 16), 0)  # was "... crops of the batch size 0 make 0"
+    with pytest.raises(ValueError, match=r"^teacher_output has 8 columns but the centre has 16 \(out_dim\)"):
+        loss(_r(16, 8), _r(8, 8), 0)  # was "center must have shape [1, 8]": an argument the user never passed
+
+
+def test_dino_lightly_forward_and_update_center_refuse_a_wrong_width_or_epoch():
+    loss = snn.DINOLoss(output_dim=16, warmup_teacher_temp_epochs=3)
+    with pytest.raises(ValueError, match="^epoch must be >= 0"):  # lightly's schedule[-1]: the last warm-up value
+        loss([_r(4, 16)], [_r(4, 16)] * 2, epoch=-1)
+    with pytest.raises(TypeError, match="^epoch must be an int"):  # was "list indices must be integers"
+        loss([_r(4, 16)], [_r(4, 16)] * 2, epoch=1.5)
+    for teacher in (_r(4, 8), _r(4, 8).requires_grad_()):  # the teacher-gradient path broadcast into a raw error
+        with pytest.raises(ValueError, match=r"^teacher_out\[0\] has 8 columns but the centre has 16"):
+            loss([teacher], [_r(4, 8)] * 2)
+    center = loss.center.clone()
+    # reshape(-1, 16) silently made [4, 8] into 2 rows and [4, 32] into 8 rows of the centre's width
+    for bad in (_r(4, 8), _r(4, 32)):
+        with pytest.raises(ValueError, match=r"^teacher_out must be \(\.\.\., 16\)"):
+            loss.update_center(teacher_out=bad)
+        with pytest.raises(ValueError, match=r"^teacher_output must be \(\.\.\., 16\)"):
+            loss.update_center(bad)
+    assert torch.equal(loss.center, center)
+    loss.update_center(teacher_out=_r(2, 4, 16))  # lightly's (crops, batch, dim) stack still works
+
+
+@pytest.mark.parametrize("call,exc,pattern", [
+    # lightly's argument names, not the functional op's z1 / z2
+    (lambda: snn.NTXentLoss()(_r(4, 8), _r(5, 8)), ValueError, "^out1 has 5 rows but out0 has 4"),
+    (lambda: snn.NTXentLoss()(_r(4, 8), _r(4, 9)), ValueError, "^out1 has feature dimension 9 but out0 has 8"),
+    (lambda: snn.NTXentLoss()(_r(4, 8), _r(4, 8).double()), TypeError, "^out1 has dtype torch.float64"),
+    (lambda: snn.DCLLoss()(_r(4, 8), _r(5, 8)), ValueError, "^out1 has 5 rows but out0 has 4"),
+    (lambda: snn.NTXentLoss(memory_bank_size=(16, 8))(_r(4, 6), _r(4, 6)), ValueError,
+     r"^out1 has dimension 6 but the memory bank holds rows of dimension 8 \(memory_bank_size=\(16, 8\)\)"),
+    (lambda: snn.BarlowTwinsLoss()(_r(4, 8), _r(5, 8)), ValueError, "^z_b has 5 rows but z_a has 4"),
+    (lambda: snn.BarlowTwinsLoss()(torch.ones(4, 8, dtype=torch.long), _r(4, 8)), TypeError, "^z_a must be a floating"),
+    (lambda: snn.BarlowTwinsLoss()(_r(1, 8), _r(1, 8)), ValueError, "^z_a and z_b need at least 2 rows"),
+    (lambda: snn.VICRegLoss()(torch.ones(4, 8, dtype=torch.long), torch.ones(4, 8, dtype=torch.long)), TypeError,
+     "^z_a must be a floating"),
+    (lambda: snn.VICRegLoss()(_r(4, 8), _r(4, 8).double()), TypeError, "^z_b has dtype torch.float64 but z_a"),
+    (lambda: snn.VICRegLoss()(_r(4, 0, 8), _r(4, 0, 8)), ValueError, "hold no elements"),  # was ZeroDivisionError
+    (lambda: snn.VICRegLoss()(_r(4, 3, 0), _r(4, 3, 0)), ValueError, "hold no elements"),  # was a reshape error
+    (lambda: snn.NegativeCosineSimilarity(dim=0)(torch.tensor(1.0), torch.tensor(2.0)), ValueError, "0-d"),  # IndexError
+    (lambda: snn.NegativeCosineSimilarity()(_r(4, 0), _r(4, 0)), ValueError, "hold no elements"),  # reshape error
+    (lambda: snn.NegativeCosineSimilarity()(_r(0, 8), _r(0, 8)), ValueError, "^x0 and x1 .* hold no elements"),
+    (lambda: snn.NegativeCosineSimilarity()(_r(4, 8), torch.ones(4, 8, dtype=torch.long)), TypeError,
+     "^x1 must be a floating"),  # was "z must be ..."
+    # weight_fn returning the wrong number of weights: torch.broadcast_shapes' own RuntimeError
+    (lambda: snn.DCLLoss(weight_fn=lambda a, b: torch.ones(3))(_r(4, 8), _r(4, 8)), ValueError,
+     r"^weight_fn returned weights of shape \(3,\)"),
+    (lambda: snn.DCLLoss(weight_fn=lambda a, b: "w")(_r(4, 8), _r(4, 8)), TypeError, "^weight_fn must return"),
+])
+def test_module_forwards_name_the_arguments_as_their_signature_does(call, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        call()
+
+
+def test_openclip_losses_check_the_features_on_the_subclass_hook_path_too():
+    class Clip(snn.ClipLoss):
+        def get_ground_truth(self, device, num_logits):
+            return super().get_ground_truth(device, num_logits)
+
+    class SigLip(snn.SigLipLoss):
+        def get_logits(self, *args, **kwargs):
+            return super().get_logits(*args, **kwargs)
+
+    with pytest.raises(ValueError, match="^text_features has feature dimension 6 but image_features has 8"):
+        Clip()(_r(4, 8), _r(4, 6), 10.0)  # was "mat1 and mat2 shapes cannot be multiplied"
+    with pytest.raises(ValueError, match="^text_features has 5 rows but image_features has 4"):
+        SigLip()(_r(4, 8), _r(5, 8), 10.0, -10.0)
+
+
+def test_clip_loss_with_a_nan_float_bias_is_nan_as_openclips():
+    # OpenCLIP adds logit_bias to every logit; the bias-free fused loss dropped a float NaN (a tensor one gave NaN).
+    img, txt = F.normalize(_r(4, 8), dim=1), F.normalize(_r(4, 8), dim=1)
+    assert torch.isnan(snn.ClipLoss()(img, txt, 10.0, float("nan")))
+    assert torch.isnan(snn.ClipLoss()(img, txt, 10.0, torch.tensor(float("nan"))))
+    assert torch.isfinite(snn.ClipLoss()(img, txt, 10.0, -3.0))
+
+
+def test_model_ema_update_and_set_refuse_a_non_module():
+    ema = snn.ModelEmaV3(_ema_model())
+    for method in (ema.update, ema.set):
+        with pytest.raises(TypeError, match="^model must be an nn.Module"):  # was AttributeError: .state_dict
+            method("model")
+    with pytest.raises(TypeError, match="^step must be an int"):
+        ema.update(_ema_model(), step="3")
+    ema.update(_ema_model(), step=torch.tensor(3))  # timm's get_decay takes a tensor step too

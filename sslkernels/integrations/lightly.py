@@ -28,6 +28,7 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
+from .. import _checks as check
 from .. import nn as snn
 from ..functional import ema_update_
 
@@ -44,7 +45,15 @@ def update_momentum(model: nn.Module, model_ema: nn.Module, m: float) -> None:
     for name, mod in (("model", model), ("model_ema", model_ema)):
         if not isinstance(mod, nn.Module):
             raise TypeError(f"{name} must be an nn.Module, got {type(mod).__name__}")
-    ema_update_(list(model_ema.parameters()), list(model.parameters()), m)
+    ema, src = list(model_ema.parameters()), list(model.parameters())
+    # By lightly's names (ema_update_ would say momentum / target / source).
+    check.momentum(m, "m")
+    if len(ema) != len(src):
+        raise ValueError(f"model_ema has {len(ema)} parameters but model has {len(src)}; they must pair up")
+    try:
+        ema_update_(ema, src, m)
+    except ValueError as err:  # shapes and the like, checked once per parameter list by ema_update_
+        raise ValueError(f"{err} (target: model_ema's parameters, source: model's)") from None
 
 
 # (feature switch of patch(), lightly module, attribute, replacement)

@@ -26,6 +26,9 @@ _saved: dict = {}  # (module name, attribute) -> OpenCLIP's object, while patche
 
 def patch(clip_loss: bool = True, siglip_loss: bool = True) -> None:
     """Make OpenCLIP build sslkernels' ClipLoss (``clip_loss``) and SigLipLoss (``siglip_loss``)."""
+    for key, flag in (("clip_loss", clip_loss), ("siglip_loss", siglip_loss)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{key} must be a bool, got {type(flag).__name__}")
     names = [n for n, on in (("ClipLoss", clip_loss), ("SigLipLoss", siglip_loss)) if on]
     for mod_name in _TARGETS:
         mod = importlib.import_module(mod_name)

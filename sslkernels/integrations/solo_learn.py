@@ -196,10 +196,10 @@ def barlow_loss_func(z1: torch.Tensor, z2: torch.Tensor, lamb: float = 5e-3, sca
     Across ranks solo averages the ranks' cross-correlations (each from its own batch-normalized rows) before
     the loss: that needs the D×D matrix itself, so there it is solo's own computation, not the fused op.
     """
+    lamb, scale_loss = check.loss_weight(lamb, "lamb"), check.loss_weight(scale_loss, "scale_loss")  # solo's names
     if is_distributed():
         Fn._pair("z1", z1, "z2", z2, same_rows=True)
-        return scale_loss * barlow_twins_across_ranks(z1, z2, check.loss_weight(lamb, "lamb"),
-                                                      differentiable_reduce=False)
+        return scale_loss * barlow_twins_across_ranks(z1, z2, lamb, differentiable_reduce=False)
     return scale_loss * Fn.barlow_twins_loss(z1, z2, lamb, backend=backend)
 
 
@@ -208,4 +208,8 @@ def vicreg_loss_func(z1: torch.Tensor, z2: torch.Tensor, sim_loss_weight: float 
                      backend: Optional[str] = None) -> torch.Tensor:
     """VICReg as solo computes it. solo sums the two views' variance hinges where the reference code
     averages them, so its variance weight is twice ``vicreg_loss``'s."""
+    # By solo's names (vicreg_loss says sim/var/cov_weight, and would report the doubled variance weight).
+    sim_loss_weight, var_loss_weight, cov_loss_weight = (check.loss_weight(w, name) for w, name in (
+        (sim_loss_weight, "sim_loss_weight"), (var_loss_weight, "var_loss_weight"),
+        (cov_loss_weight, "cov_loss_weight")))
     return Fn.vicreg_loss(z1, z2, sim_loss_weight, 2 * var_loss_weight, cov_loss_weight, backend=backend)
