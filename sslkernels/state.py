@@ -22,6 +22,23 @@ from .functional import BUFFER_MODES, ema_update_
 SCHEDULES = ("cosine", "cosine_epoch", "constant")
 
 
+def _saved_counter_ok(state_dict, key: str, error_msgs: list, upper: Optional[int], out_of_range: str) -> bool:
+    """Whether a checkpoint's counter (a queue pointer, a step), when present as a tensor, is one integer element
+    (0-d, or [1] as the official MoCo code saves queue_ptr) in [0, upper); otherwise the reason goes to
+    error_msgs (``out_of_range`` says what the range is). Not a hot path: read on the host."""
+    value = state_dict.get(key)
+    if not isinstance(value, torch.Tensor):
+        return True
+    if value.numel() != 1 or value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+        error_msgs.append(f"{key}: expected a 0-d integer tensor, got {value.dtype} of shape {tuple(value.shape)}")
+        return False
+    v = int(value.reshape(()))
+    if v < 0 or (upper is not None and v >= upper):
+        error_msgs.append(f"{key} = {v} {out_of_range}")
+        return False
+    return True
+
+
 class MemoryQueue(nn.Module):
     """A ring buffer of ``size`` negatives of width ``dim`` (MoCo's queue, lightly's memory bank).
 
@@ -97,15 +114,11 @@ class MemoryQueue(nn.Module):
                               f"(size={self.size}, dim={self.dim})")
             return
         key = prefix + "ptr"
+        if not _saved_counter_ok(state_dict, key, error_msgs, self.size,
+                                 f"is outside [0, {self.size}) for a queue of {self.size} rows"):
+            return
         ptr = state_dict.get(key)
         if isinstance(ptr, torch.Tensor):
-            if ptr.numel() != 1 or ptr.is_floating_point() or ptr.is_complex() or ptr.dtype == torch.bool:
-                error_msgs.append(f"{key}: expected a 0-d integer tensor, got {ptr.dtype} of shape {tuple(ptr.shape)}")
-                return
-            value = int(ptr.reshape(()))
-            if not 0 <= value < self.size:
-                error_msgs.append(f"{key} = {value} is outside [0, {self.size}) for a queue of {self.size} rows")
-                return
             state_dict = dict(state_dict)
             state_dict[key] = ptr.reshape(()).to(torch.long)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -245,14 +258,8 @@ class MomentumEncoder(nn.Module):
                               error_msgs):
         # The step counter drives the schedule: a float would be truncated into the long buffer and a negative step
         # lands before the schedule's start (cos of a negative fraction), both silently. Not a hot path: read here.
-        key = prefix + "step"
-        step = state_dict.get(key)
-        if isinstance(step, torch.Tensor):
-            if step.numel() != 1 or step.is_floating_point() or step.is_complex() or step.dtype == torch.bool:
-                error_msgs.append(f"{key}: expected a 0-d integer tensor, got {step.dtype} of shape {tuple(step.shape)}")
-                return
-            if int(step.reshape(())) < 0:
-                error_msgs.append(f"{key} = {int(step.reshape(()))} is negative; the schedule starts at step 0")
-                return
+        if not _saved_counter_ok(state_dict, prefix + "step", error_msgs, None,
+                                 "is negative; the schedule starts at step 0"):
+            return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
