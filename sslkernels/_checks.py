@@ -166,7 +166,8 @@ def loss_weight(value, name: str) -> float:
 
 
 def momentum(value, name: str = "momentum", device: Optional[torch.device] = None) -> Scalar:
-    """A float in [0, 1] or a 0-d floating tensor (read on the device: not checked by value, no sync)."""
+    """A float in [0, 1] or a 0-d floating tensor (read on the device: not checked by value, no sync); a CPU
+    tensor given for tensors on another ``device`` comes back as its value, a float."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be a float or a 0-d tensor, got bool")
     if isinstance(value, Real):
@@ -180,6 +181,10 @@ def momentum(value, name: str = "momentum", device: Optional[torch.device] = Non
         raise ValueError(f"{name} must be a 0-d floating-point tensor, got {value.dtype} of shape {tuple(value.shape)}")
     if device is not None and value.device != device and value.device.type != "cpu":
         raise ValueError(f"{name} is on {value.device} but the tensors are on {device}")
+    if device is not None and device.type != "cpu" and value.device.type == "cpu" and not torch.compiler.is_compiling():
+        # A host tensor for device tensors (a schedule kept on the CPU) is read here, on the host, where no device is
+        # involved: moved with .to(device) it would be a copy from pageable memory, a wait for the GPU every step.
+        return float(value)
     return value
 
 

@@ -535,9 +535,7 @@ def ema_update_(target, source, momentum: Scalar, *, buffers: str = "copy", back
     if not targets:
         return
     if isinstance(momentum, torch.Tensor) and momentum.device != device:
-        # A host tensor (a schedule kept on the CPU) is read on the host, where no device is involved: a copy
-        # from pageable memory to the GPU would wait for it on every step.
-        momentum = float(momentum) if momentum.device.type == "cpu" and not compiling else momentum.to(device)
+        momentum = momentum.to(device)  # a host tensor only while compiling (check.momentum reads it otherwise)
     if compiling:
         from . import library  # as in _compiled_loss
         library.ema_update_(targets, sources, momentum, backend)

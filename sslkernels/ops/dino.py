@@ -328,8 +328,6 @@ def update_center_(center, teacher_output, momentum, async_op=False, group=None)
                              BLOCK_N=block_n, BLOCK_P=block_p)
         return center_update(center, sums, n, momentum, async_op, group)
     flat = center.view(-1) if center.is_contiguous() else center.reshape(-1).clone()
-    if isinstance(momentum, torch.Tensor) and momentum.device.type == "cpu" and center.device.type != "cpu":
-        momentum = float(momentum)  # a host tensor (check.momentum allows one): .to(device) would be a sync copy
     if isinstance(momentum, torch.Tensor):
         momentum = momentum.to(device=center.device, dtype=torch.float32)
     m_ptr, m_val = _scalar_args(momentum)
