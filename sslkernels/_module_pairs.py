@@ -89,7 +89,8 @@ class _Walk:
 
     def __init__(self, params: Named, buffers: Named, trees: Tuple[list, list]):
         self.names = (params[0], buffers[0])
-        self.tensors = [weakref.ref(t) for t in chain(params[1], params[2], buffers[1], buffers[2])]
+        # Parameters of target and source, then buffers of target and source.
+        self.tensors = tuple([weakref.ref(t) for t in ts] for ts in (params[1], params[2], buffers[1], buffers[2]))
         self.submodules = tuple([weakref.ref(m) for m in tree[1:]] for tree in trees)
         self.state = (_state(trees[0]), _state(trees[1]))
 
@@ -101,22 +102,19 @@ class _Walk:
             if any(m is None for m in tree):
                 return None
             trees.append(tree)
-        tensors = [r() for r in self.tensors]
-        if any(t is None for t in tensors):
+        tensors = [[r() for r in refs] for refs in self.tensors]
+        if any(t is None for ts in tensors for t in ts):
             return None
         # Identities are sound: every object the state names is alive (checked just above), so no new object
         # can have taken one of their ids.
         if _state(trees[0]) != self.state[0] or _state(trees[1]) != self.state[1]:
             return None
-        n_p = len(self.names[0])
-        b_t, b_s = tensors[2 * n_p:2 * n_p + len(self.names[1])], tensors[2 * n_p + len(self.names[1]):]
-        p_t, p_s = tensors[:n_p], tensors[n_p:2 * n_p]
-        return (self.names[0], p_t, p_s), (self.names[1], b_t, b_s)
+        return (self.names[0], *tensors[:2]), (self.names[1], *tensors[2:])
 
 
 # (id(target), id(source)) -> (target ref, source ref, _Walk). Keyed by identity, not by the modules (a module
-# class may define __eq__ / __hash__, or be unhashable); weak on both, and either one's death drops the entry,
-# so a dropped model takes its entry, and its ids, with it.
+# class may define __eq__ / __hash__ by value); weak on both, and either one's death drops the entry, so a
+# dropped model takes its entry, and its ids, with it.
 _walks: Dict[Tuple[int, int], Tuple[weakref.ref, weakref.ref, _Walk]] = {}
 
 
