@@ -33,6 +33,12 @@ def _values_readable() -> bool:
 values_readable = _values_readable  # for checks made elsewhere (distributed.gather_sizes_and_dims)
 
 
+def module(value, name: str) -> torch.nn.Module:
+    if not isinstance(value, torch.nn.Module):
+        raise TypeError(f"{name} must be an nn.Module, got {type(value).__name__}")
+    return value
+
+
 def tensor(x, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")

@@ -587,8 +587,8 @@ class DINOLoss(_Loss):
         if self.ncrops is not None and student_output.shape[0] != self.ncrops * b:
             raise ValueError(f"student_output has {student_output.shape[0]} rows; ncrops={self.ncrops} crops of the "
                              f"batch size {b} make {self.ncrops * b}")
-        return self._loss_and_update(student_output, teacher_output, self._temperature(epoch), self.n_global_crops,
-                                     "teacher_output")
+        self._check_teacher_width(teacher_output, "teacher_output")
+        return self._loss_and_update(student_output, teacher_output, self._temperature(epoch), self.n_global_crops)
 
     def _forward_lightly(self, teacher_out, student_out, teacher_temp=None, epoch=None):
         if not isinstance(student_out, (list, tuple)):
@@ -605,17 +605,15 @@ class DINOLoss(_Loss):
                                  f"{tuple(teacher_out[0].shape)}; every crop must be (batch_size, output_dim)")
         if teacher_temp is not None:
             temp = teacher_temp
-        elif epoch is not None and self._epoch(epoch) < self.warmup_teacher_temp_epochs:
-            temp = self._temps[self._epoch(epoch)]  # lightly's float32 schedule value, exactly
+        elif epoch is not None and (e := self._epoch(epoch)) < self.warmup_teacher_temp_epochs:
+            temp = self._temps[e]  # lightly's float32 schedule value, exactly
         else:
             temp = self.teacher_temp
-        if teacher_out[0].shape[1] != self.center.shape[-1]:
-            raise ValueError(f"teacher_out[0] has {teacher_out[0].shape[1]} columns but the centre has "
-                             f"{self.center.shape[-1]} (output_dim)")
+        self._check_teacher_width(teacher_out[0], "teacher_out[0]")
         if torch.is_grad_enabled() and any(t.requires_grad for t in teacher_out):
             return self._lightly_teacher_grad(list(teacher_out), list(student_out), temp)
         return self._loss_and_update(torch.cat(list(student_out)), torch.cat(list(teacher_out)), temp,
-                                     len(teacher_out), "teacher_out[0]")
+                                     len(teacher_out))
 
     def _lightly_teacher_grad(self, teacher_out, student_out, teacher_temp):
         """lightly does not detach the teacher: a teacher output that requires grad gets the gradient of the
@@ -639,11 +637,13 @@ class DINOLoss(_Loss):
         self.update_center(torch.cat(teacher_out))
         return _reduce(rows, self.reduction)
 
-    def _loss_and_update(self, student, teacher, teacher_temp, n_global, teacher_name):
+    def _check_teacher_width(self, teacher, name: str) -> None:
         if teacher.shape[1] != self.center.shape[-1]:
             dim_name = "output_dim" if self.ncrops is None else "out_dim"
-            raise ValueError(f"{teacher_name} has {teacher.shape[1]} columns but the centre has "
+            raise ValueError(f"{name} has {teacher.shape[1]} columns but the centre has "
                              f"{self.center.shape[-1]} ({dim_name})")
+
+    def _loss_and_update(self, student, teacher, teacher_temp, n_global):
         self.apply_center_update()
         if self.center.device != teacher.device:
             self.center = self.center.to(teacher.device)
@@ -1014,11 +1014,6 @@ def _stochastic_round_group_(pairs, weight, generator) -> None:
         t.copy_(v.view(t.shape))
 
 
-def _check_module(module, name: str) -> None:
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"{name} must be an nn.Module, got {type(module).__name__}")
-
-
 def _unit_interval(value, name: str) -> float:
     if isinstance(value, torch.Tensor) and value.dim() == 0 and value.is_floating_point():
         value = value.item()  # timm takes a 0-d tensor decay too
@@ -1056,8 +1051,7 @@ class ModelEmaV3(nn.Module):
                  stochastic_rounding: bool = True, stochastic_rounding_seed: int = 0, foreach: bool = True,
                  exclude_buffers: bool = False, *, backend: Optional[str] = None):
         super().__init__()
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        check.module(model, "model")
         self.decay = _unit_interval(decay, "decay")
         self.min_decay = _unit_interval(min_decay, "min_decay")
         if isinstance(update_after_step, bool) or not isinstance(update_after_step, Integral):
@@ -1099,7 +1093,7 @@ class ModelEmaV3(nn.Module):
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: Optional[int] = None) -> None:
-        _check_module(model, "model")
+        check.module(model, "model")
         if step is not None and (isinstance(step, bool) or not isinstance(step, (Real, torch.Tensor))):
             raise TypeError(f"step must be an int or None, got {type(step).__name__}")
         decay = self.get_decay(step)
@@ -1153,7 +1147,7 @@ class ModelEmaV3(nn.Module):
     @torch.no_grad()
     def set(self, model: nn.Module) -> None:
         """Copy the model's state into the EMA copy."""
-        _check_module(model, "model")
+        check.module(model, "model")
         for e, m in self._state_pairs(model):
             e.copy_(m)
 

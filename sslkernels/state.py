@@ -204,8 +204,7 @@ class MomentumEncoder(nn.Module):
                  schedule: str = "cosine", total_steps: Optional[int] = None, buffers: str = "copy",
                  steps_per_epoch: Optional[int] = None):
         super().__init__()
-        if not isinstance(module, nn.Module):
-            raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+        check.module(module, "module")
         self.base_momentum = check.momentum(momentum)
         self.final_momentum = check.momentum(final_momentum, "final_momentum")
         for name, m in (("momentum", self.base_momentum), ("final_momentum", self.final_momentum)):
@@ -241,8 +240,7 @@ class MomentumEncoder(nn.Module):
                 backend: Optional[str] = None) -> torch.Tensor:
         """EMA ``module`` into the copy with the momentum of ``step`` (default: an internal counter);
         ``backend`` as for ema_update_."""
-        if not isinstance(module, nn.Module):
-            raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+        check.module(module, "module")
         if step is not None:
             self.step.copy_(_step_tensor(step, self.step.device))
         m = self.momentum_at()

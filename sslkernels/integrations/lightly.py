@@ -42,9 +42,8 @@ def update_momentum(model: nn.Module, model_ema: nn.Module, m: float) -> None:
     """lightly.models.utils.update_momentum: for every parameter pair in ``parameters()`` order,
     ema ← m·ema + (1 − m)·model, with ``ema_update_``'s fused kernels. Buffers are left alone, as lightly
     leaves them (``ema_update_(model_ema, model, m)`` would copy them)."""
-    for name, mod in (("model", model), ("model_ema", model_ema)):
-        if not isinstance(mod, nn.Module):
-            raise TypeError(f"{name} must be an nn.Module, got {type(mod).__name__}")
+    check.module(model, "model")
+    check.module(model_ema, "model_ema")
     ema, src = list(model_ema.parameters()), list(model.parameters())
     # By lightly's names (ema_update_ would say momentum / target / source).
     check.momentum(m, "m")
