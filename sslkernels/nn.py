@@ -69,9 +69,7 @@ def _lightly_temperature(temperature, name: str = "temperature"):
         raise TypeError(f"{name} must be a float or a 0-d tensor, got {type(temperature).__name__}")
     # lightly only rejects |τ| < 1e-8 and would run with a negative τ; a negative temperature turns the
     # loss upside down, so it is refused here rather than reproduced.
-    if not 0 < temperature < float("inf"):
-        raise ValueError(f"{name} must be positive and finite, got {temperature!r}")
-    return float(temperature)
+    return _positive_number(temperature, name)
 
 
 def _positive_number(value, name: str) -> float:
